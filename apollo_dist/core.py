@@ -1,0 +1,295 @@
+"""The sharded APOLLO step over "the elements of each parameter this rank holds" (DESIGN.md §1, §2).
+
+A bucket is one param group. ``LowRankBucket`` runs APOLLO on the group's 2-D weights; ``AdamBucket``
+runs the reference's plain Adam on everything else. Each works on `Slot`s (this rank's contiguous
+flat element range of one parameter), so the same code serves one process, FSDP2 and ZeRO-1/2/3.
+
+Per step a low-rank bucket does, with the numbers of DESIGN.md §1:
+  1. R = G P^T (tall) / P^T G (wide) for the channels this rank touches (kept channel-major, C x r);
+  2. one reduce-scatter sends partial R of shared channels to their owner;
+  3. the owner runs Adam on R and computes the scaling factor of each channel (3);
+  4. one all-gather returns shared factors, one all-reduce gives per-param norms (3, 5);
+  5. every rank scales its raw gradient elements, applies the limiter and the update (4-6).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from .layout import ParamLayout, build_comm_plan, matrix_dims, touched_channels
+from .projection import SeedChain, projection_shape, random_projection
+
+NORM_EPS = 1e-8  # the reference's epsilon in the scaling factor and the limiter
+LIMITER_GROWTH = 1.01  # the reference's norm-growth bound per step
+
+
+@dataclass
+class Slot:
+    """What this rank holds of one parameter: flat row-major elements [start, end) of ``shape``."""
+
+    param: torch.Tensor  # the user's parameter object (key of optimizer.state)
+    index: int  # position among all params given to the optimizer (initial seed = index + 1)
+    shape: tuple[int, ...]  # global shape
+    start: int
+    end: int
+    data: torch.Tensor  # 1-D view of the held elements (fp32 master weights, updated in place)
+    grad: Callable[[], Optional[torch.Tensor]]  # this step's 1-D gradient of the held elements
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, correct_bias: bool) -> float:
+    """lr * sqrt(1 - b2^t) / (1 - b1^t), or lr without correction (DESIGN.md §1.2)."""
+    if not correct_bias:
+        return lr
+    b1, b2 = betas
+    return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
+
+
+class Collectives:
+    """The three collectives of a step, or nothing when W = 1."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]):
+        self.group = group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def reduce_scatter(self, send: torch.Tensor) -> torch.Tensor:
+        out = send.new_empty((send.shape[0] // self.world,) + tuple(send.shape[1:]))
+        dist.reduce_scatter_tensor(out, send, group=self.group)
+        return out
+
+    def all_gather(self, mine: torch.Tensor) -> torch.Tensor:
+        out = mine.new_empty((mine.shape[0] * self.world,) + tuple(mine.shape[1:]))
+        dist.all_gather_into_tensor(out, mine, group=self.group)
+        return out
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+class AdamBucket:
+    """The reference's plain Adam (eps outside the sqrt, decoupled decay after the update) on held elements."""
+
+    def __init__(self, group_index: int, slots: list[Slot]):
+        self.group_index = group_index
+        self.slots = slots
+        self.exp_avg = [torch.zeros_like(s.data) for s in slots]
+        self.exp_avg_sq = [torch.zeros_like(s.data) for s in slots]
+        self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
+
+    def step(self, group: dict) -> None:
+        if not self.slots:
+            return
+        params = [s.data for s in self.slots]
+        grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
+        b1, b2 = group["betas"]
+        self.step_count += 1
+        t = int(self.step_count)
+        torch._foreach_mul_(self.exp_avg, b1)
+        torch._foreach_add_(self.exp_avg, grads, alpha=1.0 - b1)
+        torch._foreach_mul_(self.exp_avg_sq, b2)
+        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1.0 - b2)
+        denom = torch._foreach_sqrt(self.exp_avg_sq)
+        torch._foreach_add_(denom, group["eps"])
+        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
+        torch._foreach_addcdiv_(params, self.exp_avg, denom, value=-step_size)
+        if group["weight_decay"] > 0.0:
+            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+
+
+class LowRankBucket:
+    """APOLLO on the 2-D weights of one param group, over this rank's slots (DESIGN.md §1, §2)."""
+
+    def __init__(
+        self,
+        group_index: int,
+        slots: list[Slot],
+        layouts: list[ParamLayout],
+        group: dict,
+        comm: Collectives,
+        device: torch.device,
+    ):
+        self.group_index = group_index
+        self.slots = slots
+        self.layouts = layouts
+        self.comm = comm
+        self.device = device
+        self.rank_r = int(group["rank"])
+        self.plan = build_comm_plan(layouts, comm.rank, comm.world, device)
+        self.seeds = [SeedChain(s.index + 1) for s in slots]
+        self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
+        self.proj_epoch = -1
+
+        # Per-slot geometry: touched channels (rows of T), owned channels (rows of O), padded rows of G.
+        self.t_off, self.o_off, self.geom = [], [], []
+        t_off = o_off = 0
+        t_param, o_param = [], []
+        for i, (s, lay) in enumerate(zip(slots, layouts)):
+            m, n = lay.m, lay.n
+            t0, t1 = touched_channels(m, n, s.start, s.end)
+            o0, o1 = lay.owners[comm.rank]
+            row0 = s.start // n
+            rows = (-(-s.end // n) - row0) if s.end > s.start else 0
+            aligned = s.start % n == 0 and s.end % n == 0
+            self.geom.append((m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1))
+            self.t_off.append(t_off)
+            self.o_off.append(o_off)
+            t_param.append(torch.full((t1 - t0,), i, dtype=torch.int64))
+            o_param.append(torch.full((o1 - o0,), i, dtype=torch.int64))
+            t_off += t1 - t0
+            o_off += o1 - o0
+        self.t_param = torch.cat(t_param).to(device) if slots else torch.zeros(0, dtype=torch.int64, device=device)
+        self.o_param = torch.cat(o_param).to(device) if slots else torch.zeros(0, dtype=torch.int64, device=device)
+        r = self.rank_r
+        self.T_R = torch.zeros(t_off, r, device=device)  # partial R of touched channels (scratch)
+        self.T_g = torch.zeros(t_off, device=device)  # partial ||G_c||^2 of touched channels (scratch)
+        self.exp_avg = torch.zeros(o_off, r, device=device)  # moments of owned channels (state)
+        self.exp_avg_sq = torch.zeros(o_off, r, device=device)
+        self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
+        self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
+
+    # -- projections --------------------------------------------------------------------------
+    def _refresh_projections(self, epoch: int) -> None:
+        """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with."""
+        for i, s in enumerate(self.slots):
+            m, n, tall, row0, rows, *_ = self.geom[i]
+            if rows == 0:
+                self.proj[i] = None
+                continue
+            P = random_projection(projection_shape(m, n, self.rank_r), self.rank_r, self.seeds[i](epoch), self.device)
+            # tall: R = G P^T, keep P^T (n x r); wide: R^T = G^T P, keep P's held rows (rows x r)
+            self.proj[i] = P.t() if tall else P[row0 : row0 + rows].contiguous()
+        self.proj_epoch = epoch
+
+    def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
+        """This rank's gradient as whole rows (rows x n), zeros where it holds nothing."""
+        s = self.slots[i]
+        m, n, tall, row0, rows, off, aligned, *_ = self.geom[i]
+        if rows == 0:
+            return None
+        g = s.grad()
+        if g is None:
+            g = torch.zeros_like(s.data)
+        g = g.float()
+        if aligned:
+            return g.view(rows, n)
+        padded = torch.zeros(rows * n, device=g.device, dtype=g.dtype)
+        padded[off : off + s.numel].copy_(g)
+        return padded.view(rows, n)
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self, group: dict) -> None:
+        r, plan, comm = self.rank_r, self.plan, self.comm
+        t = int(self.step_count)  # 0 before the first update
+        epoch = t // int(group["update_proj_gap"])
+        if epoch != self.proj_epoch:
+            self._refresh_projections(epoch)
+
+        # 1. Partial R and ||G_c||^2 of the touched channels.
+        grads = [self._grad_rows(i) for i in range(len(self.slots))]
+        for i, G in enumerate(grads):
+            if G is None:
+                continue
+            _, _, tall, _, _, _, _, t0, t1, _, _ = self.geom[i]
+            rows = slice(self.t_off[i], self.t_off[i] + t1 - t0)
+            if tall:
+                torch.matmul(G, self.proj[i], out=self.T_R[rows])
+                torch.sum(G * G, dim=1, out=self.T_g[rows])
+            else:
+                torch.matmul(G.t(), self.proj[i], out=self.T_R[rows])
+                torch.sum(G * G, dim=0, out=self.T_g[rows])
+
+        # 2. R of owned channels: local ones copied, shared ones reduce-scattered from their touchers.
+        if plan.identity:
+            R, R_g = self.T_R, self.T_g
+        else:
+            R = self.T_R.new_zeros(self.exp_avg.shape)
+            R_g = self.T_g.new_zeros(self.exp_avg.shape[0])
+            R[plan.local_dst] = self.T_R[plan.local_src]
+            R_g[plan.local_dst] = self.T_g[plan.local_src]
+            if comm.world > 1:
+                send = self.T_R.new_zeros(comm.world * plan.seg, r + 1)
+                send[plan.send_dst, :r] = self.T_R[plan.send_src]
+                send[plan.send_dst, r] = self.T_g[plan.send_src]
+                recv = comm.reduce_scatter(send)
+                k = len(plan.recv_dst)
+                R[plan.recv_dst] = recv[:k, :r]
+                R_g[plan.recv_dst] = recv[:k, r]
+
+        # 3. Adam on R (owned channels), normalized gradient N, scaling factor per channel.
+        b1, b2 = group["betas"]
+        self.step_count += 1
+        t += 1
+        self.exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+        N = self.exp_avg / self.exp_avg_sq.sqrt().add_(group["eps"])
+        n_norm = torch.linalg.vector_norm(N, dim=1)
+        r_norm = torch.linalg.vector_norm(R, dim=1)
+        nparams = len(self.slots)
+        stats = R.new_zeros(3, nparams)  # per param: sum ||N_c||^2, sum ||R_c||^2, sum (s_c^2) ||G_c||^2
+        channel = group["scale_type"] == "channel"
+        if channel:
+            s_own = n_norm / (r_norm + NORM_EPS)
+            stats[2].index_add_(0, self.o_param, s_own.square() * R_g)
+        else:
+            stats[0].index_add_(0, self.o_param, n_norm.square())
+            stats[1].index_add_(0, self.o_param, r_norm.square())
+            stats[2].index_add_(0, self.o_param, R_g)
+
+        # 4. Shared factors back to every toucher; per-param norms summed over ranks.
+        if comm.world > 1:
+            work = dist.all_reduce(stats, group=comm.group, async_op=True)
+            if channel:
+                mine = s_own.new_zeros(plan.seg)
+                mine[: len(plan.recv_dst)] = s_own[plan.recv_dst]
+                s_shared = comm.all_gather(mine)
+            work.wait()
+        if channel:
+            if plan.identity:
+                s_touch = s_own
+            else:
+                s_touch = s_own.new_zeros(len(self.T_g))
+                s_touch[plan.local_src] = s_own[plan.local_dst]
+                if comm.world > 1:
+                    s_touch[plan.send_src] = s_shared[plan.send_dst]
+            u_sq = stats[2]
+        else:
+            s_param = stats[0].sqrt() / (stats[1].sqrt() + NORM_EPS)
+            u_sq = s_param.square() * stats[2]
+
+        # 5. Norm-growth limiter, per parameter (vectorized over the bucket).
+        sqrt_scale = math.sqrt(group["scale"])
+        u_norm = u_sq.sqrt() * (sqrt_scale if group["scale_front"] else 1.0)
+        if group["disable_nl"]:
+            limiter = torch.ones_like(u_norm)
+        else:
+            q = self.limiter_norm
+            limiter = torch.where(q >= 0, torch.clamp_min(u_norm / (q + NORM_EPS), LIMITER_GROWTH) / LIMITER_GROWTH, 1.0)
+            self.limiter_norm.copy_(u_norm / limiter)
+        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
+        coef_param = step_size * sqrt_scale / limiter
+        coef = s_touch * coef_param[self.t_param] if channel else (s_param * coef_param)[self.t_param]
+
+        # 6. p -= step_size * U; then decoupled weight decay.
+        decay = -group["lr"] * group["weight_decay"]
+        for i, G in enumerate(grads):
+            if G is None:
+                continue
+            s = self.slots[i]
+            m, n, tall, row0, rows, off, aligned, t0, t1, _, _ = self.geom[i]
+            c = coef[self.t_off[i] : self.t_off[i] + t1 - t0]
+            c = c[:, None] if tall else c[None, :]
+            if aligned:
+                s.data.view(rows, n).addcmul_(G, c, value=-1.0)
+            else:
+                s.data.sub_((G * c).view(-1)[off : off + s.numel])
+            if decay != 0.0:
+                s.data.add_(s.data, alpha=decay)

@@ -1,0 +1,67 @@
+"""Param groups from a model, with the paper's presets (DESIGN.md §1)."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+
+# The APOLLO paper's settings (also transformers' optim="apollo_adamw").
+PRESETS: dict[str, dict[str, Any]] = {
+    "apollo": {"rank": 256, "proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200},
+    "apollo-mini": {"rank": 1, "proj": "random", "proj_type": "std", "scale_type": "tensor", "scale": 128.0, "update_proj_gap": 200},
+}
+LOW_RANK_KEYS = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The low-rank group keys of preset ``name`` ("apollo" or "apollo-mini")."""
+    key = name.lower().replace("_", "-")
+    if key not in PRESETS:
+        raise ValueError(f"unknown APOLLO preset {name!r}: expected one of {sorted(PRESETS)}")
+    return dict(PRESETS[key])
+
+
+def param_groups(
+    model: torch.nn.Module,
+    target_modules: Iterable[str] = ("attn", "mlp"),
+    preset: str = "apollo",
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Two param groups for ``APOLLO``: the 2-D weights of modules whose name contains one of
+    ``target_modules`` get the low-rank ``preset`` (keys overridable, e.g. ``rank=128``); every other
+    trainable parameter gets plain Adam. Groups carry ``param_names``.
+
+    Raises ValueError when no parameter matches ``target_modules``. Warns once when ``rank`` exceeds
+    the smaller dimension of a matched weight (the reference then keeps r-wide moments anyway).
+    """
+    targets = tuple(target_modules)
+    keys = globals()["preset"](preset)
+    unknown = set(overrides) - set(LOW_RANK_KEYS)
+    if unknown:
+        raise ValueError(f"unknown APOLLO group keys {sorted(unknown)}: expected some of {list(LOW_RANK_KEYS)}")
+    keys.update({k: v for k, v in overrides.items() if v is not None})
+    low, low_names, rest, rest_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        module = name.rsplit(".", 1)[0]
+        if p.dim() == 2 and any(t in module for t in targets):
+            low.append(p)
+            low_names.append(name)
+        else:
+            rest.append(p)
+            rest_names.append(name)
+    if not low:
+        raise ValueError(f"target_modules {list(targets)} match no 2-D weight of the model")
+    small = [(n, tuple(p.shape)) for n, p in zip(low_names, low) if keys["rank"] > min(p.shape)]
+    if small:
+        warnings.warn(
+            f"APOLLO rank {keys['rank']} exceeds the smaller dimension of {len(small)} weight(s), e.g. "
+            f"{small[0][0]} {small[0][1]}: their moments are r-wide anyway, as the reference runs it",
+            stacklevel=2,
+        )
+    groups = [{"params": low, "param_names": low_names, **keys}]
+    if rest:
+        groups.insert(0, {"params": rest, "param_names": rest_names})
+    return groups

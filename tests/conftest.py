@@ -1,0 +1,12 @@
+"""Test set-up: the repo on sys.path and a stub for bitsandbytes (the oracle's __init__ imports it)."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from oracle import stub_bitsandbytes  # noqa: E402
+
+stub_bitsandbytes()
