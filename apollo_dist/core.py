@@ -14,6 +14,7 @@ Per step a low-rank bucket does, with the numbers of DESIGN.md §1:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -22,6 +23,9 @@ import torch.distributed as dist
 
 from .layout import ParamLayout, build_comm_plan, matrix_dims, touched_channels
 from .projection import SeedChain, projection_shape, random_projection
+
+# torch 2.13 renames these collectives (*_single); the old names work on every version we support.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.\w+_single`")
 
 NORM_EPS = 1e-8  # the reference's epsilon in the scaling factor and the limiter
 LIMITER_GROWTH = 1.01  # the reference's norm-growth bound per step
@@ -215,14 +219,14 @@ class LowRankBucket:
             R_g = self.T_g.new_zeros(self.exp_avg.shape[0])
             R[plan.local_dst] = self.T_R[plan.local_src]
             R_g[plan.local_dst] = self.T_g[plan.local_src]
-            if comm.world > 1:
-                send = self.T_R.new_zeros(comm.world * plan.seg, r + 1)
-                send[plan.send_dst, :r] = self.T_R[plan.send_src]
-                send[plan.send_dst, r] = self.T_g[plan.send_src]
-                recv = comm.reduce_scatter(send)
-                k = len(plan.recv_dst)
-                R[plan.recv_dst] = recv[:k, :r]
-                R_g[plan.recv_dst] = recv[:k, r]
+        if plan.seg > 0:  # some channel is shared somewhere: every rank joins
+            send = self.T_R.new_zeros(comm.world * plan.seg, r + 1)
+            send[plan.send_dst, :r] = self.T_R[plan.send_src]
+            send[plan.send_dst, r] = self.T_g[plan.send_src]
+            recv = comm.reduce_scatter(send)
+            k = len(plan.recv_dst)
+            R[plan.recv_dst] = recv[:k, :r]
+            R_g[plan.recv_dst] = recv[:k, r]
 
         # 3. Adam on R (owned channels), normalized gradient N, scaling factor per channel.
         b1, b2 = group["betas"]
@@ -247,7 +251,7 @@ class LowRankBucket:
         # 4. Shared factors back to every toucher; per-param norms summed over ranks.
         if comm.world > 1:
             work = dist.all_reduce(stats, group=comm.group, async_op=True)
-            if channel:
+            if channel and plan.seg > 0:
                 mine = s_own.new_zeros(plan.seg)
                 mine[: len(plan.recv_dst)] = s_own[plan.recv_dst]
                 s_shared = comm.all_gather(mine)
@@ -258,7 +262,7 @@ class LowRankBucket:
             else:
                 s_touch = s_own.new_zeros(len(self.T_g))
                 s_touch[plan.local_src] = s_own[plan.local_dst]
-                if comm.world > 1:
+                if len(plan.send_src):
                     s_touch[plan.send_src] = s_shared[plan.send_dst]
             u_sq = stats[2]
         else:

@@ -1,0 +1,37 @@
+"""Run a worker script under a real launcher (torchrun / deepspeed / mpirun) on CPU and read its JSON report."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """One thread per rank (CI has 2 cores), CPU accelerator for DeepSpeed, the repo importable."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def run_checked(cmd: list[str], timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd``; on failure raise with the tail of its output."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(**env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc script args`` (gloo on CPU)."""
+    return run_checked([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout)
+
+
+def report(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
