@@ -172,6 +172,7 @@ class APOLLO(torch.optim.Optimizer):
                 layouts.append(ParamLayout(m, n, rs, own))
             buckets.append(LowRankBucket(gi, g_slots, layouts, group, comm, device))
         self._buckets = buckets
+        self._world, self._rank, self._device = comm.world, comm.rank, device  # for layout()
         self._expose_state()
 
     @staticmethod
@@ -240,12 +241,41 @@ class APOLLO(torch.optim.Optimizer):
 
     # -- state dicts --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``apollo_layout`` (see `layout`) and, in each group, the projection
+        generator's device type, ``scale_front`` and ``disable_nl``, so that a native checkpoint can be
+        reassembled offline at any world size (apollo_dist.checkpoint). DCP's get_state_dict keeps the
+        groups' keys and drops the layout (DCP reshards by itself)."""
         self._ensure_bound()
-        return super().state_dict()
+        sd = super().state_dict()
+        sd["apollo_layout"] = self.layout()
+        for g in sd["param_groups"]:  # run-level facts, per group so that DCP keeps them
+            g.update(generator_device=self._device.type, scale_front=self.scale_front, disable_nl=self.disable_nl)
+        return sd
+
+    def layout(self) -> dict[str, Any]:
+        """This rank's part of the layout: world size, rank, the projection generator's device type
+        (CPU and CUDA draw different P), and per param, keyed like ``state_dict()["state"]``: group,
+        global shape, held flat elements [start, end) and, for low-rank params, owned channels [o0, o1)."""
+        self._ensure_bound()
+        params: dict[int, dict[str, Any]] = {}
+        for b in self._buckets:
+            for i, s in enumerate(b.slots):
+                entry = {"group": b.group_index, "shape": list(s.shape), "start": s.start, "end": s.end}
+                if isinstance(b, LowRankBucket):
+                    entry["owned"] = list(b.layouts[i].owners[self._rank])
+                params[s.index] = entry
+        return {"version": 1, "world_size": self._world, "rank": self._rank, "generator_device": self._device.type, "params": params}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of the same layout (same W and engine); copies into the live buffers."""
         self._ensure_bound()
+        saved_layout = state_dict.get("apollo_layout")
+        if saved_layout is not None and saved_layout["params"] != self.layout()["params"]:
+            raise ValueError(
+                f"optimizer state was saved at world size {saved_layout['world_size']} (rank {saved_layout['rank']}) with "
+                f"another partition layout than this run's (world size {self._world}, rank {self._rank}): convert it "
+                "with tools/convert_checkpoint.py and load it with apollo_dist.checkpoint.load_canonical"
+            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
@@ -258,7 +288,7 @@ class APOLLO(torch.optim.Optimizer):
                     raise ValueError(f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}")
             id_map.update(zip(saved["params"], mine["params"]))
             for k, v in saved.items():
-                if k not in ("params", "param_names"):
+                if k not in ("params", "param_names", "generator_device", "scale_front", "disable_nl"):  # run-level: this run's
                     mine[k] = v
         for pid, saved_state in state_dict["state"].items():
             p = id_map.get(pid)
