@@ -1,0 +1,164 @@
+"""Benchmark: fused AdamW vs apollo-torch vs apollo_dist, on the same GPU in one run.
+
+    python tools/bench.py --models 350m,1b --json bench.json
+
+For each LLaMA size and optimizer it measures: optimizer step time (grads fixed, median of --steps
+steady-state steps, CUDA events; the projection-refresh step separately), the full training step
+(forward + backward in bf16 autocast with fp32 params + step) and its tokens/s, peak GPU memory, and
+optimizer state bytes. Prints a markdown table and writes JSON. Ratios are against fused AdamW of
+the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from apollo_dist import APOLLO, param_groups  # noqa: E402
+from launch.model import build_model, llama_config  # noqa: E402
+
+VOCAB = 32000  # LLaMA tokenizer size used by the APOLLO paper's configs
+OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    preset = "apollo-mini" if name.endswith("mini") else "apollo"
+    groups = param_groups(model, preset=preset)
+    if name.startswith("apollo-torch"):
+        import oracle  # test oracle (CC-BY-NC): measured, never imported by the library
+
+        for g in groups:
+            g.pop("param_names", None)
+        return oracle.oracle_class()(groups, lr=lr)
+    return APOLLO(groups, lr=lr, projection_tf32=tf32) if tf32 else APOLLO(groups, lr=lr)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and k in ("exp_avg", "exp_avg_sq") and id(v) not in seen:
+                seen.add(id(v))
+                t = v._local_tensor if hasattr(v, "_local_tensor") else v
+                total += t.numel() * t.element_size()
+    return total
+
+
+def cuda_ms(fn, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+def bench_one(model_name: str, opt_name: str, args) -> dict:
+    cfg = llama_config(model_name, VOCAB, args.seq_len)
+    model = build_model(cfg, seed=0).cuda()
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(opt_name, model, args.lr, args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
+    torch.cuda.synchronize()
+    refresh = cuda_ms(opt.step, 1)[0]  # first step: projections drawn (every update_proj_gap steps)
+    cuda_ms(opt.step, 2)
+    steps = cuda_ms(opt.step, args.steps)
+    opt_ms = statistics.median(steps)
+
+    # Full training step: forward + backward (bf16 autocast, fp32 params) + optimizer step.
+    x = torch.randint(0, VOCAB, (args.batch, args.seq_len + 1), device="cuda", generator=gen)
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    full_ms = None
+    peak = None
+    if not args.skip_full:
+        try:
+            cuda_ms(train_step, 2)
+            torch.cuda.reset_peak_memory_stats()
+            full_ms = statistics.median(cuda_ms(train_step, args.full_steps))
+            peak = torch.cuda.max_memory_allocated() / 2**30
+        except torch.OutOfMemoryError:
+            full_ms, peak = None, "OOM"
+    out = {
+        "model": model_name, "params": nparams, "optimizer": opt_name, "tf32": bool(args.tf32 and opt_name in ("apollo", "apollo-mini")),
+        "opt_step_ms": opt_ms, "refresh_step_ms": refresh, "full_step_ms": full_ms,
+        "tokens_per_s": (args.batch * args.seq_len / (full_ms / 1e3)) if full_ms else None,
+        "peak_mem_gib": peak, "state_bytes": state_bytes(opt),
+    }
+    del opt, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | optimizer | opt step ms | vs AdamW | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw")
+        fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else str(v)
+        full_ratio = r["full_step_ms"] / base["full_step_ms"] if r["full_step_ms"] and base["full_step_ms"] else None
+        name = r["optimizer"] + (" (tf32)" if r["tf32"] else "")
+        lines.append(
+            f"| {r['model']} | {name} | {fmt(r['opt_step_ms'])} | {fmt(r['opt_step_ms'] / base['opt_step_ms'], '{:.2f}x')} | "
+            f"{fmt(r['refresh_step_ms'])} | {fmt(r['full_step_ms'])} | {fmt(full_ratio, '{:.3f}x')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
+            f"{fmt(r['peak_mem_gib'])} | {r['state_bytes'] / 2**30:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="350m,1b")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (median reported)")
+    ap.add_argument("--full-steps", type=int, default=5, help="timed full training steps")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tf32", action="store_true", help="also run apollo_dist with TF32 projections")
+    ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--json", default="bench.json")
+    args = ap.parse_args()
+    rows = []
+    for m in args.models.split(","):
+        for o in args.optimizers.split(","):
+            variants = [False, True] if (args.tf32 and o in ("apollo", "apollo-mini")) else [False]
+            for tf32 in variants:
+                a = argparse.Namespace(**{**vars(args), "tf32": tf32})
+                t0 = time.time()
+                rows.append(bench_one(m, o, a))
+                print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+            "batch": args.batch, "seq_len": args.seq_len}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"\n{meta}\n\n{table(rows)}")
+
+
+if __name__ == "__main__":
+    main()
