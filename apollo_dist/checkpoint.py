@@ -218,49 +218,62 @@ def staged_directories(*destinations: Path, overwrite: bool = False) -> Iterator
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _plan_shards(per_param: list[int], shard_bytes: int) -> list[list[int]]:
-    """Params (indices) per file: in order, a new file when the next param would pass ``shard_bytes``."""
-    shards, size = [[]], 0
-    for i, nbytes in enumerate(per_param):
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    return shards
+def _nbytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, dtype, shape in entries)
 
 
-def write_tensor_files(
-    out: Path,
-    names: list[str],
-    entries: list[list[tuple[str, torch.dtype, tuple[int, ...]]]],
-    produce: Callable[[int], dict[str, torch.Tensor]],
-    pattern: str,
-    shard_bytes: int,
-    metadata: Optional[dict[str, str]] = None,
-) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-    """Stream ``produce(i)`` for every item i (its tensors ``entries[i]``) into sharded safetensors files.
+class ShardedWriter:
+    """Streams items (one param's tensors each, in a fixed order) into safetensors files of at most
+    ``shard_bytes`` (an item is never split), holding only the item being written.
 
-    Returns (item name -> file name, file name -> {"bytes", "sha256"}).
+    ``items``: (item name, its tensors' (key, dtype, shape)) in the order `put` will receive them;
+    ``pattern``: file names, formatted with (shard number, number of shards).
     """
-    per_item = [sum(math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in e) for e in entries]
-    where, files = {}, {}
-    shards = _plan_shards(per_item, shard_bytes)
-    for k, items in enumerate(shards):
-        fname = pattern.format(k + 1, len(shards))
-        stream = SafetensorsStream(out / fname, [e for i in items for e in entries[i]], metadata)
-        try:
-            for i in items:
-                tensors = produce(i)
-                for key, _, _ in entries[i]:
-                    stream.write(key, tensors[key])
-                where[names[i]] = fname
-                del tensors  # one item's tensors at a time
-        except BaseException:
-            stream.file.close()
-            raise
-        files[fname] = stream.close()
-    return where, files
+
+    def __init__(self, out: Path, items: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]],
+                 pattern: str, shard_bytes: int = SHARD_BYTES, metadata: Optional[dict[str, str]] = None):
+        self.out, self.items, self.metadata = Path(out), items, metadata
+        self.shards: list[list[int]] = [[]]
+        size = 0
+        for i, (_, entries) in enumerate(items):
+            nbytes = _nbytes(entries)
+            if self.shards[-1] and size + nbytes > shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(i)
+            size += nbytes
+        self.names = [pattern.format(k + 1, len(self.shards)) for k in range(len(self.shards))]
+        self.where: dict[str, str] = {}
+        self.files: dict[str, dict[str, Any]] = {}
+        self._next, self._shard, self._stream = 0, -1, None
+
+    def put(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the next item's tensors (keys as declared)."""
+        i = self._next
+        if self._stream is None or i not in self.shards[self._shard]:
+            self._finish_shard()
+            self._shard += 1
+            entries = [e for j in self.shards[self._shard] for e in self.items[j][1]]
+            self._stream = SafetensorsStream(self.out / self.names[self._shard], entries, self.metadata)
+        for key, _, _ in self.items[i][1]:
+            self._stream.write(key, tensors[key])
+        self.where[self.items[i][0]] = self.names[self._shard]
+        self._next += 1
+
+    def _finish_shard(self) -> None:
+        if self._stream is not None:
+            self.files[self.names[self._shard]] = self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        """Finish the last file (every item must have been written)."""
+        if self._next != len(self.items):
+            raise CheckpointError(f"{self.out}: {len(self.items) - self._next} items not written")
+        self._finish_shard()
+
+    def abort(self) -> None:
+        if self._stream is not None:
+            self._stream.file.close()
 
 
 def canonical_entries(entry: ParamEntry) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -274,23 +287,24 @@ def write_canonical(source: Source, out: Path, shard_bytes: int = SHARD_BYTES, o
     as they pass (the converter exports model weights from it). Returns the index it wrote.
     """
     meta = source.meta
-    out = Path(out)
-    entries = [canonical_entries(e) for e in meta.params]
-
-    def produce(i: int) -> dict[str, torch.Tensor]:
-        e = meta.params[i]
-        tensors = source.read(e)
-        for key, shape in e.tensor_shapes().items():
-            t = tensors.get(key)
-            if t is None or tuple(t.shape) != shape:
-                got = None if t is None else tuple(t.shape)
-                raise CheckpointError(f"param {e.name}: {key} has shape {got} in {meta.source.get('path', 'the source')}, expected {shape}")
-        if on_param is not None:
-            on_param(e, tensors)
-        return {f"{e.name}/{k}": v for k, v in tensors.items()}
-
-    names = [e.name for e in meta.params]
-    where, files = write_tensor_files(out, names, entries, produce, "state-{:05d}-of-{:05d}.safetensors", shard_bytes)
+    writer = ShardedWriter(out, [(e.name, canonical_entries(e)) for e in meta.params], "state-{:05d}-of-{:05d}.safetensors", shard_bytes)
+    try:
+        for e in meta.params:
+            tensors = source.read(e)
+            for key, shape in e.tensor_shapes().items():
+                t = tensors.get(key)
+                if t is None or tuple(t.shape) != shape:
+                    got = None if t is None else tuple(t.shape)
+                    raise CheckpointError(f"param {e.name}: {key} has shape {got} in {meta.source.get('path', 'the source')}, expected {shape}")
+            if on_param is not None:
+                on_param(e, tensors)
+            writer.put({f"{e.name}/{k}": v for k, v in tensors.items()})
+            del tensors  # one param's tensors at a time
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    where, files = writer.where, writer.files
     index = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -659,3 +673,31 @@ class LiveSource:
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
         return assemble_param(entry, self._index[entry.name], [self._rank])
+
+
+# -- resuming a training run -----------------------------------------------------------------------
+def is_canonical(path: Path) -> bool:
+    """True when ``path`` is a canonical checkpoint directory (has an index.json)."""
+    return (Path(path) / INDEX_FILE).is_file()
+
+
+def resume_canonical(path: Path, optimizer: Any, model: torch.nn.Module, scheduler: Any = None, verify: bool = True) -> dict[str, Any]:
+    """`load_canonical` for a training script, whatever the engine: unwraps DeepSpeed's optimizer
+    wrapper and engine (``.optimizer`` / ``.module``), restores the lr scheduler's state too.
+    Returns the trainer state (``step`` = the data position to continue after)."""
+    from .optimizer import APOLLO
+
+    apollo = optimizer
+    while not isinstance(apollo, APOLLO) and hasattr(apollo, "optimizer"):
+        apollo = apollo.optimizer
+    if not isinstance(apollo, APOLLO):
+        raise CheckpointError(f"{path}: a canonical checkpoint loads into APOLLO, not {type(optimizer).__name__}")
+    module = model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    trainer = load_canonical(path, apollo, module, verify=verify)
+    sched = trainer.get("scheduler")
+    if scheduler is not None and sched is not None:
+        sched = dict(sched)
+        if hasattr(scheduler, "lr_lambdas"):  # LambdaLR's state carries (picklable) lambdas' state, or None
+            sched.setdefault("lr_lambdas", [None] * len(scheduler.lr_lambdas))
+        scheduler.load_state_dict(sched)
+    return trainer
