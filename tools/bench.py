@@ -67,9 +67,7 @@ def cuda_ms(fn, n: int) -> list[float]:
     return times
 
 
-def bench_one(model_name: str, opt_name: str, args) -> dict:
-    cfg = llama_config(model_name, VOCAB, args.seq_len)
-    model = build_model(cfg, seed=0).cuda()
+def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> dict:
     nparams = sum(p.numel() for p in model.parameters())
     opt = make_optimizer(opt_name, model, args.lr, args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -109,7 +107,9 @@ def bench_one(model_name: str, opt_name: str, args) -> dict:
         "tokens_per_s": (args.batch * args.seq_len / (full_ms / 1e3)) if full_ms else None,
         "peak_mem_gib": peak, "state_bytes": state_bytes(opt),
     }
-    del opt, model
+    for p in model.parameters():
+        p.grad = None
+    del opt
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -146,13 +146,17 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for m in args.models.split(","):
+        model = build_model(llama_config(m, VOCAB, args.seq_len), seed=0).cuda()
         for o in args.optimizers.split(","):
             variants = [False, True] if (args.tf32 and o in ("apollo", "apollo-mini")) else [False]
             for tf32 in variants:
                 a = argparse.Namespace(**{**vars(args), "tf32": tf32})
                 t0 = time.time()
-                rows.append(bench_one(m, o, a))
+                rows.append(bench_one(model, m, o, a))
                 print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "batch": args.batch, "seq_len": args.seq_len}
     with open(args.json, "w") as f:
