@@ -9,7 +9,7 @@ import torch
 import oracle
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.layout import ParamLayout, position_owners, touched_channels
-from launch import report, torchrun
+from spawn import report, torchrun
 
 WORKER = "tests/workers/core_equivalence.py"
 
