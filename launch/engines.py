@@ -146,10 +146,16 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float = 0.1) -> Callable
     return factor
 
 
+def unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (or ``optimizer`` itself)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def state_bytes(optimizer: Any) -> int:
     """Bytes of optimizer state tensors this rank holds (each storage counted once; DTensors' local part)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer  # DeepSpeed's ZeRO wrapper holds the client optimizer
+    optimizer = unwrap(optimizer)
     storages: dict[int, int] = {}
     for state in optimizer.state.values():
         for v in state.values():
@@ -258,9 +264,8 @@ class Engine:
     def load_checkpoint(self, path: str) -> int:
         """Load a checkpoint written by this engine at this world size; returns its step."""
         root, tag, meta = resolve_checkpoint(path)
-        self._load_native(os.path.join(root, tag), root, tag)
-        if meta.get("scheduler") is not None:
-            self.scheduler.load_state_dict(meta["scheduler"])
+        self._load_native(os.path.join(root, tag))
+        self.scheduler.load_state_dict(meta["scheduler"])
         return int(meta["step"])
 
     def _save_native(self, path: str) -> None:
@@ -269,18 +274,15 @@ class Engine:
         torch.save(state, tmp)
         os.replace(tmp, os.path.join(path, "state.pt"))  # atomic: no half-written state.pt
 
-    def _load_native(self, path: str, root: str, tag: str) -> None:
+    def _load_native(self, path: str) -> None:
         state = torch.load(os.path.join(path, "state.pt"), map_location=self.d.device, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def _scheduler_state(self) -> Optional[dict]:
-        return {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-
     def _write_meta(self, path: str, step: int) -> None:
         meta = {
             "format": CHECKPOINT_FORMAT, "step": step, "engine": self.name, "world_size": self.d.world,
-            "scheduler": self._scheduler_state(), "hparams": self.hp,
+            "scheduler": self.scheduler.state_dict(), "hparams": self.hp,
             **{k: self.run[k] for k in ("model", "seed", "global_batch_size", "seq_len", "dtype", "data")},
         }
         tmp = os.path.join(path, META_FILE + ".tmp")
@@ -322,7 +324,7 @@ class FSDP2Engine(Engine):
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
 
-    def _load_native(self, path: str, root: str, tag: str) -> None:
+    def _load_native(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -334,64 +336,44 @@ class FSDP2Engine(Engine):
 
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage from the JSON): APOLLO through ``apollo_dist.deepspeed.initialize``, AdamW as
-    a client torch optimizer. DeepSpeed scales the loss for accumulation and steps the lr schedule."""
+    a client torch optimizer. DeepSpeed scales the loss for accumulation."""
 
     name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist, ds_config: dict):
-        import deepspeed
+        from apollo_dist.deepspeed import initialize  # plain deepspeed.initialize when the config has no APOLLO
 
-        self.d, self.hp, self.run, self.ds_config = d, hp, run, ds_config
+        self.d, self.hp, self.run = d, hp, run
         self.bf16 = run["dtype"] == "bf16"
-        schedule = cosine_schedule(run["warmup_steps"], run["steps"])
-        make_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
-        if hp["optimizer"] == "adamw":
-            self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=build_optimizer(model, hp), lr_scheduler=make_scheduler, config=ds_config
-            )
-        else:
-            from apollo_dist.deepspeed import initialize
-
-            self.model, self.optimizer, _, self.scheduler = initialize(
-                model=model, model_parameters=model.parameters(), lr_scheduler=make_scheduler, config=ds_config
-            )
+        client = build_optimizer(model, hp) if hp["optimizer"] == "adamw" else None
+        self.model, self.optimizer, _, _ = initialize(model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config)
+        # The schedule is built here, after initialize, on the optimizer DeepSpeed steps, and stepped by
+        # train_step: torch's LRScheduler wraps optimizer.step when it is built, and a scheduler handed
+        # to initialize would wrap APOLLO's step before the adapter specializes it for ZeRO.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(unwrap(self.optimizer), cosine_schedule(run["warmup_steps"], run["steps"]))
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         total = torch.zeros((), device=self.d.device)
         for x, y in micro_batches:
             loss = token_losses(self.model, x, y).mean()
             self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
-            self.model.step()  # steps optimizer and schedule at the accumulation boundary only
+            self.model.step()  # steps the optimizer at the accumulation boundary only
             total += loss.detach().float()
+        self.scheduler.step()
         return total / len(micro_batches)
 
-    @torch.no_grad()
-    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        out = token_losses(self.model, x, y)
-        self.model.train()
-        return out
-
-    def lr(self) -> float:
-        return self.model.get_lr()[0]
+    def _autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts (bf16 config)
 
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run['dtype']}"
 
-    def _scheduler_state(self) -> Optional[dict]:
-        return None  # in DeepSpeed's own checkpoint
+    def _save_native(self, path: str) -> None:
+        root, tag = os.path.split(path)
+        self.model.save_checkpoint(root, tag=tag)
 
-    def save_checkpoint(self, step: int) -> str:
-        tag = step_tag(step)
-        self.model.save_checkpoint(self.run["save_dir"], tag=tag, client_state={"step": step})
-        path = os.path.join(self.run["save_dir"], tag)
-        self.d.barrier()
-        if self.d.rank == 0:
-            self._write_meta(path, step)
-        self.d.barrier()
-        return path
-
-    def _load_native(self, path: str, root: str, tag: str) -> None:
+    def _load_native(self, path: str) -> None:
+        root, tag = os.path.split(path)
         loaded, _ = self.model.load_checkpoint(root, tag=tag)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")

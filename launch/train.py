@@ -9,10 +9,11 @@
 rank (torchrun, mpirun), else single. The data stream is a function of (seed, step, global batch) only,
 so every launch of the same flags trains on the same tokens and gives the same losses (fp32).
 
-Optimizer flags default to the DeepSpeed JSON's "optimizer" block under DeepSpeed, and otherwise to
-ds_configs/apollo.json (apollo_mini.json for --optimizer apollo-mini); flags given explicitly win.
-Under DeepSpeed the JSON also supplies the batch sizes, bf16 and gradient clipping unless flags say
-otherwise, and train.py owns the lr schedule (a JSON "scheduler" block is ignored).
+Optimizer flags and --grad-clip default to the DeepSpeed JSON's "optimizer" block and
+"gradient_clipping" under DeepSpeed, and otherwise to ds_configs/apollo.json (apollo_mini.json for
+--optimizer apollo-mini); flags given explicitly win. Under DeepSpeed the JSON also supplies the batch
+sizes and bf16 unless flags say otherwise; train.py owns the lr schedule (a JSON "scheduler" block is
+ignored) and writes its resolved values into the config it hands DeepSpeed.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--lr", type=float, default=None)
     a("--weight-decay", type=float, default=None)
     a("--warmup-steps", type=int, default=None, help="linear warm-up, then cosine to 10%% (default: steps/10)")
-    a("--grad-clip", type=float, default=None, help="max grad norm, 0 = off (default: the JSON's gradient_clipping, else 0)")
+    a("--grad-clip", type=float, default=None, help="max grad norm, 0 = off (default: the JSON's gradient_clipping, else 1.0)")
     a("--steps", type=int, default=1000)
     a("--global-batch-size", type=int, default=None, help="sequences per step (default: the JSON's, else 32)")
     a("--micro-batch-size", type=int, default=None, help="per rank and forward (default: the JSON's, else global/W)")
@@ -104,15 +105,22 @@ def optimizer_block(cfg: Optional[dict], where: str) -> tuple[Optional[str], dic
     return name, dict(block.get("params") or {})
 
 
-def resolve_hparams(args: argparse.Namespace, ds_cfg: Optional[dict]) -> dict[str, Any]:
-    """Optimizer hyperparameters: fallback < preset < JSON block < explicit flags."""
+def defaults_config(args: argparse.Namespace, ds_cfg: Optional[dict]) -> Optional[dict]:
+    """The JSON whose optimizer block and gradient_clipping are the defaults: the --deepspeed one, else
+    ds_configs/apollo.json (apollo_mini.json for --optimizer apollo-mini), if present."""
+    if ds_cfg is not None and ds_cfg.get("optimizer"):
+        return ds_cfg
+    path = os.path.join(ROOT, DEFAULT_CONFIGS[args.optimizer or "apollo"])
+    default = load_json(path, "default config") if os.path.isfile(path) else {}
+    return {**default, **(ds_cfg or {})}  # a --deepspeed JSON without an optimizer block keeps its own keys
+
+
+def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[str, Any]:
+    """Optimizer hyperparameters: fallback < preset < the defaults JSON's optimizer block < explicit flags."""
     from apollo_dist import preset
 
-    json_name, params = optimizer_block(ds_cfg, f"--deepspeed {args.deepspeed}")
+    json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
     name = args.optimizer or json_name or "apollo"
-    if json_name is None:
-        path = os.path.join(ROOT, DEFAULT_CONFIGS[name])
-        json_name, params = optimizer_block(load_json(path, "default config") if os.path.isfile(path) else None, path)
     hp: dict[str, Any] = {"optimizer": name, **FALLBACK}
     if name != "adamw":
         hp.update({k: v for k, v in preset(name).items() if k in LOW_RANK_KEYS})
@@ -127,7 +135,7 @@ def resolve_hparams(args: argparse.Namespace, ds_cfg: Optional[dict]) -> dict[st
     return hp
 
 
-def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], world: int) -> dict[str, Any]:
+def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict, world: int) -> dict[str, Any]:
     """Engine, batch geometry, dtype, schedule and output paths; UsageError on inconsistent input."""
     engine = args.engine
     if engine == "auto":
@@ -162,7 +170,7 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], world: int) ->
     import torch
 
     dtype = args.dtype or ("bf16" if (bf16_json if args.deepspeed else torch.cuda.is_available()) else "fp32")
-    grad_clip = args.grad_clip if args.grad_clip is not None else float(ds.get("gradient_clipping") or 0.0)
+    grad_clip = args.grad_clip if args.grad_clip is not None else float(defaults.get("gradient_clipping", 1.0))  # DeepSpeed's default
     return {
         "engine": engine, "world": world, "global_batch_size": global_batch, "micro_batch_size": micro,
         "grad_accum": global_batch // (world * micro), "dtype": dtype, "grad_clip": grad_clip,
@@ -202,11 +210,14 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
         check_model_arg(args.model)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    run = resolve_run(args, ds_cfg, world)
-    hp = resolve_hparams(args, ds_cfg)
+    defaults = defaults_config(args, ds_cfg)
+    run = resolve_run(args, ds_cfg, defaults, world)
+    hp = resolve_hparams(args, defaults)
     model_name = os.path.basename(args.model).removesuffix(".json")
     run["metrics_file"] = run["metrics_file"] or os.path.join("runs", f"{run['engine']}-{model_name}-{hp['optimizer']}", "metrics.jsonl")
-    if args.resume:
+    from apollo_dist.checkpoint import is_canonical
+
+    if args.resume and not is_canonical(args.resume):  # a canonical checkpoint loads at any W, any engine
         try:
             _, _, meta = engines.resolve_checkpoint(args.resume)
         except ValueError as e:
@@ -338,7 +349,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ds_full = deepspeed_config(ds_cfg, hp, run) if run["engine"] == "deepspeed" else None
     engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
 
-    start = engine.load_checkpoint(args.resume) if args.resume else 0
+    from apollo_dist.checkpoint import is_canonical, resume_canonical
+
+    start, resumed = 0, ""
+    if args.resume and is_canonical(args.resume):
+        start, resumed = int(resume_canonical(args.resume, engine.optimizer, engine.model, engine.scheduler)["step"]), "canonical"
+    elif args.resume:
+        start, resumed = engine.load_checkpoint(args.resume), "native"
     is_main = d.rank == 0
     metrics = Metrics(run["metrics_file"], start, is_main)
     tokens_per_step = run["global_batch_size"] * run["seq_len"]
@@ -352,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"  batch: global {run['global_batch_size']} = W {d.world} x micro {run['micro_batch_size']} x accumulation "
             f"{run['grad_accum']} ({tokens_per_step} tokens/step)\n"
             f"  optimizer: {describe_hparams(hp, run)}\n"
-            + (f"  resumed from {args.resume} at step {start}\n" if start else ""),
+            + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else ""),
             flush=True,
         )
 
@@ -402,9 +419,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         plot(rows, png, f"{args.model} LLaMA, {hp['optimizer']}, {engine.describe()}, W={d.world}")
         train = [r["loss"] for r in rows if "loss" in r]
         vals = [r["val_loss"] for r in rows if "val_loss" in r]
-        toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]
+        toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]  # step 1 includes warm-up
         print(
-            f"done: {seen} steps in {elapsed:.1f}s; train loss {train[0]:.3f} -> {train[-1]:.3f}; "
+            f"done: {seen} steps in {elapsed:.1f}s; "
+            + (f"train loss {train[0]:.3f} -> {train[-1]:.3f}; " if train else "")
             + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
             + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
             f"metrics {run['metrics_file']}; plot {png}",

