@@ -14,6 +14,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 LOW_RANK_KEYS = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
 
 
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The global shape (DeepSpeed ZeRO-3 params built under zero.Init keep it in ds_shape)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
 def preset(name: str) -> dict[str, Any]:
     """The low-rank group keys of preset ``name`` ("apollo" or "apollo-mini")."""
     key = name.lower().replace("_", "-")
@@ -46,7 +51,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         module = name.rsplit(".", 1)[0]
-        if p.dim() == 2 and any(t in module for t in targets):
+        if len(_shape(p)) == 2 and any(t in module for t in targets):
             low.append(p)
             low_names.append(name)
         else:
@@ -54,7 +59,7 @@ def param_groups(
             rest_names.append(name)
     if not low:
         raise ValueError(f"target_modules {list(targets)} match no 2-D weight of the model")
-    small = [(n, tuple(p.shape)) for n, p in zip(low_names, low) if keys["rank"] > min(p.shape)]
+    small = [(n, _shape(p)) for n, p in zip(low_names, low) if keys["rank"] > min(_shape(p))]
     if small:
         warnings.warn(
             f"APOLLO rank {keys['rank']} exceeds the smaller dimension of {len(small)} weight(s), e.g. "

@@ -41,7 +41,7 @@ def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
 def runs(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("ds")
     return {
-        2: deepspeed_launch(2, tmp / "w2.json", "--parts", "equivalence,extras,checkpoint,fp16,bf16,subgroups", "--ckpt-dir", str(tmp / "ck2")),
+        2: deepspeed_launch(2, tmp / "w2.json", "--parts", "equivalence,extras,checkpoint,fp16,bf16,zero_init,subgroups", "--ckpt-dir", str(tmp / "ck2")),
         3: deepspeed_launch(3, tmp / "w3.json", "--parts", "equivalence,checkpoint", "--ckpt-dir", str(tmp / "ck3")),
     }
 
@@ -69,10 +69,11 @@ def test_state_bytes_per_rank(runs, world, stage, preset):
         assert held <= bound
 
 
-def test_accumulation_clipping_scheduler_and_json_optimizer(runs):
-    """ZeRO-2, 2 micro-batches per step, gradient_clipping 1.0, WarmupLR from the JSON, overlap_comm,
-    APOLLO built from {"type": "APOLLO", "params": ...}: the oracle with the same clipping and schedule."""
-    r = runs[2]["extras/stage2"]
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_accumulation_clipping_scheduler_and_json_optimizer(runs, stage):
+    """2 micro-batches per step, gradient_clipping 1.0, WarmupLR from the JSON, overlap_comm, APOLLO
+    built from {"type": "APOLLO", "params": ...}: the oracle with the same clipping and schedule."""
+    r = runs[2][f"extras/stage{stage}"]
     assert r["steps"] == 30 and r["lr"] == pytest.approx(oracle.HPARAMS["lr"])
     assert r["max_rel_diff"] < TOL
 
@@ -110,6 +111,13 @@ def test_bf16_zero1_bf16_optimizer_and_zero2(runs):
     assert z1["steps"] == z2["steps"] == 10
     assert abs(z1["max_rel_diff"] - z2["max_rel_diff"]) < 1e-2
     assert z2["max_rel_diff"] < 0.25
+
+
+def test_zero3_model_built_under_zero_init(runs):
+    """Params partitioned from birth (shapes only in ds_shape): groups found, result equals the oracle."""
+    r = runs[2]["zero_init/stage3"]
+    assert r["lowrank_params"] == 8
+    assert r["max_rel_diff"] < TOL
 
 
 def test_zero3_needs_one_sub_group_per_param_group(runs):

@@ -5,7 +5,7 @@ Parts (``--parts``, comma separated):
   equivalence  ZeRO stages 1, 2, 3 x APOLLO, APOLLO-Mini, fp32, tiny buckets (params cut mid-row):
                parameters after 30 steps vs the oracle on the same global batch, and per-rank state
                bytes with the bounds of the issue;
-  extras       ZeRO-2, gradient accumulation 2, gradient clipping 1.0, WarmupLR from the JSON, optimizer
+  extras       ZeRO 1, 2, 3, gradient accumulation 2, gradient clipping 1.0, WarmupLR from the JSON, optimizer
                built from the JSON's {"type": "APOLLO"} block, vs the oracle run with the same features;
   checkpoint   ZeRO 1, 2, 3 (extras config): 6 steps, save_checkpoint, 6 more; a fresh engine
                load_checkpoint-s and runs the same 6: parameters and APOLLO state must be identical;
@@ -13,6 +13,7 @@ Parts (``--parts``, comma separated):
                the step; APOLLO's step counts, moments, limiter norms and fp32 master weights must
                not change; the next step runs;
   bf16         ZeRO-1 with fp32 grad accumulation (BF16_Optimizer) and ZeRO-2 bf16: runs, close to the oracle;
+  zero_init    ZeRO-3 with the model built under deepspeed.zero.Init, optimizer from the JSON: vs the oracle;
   subgroups    ZeRO-3 with sub_group_size below a group's size: clear error.
 Rank 0 writes a JSON report to ``--out``.
 """
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,6 +38,11 @@ import oracle  # noqa: E402
 
 oracle.stub_bitsandbytes()
 import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+# DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init (45-100 s on 2 cores, and
+# rebuilt whenever another checkout's build flags differ). gloo does every collective here without it.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 from deepspeed.runtime.lr_schedules import WarmupLR  # noqa: E402
 
 import apollo_dist.deepspeed as ads  # noqa: E402
@@ -169,6 +176,23 @@ def part_equivalence(report: dict) -> None:
             engine.destroy()
 
 
+def part_zero_init(report: dict) -> None:
+    """ZeRO-3 with the model built under deepspeed.zero.Init (params partitioned from birth, shapes in
+    ds_shape): the optimizer comes from the JSON block, so APOLLO's groups are found on partitioned params."""
+    ref, _ = oracle_run("apollo")
+    cfg = base_config(3, GLOBAL_BATCH // dist.get_world_size())
+    hp = oracle.HPARAMS
+    cfg["optimizer"] = {"type": "APOLLO", "params": {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "rank": 5, "update_proj_gap": 7}}
+    init_cfg = {k: v for k, v in cfg.items() if v != "auto"}  # zero.Init reads the config without the adapter
+    with deepspeed.zero.Init(config_dict_or_path=init_cfg):
+        model = oracle.make_model(0)
+    engine, opt, _, _ = ads.initialize(model=model, config=cfg)
+    train(engine, STEPS)
+    report["zero_init/stage3"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
+                                  "lowrank_params": sum(len(b.slots) for b in engine.optimizer.optimizer._buckets if isinstance(b, LowRankBucket))}
+    engine.destroy()
+
+
 def extras_config(stage: int) -> dict:
     """Accumulation 2, clipping 1.0, WarmupLR, overlapped reduction, and APOLLO built from the JSON block."""
     W = dist.get_world_size()
@@ -183,12 +207,13 @@ def extras_config(stage: int) -> dict:
 
 def part_extras(report: dict) -> None:
     ref, _ = oracle_run("apollo", clip=1.0, warmup=True)
-    model = oracle.make_model(0)
-    engine, opt, _, sched = ads.initialize(model=model, config=extras_config(2))
-    train(engine, STEPS, accum=2)
-    report["extras/stage2"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "lr": opt.param_groups[0]["lr"],
-                               "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
-    engine.destroy()
+    for stage in (1, 2, 3):
+        model = oracle.make_model(0)
+        engine, opt, _, sched = ads.initialize(model=model, config=extras_config(stage))
+        train(engine, STEPS, accum=2)
+        report[f"extras/stage{stage}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "lr": opt.param_groups[0]["lr"],
+                                          "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
+        engine.destroy()
 
 
 def apollo_snapshot(apollo) -> dict[str, torch.Tensor]:
@@ -312,15 +337,17 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     report: dict = {"world": dist.get_world_size()}
-    parts = {"equivalence": part_equivalence, "extras": part_extras, "fp16": part_fp16, "bf16": part_bf16, "subgroups": part_subgroups,
+    parts = {"equivalence": part_equivalence, "extras": part_extras, "fp16": part_fp16, "bf16": part_bf16, "subgroups": part_subgroups, "zero_init": part_zero_init,
              "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir)}
     for name in args.parts.split(","):
+        t0 = time.time()
         try:
             parts[name](report)
         except Exception:  # report it and go on: one broken part must not hide the others
             report[f"error/{name}"] = traceback.format_exc()[-3000:]
             if dist.get_rank() == 0:
                 print(report[f"error/{name}"], file=sys.stderr, flush=True)
+        report[f"seconds/{name}"] = round(time.time() - t0, 1)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
