@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .kernels import scaled_update_, scaled_update_eager
+from .kernels import MultiUpdate, scaled_update_eager
 from .layout import ParamLayout, build_comm_plan, matrix_dims, touched_channels
 from .projection import SeedChain, projection_shape, random_projection
 
@@ -174,6 +174,14 @@ class LowRankBucket:
         self.exp_avg_sq = torch.zeros(o_off, r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
+        # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
+        self.aligned = [i for i, g in enumerate(self.geom) if g[6] and g[4] > 0]
+        self.unaligned = [i for i, g in enumerate(self.geom) if not g[6] and g[4] > 0]
+        self.update = MultiUpdate(
+            [slots[i].data.view(self.geom[i][4], self.geom[i][1]) for i in self.aligned],
+            [self.geom[i][2] for i in self.aligned],
+            [self.t_off[i] for i in self.aligned],
+        )
 
     # -- projections --------------------------------------------------------------------------
     def _refresh_projections(self, epoch: int) -> None:
@@ -296,16 +304,11 @@ class LowRankBucket:
 
         # 6. p -= step_size * U; then decoupled weight decay (one fused pass on GPU).
         decay = -group["lr"] * group["weight_decay"]
-        for i, G in enumerate(grads):
-            if G is None:
-                continue
-            s = self.slots[i]
+        self.update([grads[i] for i in self.aligned], coef, decay)
+        for i in self.unaligned:  # a piece cut mid-row: update its zero-padded rows, keep the held elements
+            s, G = self.slots[i], grads[i]
             m, n, tall, row0, rows, off, aligned, t0, t1, _, _ = self.geom[i]
-            c = coef[self.t_off[i] : self.t_off[i] + t1 - t0]
-            if aligned:
-                scaled_update_(s.data.view(rows, n), G, c, tall, decay)
-            else:  # the padded rows: update the whole padded block, keep the held elements
-                block = s.data.new_zeros(rows * n)
-                block[off : off + s.numel] = s.data
-                scaled_update_eager(block.view(rows, n), G, c, tall, decay)
-                s.data.copy_(block[off : off + s.numel])
+            block = s.data.new_zeros(rows * n)
+            block[off : off + s.numel] = s.data
+            scaled_update_eager(block.view(rows, n), G, coef[self.t_off[i] : self.t_off[i] + t1 - t0], tall, decay)
+            s.data.copy_(block[off : off + s.numel])

@@ -149,7 +149,7 @@ def main() -> None:
         ref_bytes = sum(
             v.numel() * v.element_size() for st in ref_opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")
         )
-        worst = max(float((full[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.named_parameters())
+        worst = max(float((full[n].detach() - q.detach()).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.named_parameters())
         lowrank = [(tuple(p.shape), g["rank"]) for g in oracle.groups(ref, args.preset) if "rank" in g for p in g["params"]]
         report = {
             "world": world,
@@ -162,7 +162,12 @@ def main() -> None:
         }
         with open(args.out, "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    dist.barrier()  # no rank leaves while rank 0 still computes the oracle
+    # gloo's teardown in torch 2.13 sometimes aborts ("terminate called without an active exception")
+    # after all work is done; the report is written, so leave without running destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
