@@ -39,8 +39,14 @@ config dict before calling ``initialize``, e.g.::
     cfg["gradient_accumulation_steps"] = args.grad_accum
     engine, opt, _, sched = apollo_dist.deepspeed.initialize(model=model, config=cfg)
 
+ZeRO-3 models may be built under ``deepspeed.zero.Init`` (APOLLO's groups read ``ds_shape``); hand
+zero.Init a config without "auto" values, since it reads the JSON without this adapter.
+
+DeepSpeed's per-parameter optimizer-state helpers (``safe_get_full_optimizer_state``) do not see
+APOLLO's state: read ``optimizer.state[param]`` (this rank's owned channels / elements) instead.
+
 Not supported (clear error at ``initialize``): optimizer/parameter offload (ZeRO-Offload, ZeRO-Infinity),
-ZeRO-1/2 elastic checkpoints, ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
+ZeRO-1/2 elastic and DeepSpeed universal checkpoints, ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
 model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints
 resume at the same world size and stage; other world sizes go through ``tools/convert_checkpoint.py``.
 
@@ -191,6 +197,7 @@ def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
         raise NotImplementedError("apollo_dist with DeepSpeed: zero_optimization.offload_param is not supported yet")
     unsupported = {
         "elastic_checkpoint": zero.get("elastic_checkpoint", False),
+        "universal checkpoints (checkpoint.load_universal)": (config.get("checkpoint") or {}).get("load_universal", False),
         "zero_hpz_partition_size > 1 (ZeRO++ hpZ)": int(zero.get("zero_hpz_partition_size", 1)) > 1,
         "mics_shard_size (MiCS)": int(zero.get("mics_shard_size", -1)) > 0,
         "zenflow": bool(zero.get("zenflow")),

@@ -177,6 +177,11 @@ def test_unsupported_zero_features(zero, message):
         _initialize(config=_config(zero_optimization=zero))
 
 
+def test_universal_checkpoint_loading_is_refused():
+    with pytest.raises(NotImplementedError, match="universal checkpoints"):
+        _initialize(config=_config(checkpoint={"load_universal": True}))
+
+
 def test_unsupported_precision_and_parallelism():
     with pytest.raises(NotImplementedError, match="stage 1, 2 or 3"):
         _initialize(config=_config(zero_optimization={"stage": 0}, bf16={"enabled": True}))
