@@ -559,7 +559,10 @@ def load_canonical(
     if extra:
         raise CheckpointError(f"{ckpt.path}: params {extra[:4]} are not in this optimizer (a different model?)")
     ckpt.close()
-    return dict(index.get("trainer") or {})
+    trainer = dict(index.get("trainer") or {})
+    if trainer.get("step") is None:  # no data position recorded: one optimizer step per training step
+        trainer["step"] = max((int(g["step"]) for g in saved_groups), default=0)
+    return trainer
 
 
 # -- a live single-process optimizer as a source ---------------------------------------------------

@@ -134,7 +134,9 @@ class DeepSpeedSource:
         names = self._names(apollo_sd)
         run = _trainer_json(self.dir)
         step = model_states.get("step", run.get("step", model_states.get("global_steps")))
-        trainer = _trainer_state(run, step, model_states.get("lr_scheduler"))
+        # The lr schedule: DeepSpeed's when it stepped one, else the training script's (trainer.json).
+        sched = model_states.get("lr_scheduler")
+        trainer = _trainer_state(run, step, sched if sched is not None else run.get("scheduler"))
         source = {"engine": f"deepspeed-zero{self.stage}", "path": str(self.dir)}
         self.meta, self._index = meta_from_state_dicts(apollo_sd, names, trainer, source)
         self._offsets = self._zero3_offsets() if self.stage == 3 else None

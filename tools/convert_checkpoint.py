@@ -66,7 +66,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST / DIR (still atomically)")
     p.add_argument("--no-verify", action="store_true", help="skip SHA-256 checks of a canonical SRC")
     p.add_argument("--quiet", action="store_true", help="no summary line")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # SRC --tag T DST works too
     if args.dst is None and args.export_hf is None:
         p.error("give DST and/or --export-hf DIR")
     return args
