@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,24 @@ def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, c
         return lr
     b1, b2 = betas
     return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
+
+
+class Geometry(NamedTuple):
+    """Where one slot sits: its (m x n) matrix, the whole rows [row0, row0 + rows) its elements span
+    (``off``: its first element inside them; ``aligned``: it starts and ends on row boundaries), the
+    channels it touches [t0, t1) and the channels this rank owns [o0, o1)."""
+
+    m: int
+    n: int
+    tall: bool
+    row0: int
+    rows: int
+    off: int
+    aligned: bool
+    t0: int
+    t1: int
+    o0: int
+    o1: int
 
 
 class _matmul_precision:
@@ -158,7 +176,7 @@ class LowRankBucket:
             row0 = s.start // n
             rows = (-(-s.end // n) - row0) if s.end > s.start else 0
             aligned = s.start % n == 0 and s.end % n == 0
-            self.geom.append((m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1))
+            self.geom.append(Geometry(m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1))
             self.t_off.append(t_off)
             self.o_off.append(o_off)
             t_param.append(torch.full((t1 - t0,), i, dtype=torch.int64))
@@ -174,12 +192,18 @@ class LowRankBucket:
         self.exp_avg_sq = torch.zeros(o_off, r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
+        # Where each slot's partial R and ||G_c||^2 go (views made once: the hot loop only multiplies).
+        self.proj_out = [
+            (i, g.tall, self.T_R[self.t_off[i] : self.t_off[i] + g.t1 - g.t0], self.T_g[self.t_off[i] : self.t_off[i] + g.t1 - g.t0])
+            for i, g in enumerate(self.geom)
+            if g.rows > 0
+        ]
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
-        self.aligned = [i for i, g in enumerate(self.geom) if g[6] and g[4] > 0]
-        self.unaligned = [i for i, g in enumerate(self.geom) if not g[6] and g[4] > 0]
+        self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]
+        self.unaligned = [i for i, g in enumerate(self.geom) if not g.aligned and g.rows > 0]
         self.update = MultiUpdate(
-            [slots[i].data.view(self.geom[i][4], self.geom[i][1]) for i in self.aligned],
-            [self.geom[i][2] for i in self.aligned],
+            [slots[i].data.view(self.geom[i].rows, self.geom[i].n) for i in self.aligned],
+            [self.geom[i].tall for i in self.aligned],
             [self.t_off[i] for i in self.aligned],
         )
 
@@ -205,7 +229,8 @@ class LowRankBucket:
         g = s.grad()
         if g is None:
             g = torch.zeros_like(s.data)
-        g = g.float()
+        if g.dtype != torch.float32:
+            g = g.float()
         if aligned:
             return g.view(rows, n)
         padded = torch.zeros(rows * n, device=g.device, dtype=g.dtype)
@@ -223,13 +248,10 @@ class LowRankBucket:
         # 1. Partial R and ||G_c||^2 of the touched channels.
         grads = [self._grad_rows(i) for i in range(len(self.slots))]
         with _matmul_precision(group.get("projection_tf32", False)):
-            for i, G in enumerate(grads):
-                if G is None:
-                    continue
-                tall, t0, t1 = self.geom[i][2], self.geom[i][7], self.geom[i][8]
-                rows = slice(self.t_off[i], self.t_off[i] + t1 - t0)
-                torch.matmul(G if tall else G.t(), self.proj[i], out=self.T_R[rows])
-                torch.linalg.vector_norm(G, dim=1 if tall else 0, out=self.T_g[rows])
+            for i, tall, R_rows, g_rows in self.proj_out:
+                G = grads[i]
+                torch.matmul(G if tall else G.t(), self.proj[i], out=R_rows)
+                torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_rows)
         self.T_g.square_()
 
         # 2. R of owned channels: local ones copied, shared ones reduce-scattered from their touchers.

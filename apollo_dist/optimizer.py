@@ -206,7 +206,7 @@ class APOLLO(torch.optim.Optimizer):
                 st = self.state[s.param]
                 st["step"] = b.step_count
                 if isinstance(b, LowRankBucket):
-                    o0, o1 = b.geom[i][9], b.geom[i][10]
+                    o0, o1 = b.geom[i].o0, b.geom[i].o1
                     rows = slice(b.o_off[i], b.o_off[i] + o1 - o0)
                     st["exp_avg"] = self._as_global(b.exp_avg[rows], s, (b.layouts[i].channels, b.rank_r))
                     st["exp_avg_sq"] = self._as_global(b.exp_avg_sq[rows], s, (b.layouts[i].channels, b.rank_r))
