@@ -15,7 +15,7 @@ What it does (DESIGN.md §3, §6):
      ``"optimizer"`` block of type "APOLLO" or "APOLLO-Mini" and builds the optimizer from its params
      (the paper's preset, overridden by any of ``rank scale_type scale update_proj_gap proj
      proj_type``; plus ``lr betas eps weight_decay correct_bias scale_front disable_nl
-     target_modules``), sets ``zero_allow_untested_optimizer`` and hands DeepSpeed the optimizer as a
+     projection_tf32 target_modules``), sets ``zero_allow_untested_optimizer`` and hands DeepSpeed the optimizer as a
      client optimizer;
   2. after DeepSpeed has partitioned the model, builds one `Slot` per parameter from DeepSpeed's own
      bookkeeping and calls ``optimizer.bind(slots, dp_group, owners="position")``:
@@ -70,7 +70,7 @@ from .optimizer import APOLLO
 
 # "optimizer": {"type": ...} values this adapter builds, and the preset each one starts from.
 APOLLO_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini": "apollo-mini", "apollomini": "apollo-mini"}
-OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl")
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl", "projection_tf32")
 PARAM_KEYS = OPTIMIZER_KEYS + LOW_RANK_KEYS + ("target_modules",)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -97,14 +97,17 @@ class DeepSpeedAPOLLO(APOLLO):
             with torch.enable_grad():
                 loss = closure()
         active = {id(g) for g in self.param_groups if g["params"]}
-        for b in self._buckets:
-            if id(self._ds_groups[b.group_index]) in active:
-                b.step(self._hparams(b.group_index))
+        # DeepSpeed's ZeRO-1/2 narrows self.param_groups to the one group it steps; the base class's
+        # hyperparameter lookup indexes the full list, so show it that for the duration of the step.
+        handed = self.param_groups
+        self.param_groups = self._ds_groups
+        try:
+            for b in self._buckets:
+                if id(self._ds_groups[b.group_index]) in active:
+                    b.step(self._hparams(b.group_index))
+        finally:
+            self.param_groups = handed
         return loss
-
-    def _hparams(self, gi: int) -> dict:
-        # DeepSpeed's ZeRO-1/2 narrows self.param_groups to one group per step call: index the full list.
-        return {**self._ds_groups[gi], "scale_front": self.scale_front, "disable_nl": self.disable_nl}
 
     @contextlib.contextmanager
     def _model_view(self) -> Iterator[None]:
