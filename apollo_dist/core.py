@@ -122,11 +122,19 @@ class AdamBucket:
         self.exp_avg_sq = [torch.zeros_like(s.data) for s in slots]
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
 
-    def step(self, group: dict) -> None:
+    def prepare(self, group: dict) -> torch.Tensor:
+        """Fetch this step's gradients; return 1.0 (a 0-dim tensor) if any is non-finite, else 0.0."""
+        self.grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
+        if not self.grads:
+            return torch.zeros(())
+        return (~torch.isfinite(torch.stack(torch._foreach_norm(self.grads)).sum())).float()
+
+    def finish(self, group: dict) -> None:
+        """The update with the gradients ``prepare`` fetched."""
+        grads, self.grads = self.grads, None
         if not self.slots:
             return
         params = [s.data for s in self.slots]
-        grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
         b1, b2 = group["betas"]
         self.step_count += 1
         t = int(self.step_count)
@@ -238,21 +246,27 @@ class LowRankBucket:
         return padded.view(rows, n)
 
     # -- the step -----------------------------------------------------------------------------
-    def step(self, group: dict) -> None:
-        r, plan, comm = self.rank_r, self.plan, self.comm
+    def prepare(self, group: dict) -> torch.Tensor:
+        """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels. Returns 1.0 (a
+        0-dim tensor) if this rank's gradient has a non-finite element (then ||G_c||^2 is), else 0.0."""
         t = int(self.step_count)  # 0 before the first update
         epoch = t // int(group["update_proj_gap"])
         if epoch != self.proj_epoch:
             self._refresh_projections(epoch)
-
-        # 1. Partial R and ||G_c||^2 of the touched channels.
-        grads = [self._grad_rows(i) for i in range(len(self.slots))]
+        self.grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
         with _matmul_precision(group.get("projection_tf32", False)):
             for i, tall, R_rows, g_rows in self.proj_out:
                 G = grads[i]
                 torch.matmul(G if tall else G.t(), self.proj[i], out=R_rows)
                 torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_rows)
         self.T_g.square_()
+        return (~torch.isfinite(self.T_g.sum())).float()
+
+    def finish(self, group: dict) -> None:
+        """Steps 2-6 with what ``prepare`` computed."""
+        r, plan, comm = self.rank_r, self.plan, self.comm
+        grads, self.grads = self.grads, None
+        t = int(self.step_count)
 
         # 2. R of owned channels: local ones copied, shared ones reduce-scattered from their touchers.
         if plan.identity:

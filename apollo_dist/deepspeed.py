@@ -102,9 +102,7 @@ class DeepSpeedAPOLLO(APOLLO):
         handed = self.param_groups
         self.param_groups = self._ds_groups
         try:
-            for b in self._buckets:
-                if id(self._ds_groups[b.group_index]) in active:
-                    b.step(self._hparams(b.group_index))
+            self._step_buckets([b for b in self._buckets if id(self._ds_groups[b.group_index]) in active])
         finally:
             self.param_groups = handed
         return loss

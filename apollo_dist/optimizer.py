@@ -103,7 +103,10 @@ class APOLLO(torch.optim.Optimizer):
     their 2-D weights with keys ``rank``, ``proj`` ("random"), ``proj_type`` ("std"), ``scale_type``
     ("channel" | "tensor"), ``scale``, ``update_proj_gap`` (steps); other groups run the reference's
     plain Adam. ``projection_tf32`` (not in the reference; off by default) runs the projection
-    matmuls in TF32 on GPUs: faster, and R changes by ~1e-3 relative. ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
+    matmuls in TF32 on GPUs: faster, and R changes by ~1e-3 relative. ``nonfinite``: what a step
+    does when any rank's gradient holds inf/NaN: "skip" (default: no weight, moment or step count
+    changes on any rank; counted in ``skipped_steps``), "raise" (FloatingPointError on every rank)
+    or "ignore" (no check, no host sync). ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
     decoupled and applied after the update.
 
     Works as-is on plain parameters and on FSDP2 (``fully_shard``) DTensors; DeepSpeed goes through
@@ -123,6 +126,7 @@ class APOLLO(torch.optim.Optimizer):
         disable_nl: bool = False,
         no_deprecation_warning: bool = True,
         projection_tf32: bool = False,
+        nonfinite: str = "skip",
     ):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         _check_group(-1, {**defaults, "params": []})
@@ -132,6 +136,11 @@ class APOLLO(torch.optim.Optimizer):
         self.scale_front = scale_front
         self.disable_nl = disable_nl
         self.projection_tf32 = projection_tf32
+        if nonfinite not in ("skip", "raise", "ignore"):
+            raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        self._comm = Collectives(None)
         # Seeds as the reference gives them: 1 + the param's position among all params received.
         self._indexed: list[tuple[int, int, torch.Tensor]] = []  # (group, index, param) of trainable params
         index = 0
@@ -153,7 +162,7 @@ class APOLLO(torch.optim.Optimizer):
         ``owners``: "position" (channels follow the elements each rank holds) or "chunk" (torch.chunk's
         rule, so FSDP2 state is a regular Shard(0) DTensor).
         """
-        comm = Collectives(process_group)
+        comm = self._comm = Collectives(process_group)
         by_param = {id(s.param): s for s in slots}
         missing = [idx for _, idx, p in self._indexed if id(p) not in by_param]
         if missing:
@@ -238,9 +247,33 @@ class APOLLO(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ensure_bound()
-        for b in self._buckets:
-            b.step(self._hparams(b.group_index))
+        self._step_buckets(self._buckets)
         return loss
+
+    def _step_buckets(self, buckets: list) -> bool:
+        """Step ``buckets``; all ranks take one decision on non-finite gradients. Returns False if skipped."""
+        hparams = [self._hparams(b.group_index) for b in buckets]
+        bad = torch.stack([b.prepare(hp) for b, hp in zip(buckets, hparams)]).sum()
+        if self.nonfinite != "ignore":
+            if self._comm.world > 1:
+                self._comm.all_reduce(bad)
+            if bad.item() > 0:  # one host sync per step: the decision gates every write below
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"APOLLO: non-finite gradient on {int(bad.item())} rank-bucket(s) at step {self._step_number(buckets)}; "
+                        "nothing was updated (nonfinite='skip' skips such steps instead)"
+                    )
+                self.skipped_steps += 1
+                for b in buckets:
+                    b.grads = None
+                return False
+        for b, hp in zip(buckets, hparams):
+            b.finish(hp)
+        return True
+
+    @staticmethod
+    def _step_number(buckets: list) -> int:
+        return int(buckets[0].step_count) + 1 if buckets else 0
 
     # -- state dicts --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--nan-step", type=int, default=-1, help="put a NaN into one gradient at this step...")
+    ap.add_argument("--nan-rank", type=int, default=0, help="...on this rank only")
+    ap.add_argument("--nonfinite", default="skip")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -112,21 +115,27 @@ def main() -> None:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS)
+        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
     else:
-        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS)
+        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
         order = [p for g in opt.param_groups for p in g["params"]]
         slots, _, _ = flat_partition_slots(model, order, rank, world)
         opt.bind(slots, dist.group.WORLD)
 
-    counts = []
+    counts, raised = [], []
     for t in range(args.steps):
         x, y = oracle.batch(t)
         if args.layout == "fsdp2":  # each rank its slice of the global batch; FSDP2 averages grads
             x, y = x[rank::world], y[rank::world]
         oracle.loss_fn(model, x, y).backward()
+        if t == args.nan_step and rank == args.nan_rank:
+            g = model.blocks[0].mlp["up"].weight.grad
+            (g._local_tensor if hasattr(g, "_local_tensor") else g).view(-1)[0] = float("nan")
         with CollectiveCounter() as cc:
-            opt.step()
+            try:
+                opt.step()
+            except FloatingPointError:
+                raised.append(t)
         counts.append(cc.count)
         opt.zero_grad()
         if args.layout == "flat":
@@ -136,6 +145,9 @@ def main() -> None:
         full = {n: p.full_tensor() for n, p in model.named_parameters()}
     else:
         full = {n: p.detach() for n, p in model.named_parameters()}
+    flags = torch.tensor([len(raised), opt.skipped_steps])
+    every_flags = [torch.zeros(2, dtype=flags.dtype) for _ in range(world)]
+    dist.all_gather(every_flags, flags)
     sb = torch.tensor([state_bytes(opt)])
     every = [torch.zeros(1, dtype=sb.dtype) for _ in range(world)]
     dist.all_gather(every, sb)
@@ -144,7 +156,8 @@ def main() -> None:
         for t in range(args.steps):
             x, y = oracle.batch(t)
             oracle.loss_fn(ref, x, y).backward()
-            ref_opt.step()
+            if t != args.nan_step:  # a non-finite step is skipped (or raised) everywhere
+                ref_opt.step()
             ref_opt.zero_grad()
         ref_bytes = sum(
             v.numel() * v.element_size() for st in ref_opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")
@@ -159,6 +172,8 @@ def main() -> None:
             "lowrank_shapes": lowrank,
             "nparams": sum(1 for _ in ref.parameters()),
             "collectives_per_step": counts,
+            "raised_per_rank": [int(f[0]) for f in every_flags],
+            "skipped_per_rank": [int(f[1]) for f in every_flags],
         }
         with open(args.out, "w") as f:
             json.dump(report, f)
