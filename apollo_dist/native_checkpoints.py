@@ -13,11 +13,13 @@ DeepSpeed's files are pickles: open only checkpoints you trust.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -139,6 +141,8 @@ class DeepSpeedSource:
         trainer = _trainer_state(run, step, sched if sched is not None else run.get("scheduler"))
         source = {"engine": f"deepspeed-zero{self.stage}", "path": str(self.dir)}
         self.meta, self._index = meta_from_state_dicts(apollo_sd, names, trainer, source)
+        if len(self.param_shapes) != len(self.meta.groups):  # apollo_dist.deepspeed keeps one ZeRO-3 sub-group per group
+            raise CheckpointError(f"{model_file}: {len(self.param_shapes)} DeepSpeed param groups, the optimizer has {len(self.meta.groups)}")
         self._offsets = self._zero3_offsets() if self.stage == 3 else None
         del model_states
         first.release()
@@ -209,6 +213,14 @@ class DeepSpeedSource:
                 rf.release()
 
 
+@contextlib.contextmanager
+def _quiet_no_dist() -> Iterator[None]:
+    """DCP warns that it reads in a single process: that is the point here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process")
+        yield
+
+
 # -- FSDP2 / DCP -----------------------------------------------------------------------------------
 def is_dcp_dir(path: Path) -> bool:
     return (Path(path) / ".metadata").is_file()
@@ -269,8 +281,6 @@ class DCPSource:
             {"engine": "fsdp2", "path": str(self.dir), "world_size": run.get("world_size", world)},
         )
         if "generator_device" not in first:
-            import warnings
-
             warnings.warn(f"{self.dir}: no generator_device in the optimizer state; assuming cpu", stacklevel=2)
 
     def _files(self) -> set[str]:
@@ -299,7 +309,8 @@ class DCPSource:
 
         # What DCP's own _load_state_dict_from_keys does, but never collective (no_dist).
         nested: dict[str, Any] = {}
-        _load_state_dict(nested, FileSystemReader(str(self.dir)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+        with _quiet_no_dist():
+            _load_state_dict(nested, FileSystemReader(str(self.dir)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
         out = {}
         for k in keys:
             v = nested
@@ -316,7 +327,8 @@ class DCPSource:
             raise CheckpointError(f"{self.dir}: no {key}")
         t = torch.empty(md.size, dtype=md.properties.dtype)
         try:
-            dcp.load({key: t}, checkpoint_id=str(self.dir), no_dist=True)
+            with _quiet_no_dist():
+                dcp.load({key: t}, checkpoint_id=str(self.dir), no_dist=True)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{self.dir}: cannot read {key} ({type(e).__name__}: {str(e)[:300]})") from e
         return t

@@ -94,6 +94,9 @@ def runs(tmp_path_factory):
         save = tmp / f"rt-{name}"
         train(n, flags, "--resume", str(tmp / "c10"), "--save-dir", str(save), script="tests/workers/ckpt_roundtrip.py")
         convert(save, tmp / f"rt-{name}.canonical")
+    # Same W, same engine, no conversion: FSDP2's DCP checkpoint (get_state_dict / set_state_dict).
+    train(3, ["--engine", "fsdp2"], "--resume", str(tmp / "rt-fsdp2-w3" / "step_0000010"), "--metrics-file", str(tmp / "dcp.jsonl"))
+    out["dcp"] = losses(tmp / "dcp.jsonl")
     return out
 
 
@@ -118,6 +121,22 @@ def test_resumes_agree_across_engines(runs, name):
     """The resumed runs agree with each other (FSDP2 W=3 vs ZeRO-3 W=1 vs ZeRO-1 W=3)."""
     diffs = rel_diffs(runs["fsdp2-w3"], runs[name], range(11, 21))
     assert max(diffs.values()) < TOL, diffs
+
+
+def test_native_dcp_resume_continues_exactly(runs):
+    """FSDP2 W=3 resumed from its own DCP checkpoint (saved right after loading the canonical form)
+    trains exactly like the run resumed from the canonical form: the APOLLO state round-trips DCP."""
+    assert runs["dcp"] == runs["fsdp2-w3"]
+
+
+def test_dcp_missing_rank_file_is_named_by_the_cli(runs, tmp_path):
+    src = tmp_path / "dcp"
+    shutil.copytree(runs["tmp"] / "rt-fsdp2-w3" / "step_0000010", src)
+    (src / "__2_0.distcp").unlink()
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(src), str(tmp_path / "c")], cwd=ROOT,
+                          env=worker_env(), capture_output=True, text=True)
+    assert proc.returncode == 1 and not (tmp_path / "c").exists()
+    assert re.search(r"error: .*__2_0\.distcp: missing", proc.stderr), proc.stderr
 
 
 @pytest.mark.parametrize("name", ["fsdp2-w3", "zero3-w1"])

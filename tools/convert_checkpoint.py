@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             args.src, args.dst, export_hf=args.export_hf, hf_config=hf_config, tag=args.tag, overwrite=args.overwrite,
             hf_dtype=args.hf_dtype, shard_bytes=int(args.shard_size * 2**30), verify=not args.no_verify,
         )
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, ValueError, OSError) as e:  # CheckpointError is a ValueError: one line, exit 1
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
