@@ -342,7 +342,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         ds_logger.setLevel(logging.WARNING)
     d = engines.init_distributed(run["engine"])
-    torch.set_float32_matmul_precision("high")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
     model = build_model(config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
