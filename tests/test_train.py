@@ -46,6 +46,33 @@ def train_py(*args: str) -> list[str]:
     return [sys.executable, "launch/train.py", *args]
 
 
+def test_stream_is_the_same_whatever_w_and_micro_batch():
+    """The data a step trains on depends on (seed, step, global batch) only (in-process, no launch)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import data
+
+    split = data.Split(np.arange(5000, dtype=np.uint16), np.arange(500, dtype=np.uint16))
+    cpu = torch.device("cpu")
+
+    def global_batch(world: int, micro: int, step: int) -> torch.Tensor:
+        parts = [x for r in range(world) for x, _ in data.train_micro_batches(split, 16, 7, step, 8, r, world, micro, cpu)]
+        return torch.cat(parts)
+
+    ref = global_batch(1, 8, 3)
+    assert ref.shape == (8, 16)
+    for world, micro in [(1, 2), (2, 1), (2, 4), (4, 2), (8, 1)]:
+        assert torch.equal(global_batch(world, micro, 3), ref)
+    assert not torch.equal(global_batch(1, 8, 4), ref)
+    # Validation: every rank runs the same number of batches; weights cover each window once.
+    for world in (1, 2, 3):
+        per_rank = [data.val_micro_batches(split, 16, 10, r, world, 2, cpu) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1
+        assert sum(float(w.sum()) for b in per_rank for _, _, w in b) == 10
+
+
 # Each launch writes metrics and checkpoints at steps 5 and 10 (same-W resume is checked from step 5).
 LAUNCHES = {
     "single": lambda out: train_py("--engine", "single", *TINY, *out),
