@@ -331,6 +331,10 @@ def bind_engine(engine: Any, opt: APOLLO) -> None:
     if not hasattr(opt, "_ds_params"):
         raise RuntimeError("bind_engine: record the model params first (apollo_dist.deepspeed.initialize does)")
     opt.__class__ = DeepSpeedAPOLLO  # same object: DeepSpeed's wrapper and the caller keep their references
+    # A torch LR scheduler built before this point wrapped ``step`` on the instance, which would hide
+    # the class's step; drop the wrapper (it only counts calls for a warning).
+    if "step" in vars(opt) and getattr(vars(opt)["step"], "_wrapped_by_lr_sched", False):
+        del opt.step
     opt._ds_groups = list(opt.param_groups)
     opt.bind(slots, group, owners="position")
 

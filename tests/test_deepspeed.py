@@ -78,6 +78,13 @@ def test_accumulation_clipping_scheduler_and_json_optimizer(runs, stage):
     assert r["max_rel_diff"] < TOL
 
 
+def test_client_lr_scheduler_passed_to_initialize(runs):
+    """lr_scheduler=callable given to initialize (it wraps optimizer.step before the layout is bound):
+    ZeRO-2 still steps every group once per step, as the oracle does."""
+    r = runs[2]["extras/client_scheduler"]
+    assert r["steps"] == 30 and r["max_rel_diff"] < TOL
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_checkpoint_resumes_exactly(runs, world, stage):

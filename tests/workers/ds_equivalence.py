@@ -214,6 +214,17 @@ def part_extras(report: dict) -> None:
         report[f"extras/stage{stage}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "lr": opt.param_groups[0]["lr"],
                                           "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
         engine.destroy()
+    # A torch LR scheduler handed to initialize (built before the adapter binds the layout).
+    ref, _ = oracle_run("apollo")
+    model = oracle.make_model(0)
+    cfg = extras_config(2)
+    cfg.pop("scheduler")
+    cfg.update(gradient_clipping=0.0)
+    engine, opt, _, sched = ads.initialize(model=model, config=cfg, lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0))
+    train(engine, STEPS, accum=2)
+    report["extras/client_scheduler"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
+                                         "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
+    engine.destroy()
 
 
 def apollo_snapshot(apollo) -> dict[str, torch.Tensor]:
