@@ -12,8 +12,10 @@ import contextlib
 import json
 import math
 import os
+import signal
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
@@ -99,9 +101,12 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(engine: str) -> Dist:
+def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
     """Pick the device (cuda:LOCAL_RANK when CUDA is available, else CPU) and start the process group
-    (NCCL / gloo) when there is more than one rank or DeepSpeed runs (it always wants one)."""
+    (NCCL / gloo) when there is more than one rank or DeepSpeed runs (it always wants one).
+
+    ``timeout_s`` bounds every collective: a rank whose peer is stuck (stopped, deadlocked, waiting on a
+    failed file system) raises after it instead of waiting for gloo's default 30 minutes."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -115,9 +120,9 @@ def init_distributed(engine: str) -> Dist:
     if engine == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     elif engine == "fsdp2":
-        dist.init_process_group(backend, device_id=device if cuda else None)
+        dist.init_process_group(backend, device_id=device if cuda else None, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank, dist.get_world_size() if dist.is_initialized() else 1, local_rank, device)
 
@@ -192,6 +197,14 @@ def resolve_checkpoint(path: str) -> tuple[str, str, dict]:
     return root, tag, meta
 
 
+def _kill_in_save_hook(step: int, rank: int) -> None:
+    """Test hook (tests/test_faults.py): with APOLLO_DIST_KILL_IN_SAVE=STEP:RANK, rank RANK kills itself
+    (SIGKILL) while saving STEP, after writing its own files and before trainer.json and `latest`."""
+    target = os.environ.get("APOLLO_DIST_KILL_IN_SAVE")
+    if target and target == f"{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # -- engines ------------------------------------------------------------------------------------
 class Engine:
     """One process: the model on the device, autocast for bf16, accumulation by summing micro-grads."""
@@ -255,6 +268,7 @@ class Engine:
         path = os.path.join(self.run["save_dir"], step_tag(step))
         os.makedirs(path, exist_ok=True)
         self._save_native(path)
+        _kill_in_save_hook(step, self.d.rank)
         self.d.barrier()
         if self.d.rank == 0:
             self._write_meta(path, step)
@@ -370,7 +384,9 @@ class DeepSpeedEngine(Engine):
 
     def _save_native(self, path: str) -> None:
         root, tag = os.path.split(path)
-        self.model.save_checkpoint(root, tag=tag)
+        # No DeepSpeed `latest` file: ours (the same name) is written after trainer.json, when every rank's
+        # files are complete; DeepSpeed's would name this step while other ranks may still be writing.
+        self.model.save_checkpoint(root, tag=tag, save_latest=False)
 
     def _load_native(self, path: str) -> None:
         root, tag = os.path.split(path)

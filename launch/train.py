@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # launch/ (when run by a launcher)
@@ -75,6 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--save-dir", default=None)
     a("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end, with --save-dir)")
     a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file")
+    a("--dist-timeout", type=float, default=600,
+      help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)")
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs a line per eval instead)")
     return p.parse_args(argv)
@@ -119,7 +122,13 @@ def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[
     """Optimizer hyperparameters: fallback < preset < the defaults JSON's optimizer block < explicit flags."""
     from apollo_dist import preset
 
+    from apollo_dist.deepspeed import PARAM_KEYS
+
     json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
+    unknown = sorted(set(params) - set(PARAM_KEYS)) if json_name in ("apollo", "apollo-mini") else []
+    if unknown:  # a misspelt key would otherwise be dropped below and its default used silently
+        raise UsageError(f"{args.deepspeed or 'default config'}: unknown keys {unknown} in the optimizer params: "
+                         f"expected some of {list(PARAM_KEYS)}")
     name = args.optimizer or json_name or "apollo"
     hp: dict[str, Any] = {"optimizer": name, **FALLBACK}
     if name != "adamw":
@@ -227,9 +236,23 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
                 f"--resume {args.resume}: written by {meta['engine']} with W={meta['world_size']}, this run is "
                 f"{run['engine']} with W={world}; convert it first with tools/convert_checkpoint.py"
             )
+        check_same_model_and_optimizer(args.resume, meta, run, hp)
     tokenizer = data.load_tokenizer(args.tokenizer)
     split = data.Split.of(data.load_tokens(args.data, tokenizer), args.seq_len, args.val_fraction, args.data)
     return run, hp, ds_cfg, tokenizer, split
+
+
+def check_same_model_and_optimizer(path: str, meta: dict, run: dict, hp: dict) -> None:
+    """UsageError when a native checkpoint was written for another model, optimizer or low-rank structure
+    (its state would not load, or would load into the wrong shapes). Canonical checkpoints are checked
+    param by param by load_canonical."""
+    saved = meta.get("hparams") or {}
+    pairs = [("model", meta.get("model"), run["model"]), ("optimizer", saved.get("optimizer"), hp["optimizer"])]
+    if hp["optimizer"] != "adamw":
+        pairs += [(k, saved.get(k), hp.get(k)) for k in ("rank", "scale_type", "scale", "update_proj_gap", "target_modules")]
+    for key, was, now in pairs:
+        if was != now:
+            raise UsageError(f"--resume {path}: the checkpoint has {key} {was!r}, this run {key} {now!r}")
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -341,20 +364,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-    d = engines.init_distributed(run["engine"])
+    d = engines.init_distributed(run["engine"], args.dist_timeout)
+    if d.rank != 0:  # param_groups' warning (rank > a weight's smaller dimension): once per job, not per rank
+        warnings.filterwarnings("ignore", message="APOLLO rank")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
     model = build_model(config, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     ds_full = deepspeed_config(ds_cfg, hp, run) if run["engine"] == "deepspeed" else None
-    engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
 
     from apollo_dist.checkpoint import is_canonical, resume_canonical
 
     start, resumed = 0, ""
-    if args.resume and is_canonical(args.resume):
-        start, resumed = int(resume_canonical(args.resume, engine.optimizer, engine.model, engine.scheduler)["step"]), "canonical"
-    elif args.resume:
-        start, resumed = engine.load_checkpoint(args.resume), "native"
+    try:
+        engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
+        if args.resume and is_canonical(args.resume):
+            start, resumed = int(resume_canonical(args.resume, engine.optimizer, engine.model, engine.scheduler)["step"]), "canonical"
+        elif args.resume:
+            start, resumed = engine.load_checkpoint(args.resume), "native"
+    except ValueError as e:  # input that only the built model shows wrong: target_modules, a canonical checkpoint
+        # Every rank finds the same problem (same model, same files), but a rank cannot know that the
+        # others did: each one says it, rank 0 without a prefix; the launcher ends any rank still waiting.
+        print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
+        return 2
     is_main = d.rank == 0
     metrics = Metrics(run["metrics_file"], start, is_main)
     tokens_per_step = run["global_batch_size"] * run["seq_len"]
