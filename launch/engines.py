@@ -52,6 +52,22 @@ def env_world_size() -> int:
     return 1
 
 
+def shutdown() -> None:
+    """End a distributed run: wait for every rank, then tear the process group down. Under gloo this
+    leaves without destructors (exit code 0): torch 2.13's gloo teardown sometimes aborts ("terminate
+    called without an active exception") after all work is done, which would fail a finished job."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if dist.get_backend() == "gloo":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

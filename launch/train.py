@@ -458,8 +458,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"metrics {run['metrics_file']}; plot {png}",
             flush=True,
         )
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    engines.shutdown()
     return 0
 
 

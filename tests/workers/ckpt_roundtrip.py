@@ -25,6 +25,7 @@ def main() -> None:
     engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
     step = int(resume_canonical(args.resume, engine.optimizer, engine.model, engine.scheduler)["step"])
     engine.save_checkpoint(step)
+    engines.shutdown()
 
 
 if __name__ == "__main__":

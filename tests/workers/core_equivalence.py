@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
 import oracle  # noqa: E402
+from engines import shutdown  # noqa: E402
 from apollo_dist import APOLLO, Slot  # noqa: E402
 
 
@@ -177,13 +179,7 @@ def main() -> None:
         }
         with open(args.out, "w") as f:
             json.dump(report, f)
-    dist.barrier()  # no rank leaves while rank 0 still computes the oracle
-    # gloo's teardown in torch 2.13 sometimes aborts ("terminate called without an active exception")
-    # after all work is done; the report is written, so leave without running destructors.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
+    shutdown()  # no rank leaves while rank 0 still computes the oracle
 
 if __name__ == "__main__":
     main()

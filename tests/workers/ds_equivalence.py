@@ -49,6 +49,9 @@ import apollo_dist.deepspeed as ads  # noqa: E402
 from apollo_dist import APOLLO  # noqa: E402
 from apollo_dist.core import LowRankBucket  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
+from engines import shutdown  # noqa: E402
+
 GLOBAL_BATCH = 12  # oracle.batch rows; divisible by W = 2, 3 (and by W * 2 micro-batches at W = 2)
 STEPS = 30
 WARMUP = {"warmup_min_lr": 0.0, "warmup_max_lr": oracle.HPARAMS["lr"], "warmup_num_steps": 5, "warmup_type": "linear"}
@@ -362,6 +365,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    shutdown()
 
 
 if __name__ == "__main__":
