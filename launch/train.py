@@ -121,8 +121,7 @@ def defaults_config(args: argparse.Namespace, ds_cfg: Optional[dict]) -> Optiona
 def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[str, Any]:
     """Optimizer hyperparameters: fallback < preset < the defaults JSON's optimizer block < explicit flags."""
     from apollo_dist import preset
-
-    from apollo_dist.deepspeed import PARAM_KEYS
+    from apollo_dist.deepspeed import PARAM_KEYS  # the keys the DeepSpeed adapter accepts
 
     json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
     unknown = sorted(set(params) - set(PARAM_KEYS)) if json_name in ("apollo", "apollo-mini") else []
