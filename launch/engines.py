@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from apollo_dist import APOLLO, param_groups
+from apollo_dist.groups import LOW_RANK_KEYS
 from model import token_losses
 
 CHECKPOINT_FORMAT = "apollo_dist.train/1"
@@ -149,8 +150,9 @@ def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> torch.optim.O
     common = {"lr": hp["lr"], "betas": tuple(hp["betas"]), "eps": hp["eps"], "weight_decay": hp["weight_decay"]}
     if hp["optimizer"] == "adamw":
         return torch.optim.AdamW(model.parameters(), **common)
-    low_rank = {k: hp[k] for k in ("rank", "scale_type", "scale", "update_proj_gap")}
+    low_rank = {k: hp[k] for k in LOW_RANK_KEYS if k in hp}
     groups = param_groups(model, hp["target_modules"], preset=hp["optimizer"], **low_rank)
+    common.update({k: hp[k] for k in ("correct_bias", "scale_front", "disable_nl", "projection_tf32") if k in hp})
     return APOLLO(groups, **common)
 
 

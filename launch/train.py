@@ -121,7 +121,8 @@ def defaults_config(args: argparse.Namespace, ds_cfg: Optional[dict]) -> Optiona
 def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[str, Any]:
     """Optimizer hyperparameters: fallback < preset < the defaults JSON's optimizer block < explicit flags."""
     from apollo_dist import preset
-    from apollo_dist.deepspeed import PARAM_KEYS  # the keys the DeepSpeed adapter accepts
+    from apollo_dist.deepspeed import OPTIMIZER_KEYS, PARAM_KEYS  # the keys the DeepSpeed adapter accepts
+    from apollo_dist.groups import LOW_RANK_KEYS as GROUP_KEYS
 
     json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
     unknown = sorted(set(params) - set(PARAM_KEYS)) if json_name in ("apollo", "apollo-mini") else []
@@ -134,8 +135,10 @@ def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[
         hp.update({k: v for k, v in preset(name).items() if k in LOW_RANK_KEYS})
     for k, v in params.items():
         # Low-rank keys of another optimizer's block (e.g. APOLLO's rank 256 for --optimizer apollo-mini) don't apply.
-        if k in COMMON_KEYS or k == "target_modules" or (k in LOW_RANK_KEYS and json_name == name != "adamw"):
+        if k in COMMON_KEYS or k == "target_modules":
             hp[k] = v
+        elif name != "adamw" and json_name == name and (k in OPTIMIZER_KEYS or k in GROUP_KEYS):
+            hp[k] = v  # e.g. scale_front, disable_nl, projection_tf32, proj_type: passed on, never dropped
     flags = {"lr": args.lr, "weight_decay": args.weight_decay}
     if name != "adamw":
         flags.update(rank=args.rank, scale=args.scale, scale_type=args.scale_type, update_proj_gap=args.update_proj_gap)

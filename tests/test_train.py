@@ -183,3 +183,20 @@ def test_bad_batch_under_torchrun_fails_before_process_group():
                 "--global-batch-size", "6", "--micro-batch-size", "2"], check=False, timeout=120)
     assert proc.returncode != 0
     assert "train.py: error: --global-batch-size 6 is not divisible by W x micro-batch = 2 x 2 = 4" in proc.stderr
+
+
+def test_json_optimizer_options_reach_the_optimizer(tmp_path):
+    """Every key the DeepSpeed adapter accepts (scale_front, disable_nl, ...) is passed on by train.py
+    to the optimizer it builds itself, never dropped."""
+    sys.path[:0] = [str(ROOT / "launch")]
+    import engines
+    import train
+    from oracle import make_model
+
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"optimizer": {"type": "APOLLO", "params": {"rank": 3, "scale_front": True, "disable_nl": True}}}))
+    args = train.parse_args(["--deepspeed", str(cfg)])
+    hp = train.resolve_hparams(args, train.defaults_config(args, train.load_json(str(cfg), "--deepspeed")))
+    assert hp["scale_front"] is True and hp["disable_nl"] is True and hp["rank"] == 3
+    opt = engines.build_optimizer(make_model(), {**hp, "target_modules": ["attn", "mlp"]})
+    assert opt.scale_front and opt.disable_nl and opt.param_groups[1]["rank"] == 3
