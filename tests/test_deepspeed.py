@@ -217,3 +217,15 @@ def test_shipped_configs_build_and_are_supported(path):
         opt = ads._take_optimizer(cfg, None, oracle.make_model(0), None)
     assert "optimizer" not in cfg and opt is not None
     assert ads._check_supported(cfg, None, oracle.make_model(0)) in (1, 2, 3)
+
+
+def test_adapter_reachable_as_attribute_without_importing_deepspeed_early():
+    """``apollo_dist.deepspeed.initialize`` works after a bare ``import apollo_dist``; the core alone
+    never imports deepspeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, apollo_dist; assert 'deepspeed' not in sys.modules; "
+            "assert callable(apollo_dist.deepspeed.initialize); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
