@@ -26,7 +26,7 @@ def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
 def _check_group(i: int, group: dict) -> None:
     """ValueError naming group ``i`` and the bad value."""
     where = f"param group {i}"
-    if group["lr"] < 0.0 if not torch.is_tensor(group["lr"]) else bool(group["lr"] < 0):
+    if float(group["lr"]) < 0.0:
         raise ValueError(f"{where}: invalid learning rate lr={group['lr']}: must be >= 0")
     for j, b in enumerate(group["betas"]):
         if not 0.0 <= b < 1.0:
@@ -225,8 +225,10 @@ class APOLLO(torch.optim.Optimizer):
                     st["exp_avg_sq"] = self._as_global(b.exp_avg_sq[i], s)
 
     def _as_global(self, local: torch.Tensor, s: Slot, channel_shape: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """This rank's piece of a moment as state exposes it: as is, or under FSDP2 a DTensor with the
+        global shape (the param's, or (C, r) channel-major for low-rank moments) so DCP reshards it."""
         if self._mesh is None:
-            return local.view(channel_shape) if channel_shape and s.numel == math.prod(s.shape) and local.numel() == math.prod(channel_shape) else local
+            return local
         from torch.distributed.tensor import DTensor, Shard
 
         if channel_shape is None:  # plain-Adam state shaped and sharded like the param
