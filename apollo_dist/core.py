@@ -122,9 +122,12 @@ class AdamBucket:
         self.exp_avg_sq = [torch.zeros_like(s.data) for s in slots]
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
 
-    def prepare(self, group: dict) -> torch.Tensor:
-        """Fetch this step's gradients; return 1.0 (a 0-dim tensor) if any is non-finite, else 0.0."""
+    def prepare(self, group: dict) -> None:
+        """Fetch this step's gradients."""
         self.grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
+
+    def nonfinite(self) -> torch.Tensor:
+        """1.0 (a 0-dim tensor) if a gradient ``prepare`` fetched holds inf/NaN, else 0.0 (one extra read)."""
         if not self.grads:
             return torch.zeros(())
         return (~torch.isfinite(torch.stack(torch._foreach_norm(self.grads)).sum())).float()
@@ -246,9 +249,8 @@ class LowRankBucket:
         return padded.view(rows, n)
 
     # -- the step -----------------------------------------------------------------------------
-    def prepare(self, group: dict) -> torch.Tensor:
-        """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels. Returns 1.0 (a
-        0-dim tensor) if this rank's gradient has a non-finite element (then ||G_c||^2 is), else 0.0."""
+    def prepare(self, group: dict) -> None:
+        """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels."""
         t = int(self.step_count)  # 0 before the first update
         epoch = t // int(group["update_proj_gap"])
         if epoch != self.proj_epoch:
@@ -260,6 +262,9 @@ class LowRankBucket:
                 torch.matmul(G if tall else G.t(), self.proj[i], out=R_rows)
                 torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_rows)
         self.T_g.square_()
+
+    def nonfinite(self) -> torch.Tensor:
+        """1.0 (a 0-dim tensor) if this rank's gradient has an inf/NaN (then some ||G_c||^2 has), else 0.0."""
         return (~torch.isfinite(self.T_g.sum())).float()
 
     def finish(self, group: dict) -> None:

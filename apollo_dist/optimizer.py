@@ -255,8 +255,10 @@ class APOLLO(torch.optim.Optimizer):
     def _step_buckets(self, buckets: list) -> bool:
         """Step ``buckets``; all ranks take one decision on non-finite gradients. Returns False if skipped."""
         hparams = [self._hparams(b.group_index) for b in buckets]
-        bad = torch.stack([b.prepare(hp) for b, hp in zip(buckets, hparams)]).sum()
+        for b, hp in zip(buckets, hparams):
+            b.prepare(hp)
         if self.nonfinite != "ignore":
+            bad = sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device))
             if self._comm.world > 1:
                 self._comm.all_reduce(bad)
             if bad.item() > 0:  # one host sync per step: the decision gates every write below

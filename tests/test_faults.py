@@ -29,7 +29,7 @@ import pytest
 from spawn import ROOT, worker_env
 from test_train import CORPUS, LAUNCHES, TINY, losses, run, train_py
 
-pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason="bundled corpus missing: run ./setup.sh")
+pytestmark = pytest.mark.usefixtures("corpus")
 
 SAVE_EVERY = 3  # TINY runs 10 steps: checkpoints at 3, 6, 9, 10
 TOL = 1e-4

@@ -25,7 +25,7 @@ TINY = ["--model", "tiny", "--steps", str(STEPS), "--global-batch-size", "8", "-
         "--seq-len", "64", "--rank", "16", "--update-proj-gap", "4", "--eval-every", "5", "--eval-samples", "16",
         "--dtype", "fp32", "--no-progress"]
 
-pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason="bundled corpus missing: run ./setup.sh")
+pytestmark = pytest.mark.usefixtures("corpus")
 
 
 def run(cmd: list[str], check: bool = True, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
