@@ -308,25 +308,10 @@ class Metrics:
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    """Train and validation loss against step."""
-    import matplotlib
+    """Train and validation loss against step (tools/compare_runs.py draws several runs the same way)."""
+    from tools.compare_runs import plot_runs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_runs({"": rows}, path, title)
 
 
 # -- training -----------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ def plot_runs(runs: dict[str, list[dict]], path: str, title: str = "", smooth: f
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
             steps, losses = zip(*train)
-            ax.plot(steps, ema(list(losses), smooth), color=colour, lw=1, alpha=0.8, label=f"{label} train")
+            ax.plot(steps, ema(list(losses), smooth), color=colour, lw=1, alpha=0.8, label=f"{label} train".strip())
         if val:
-            ax.plot(*zip(*val), "o--", color=colour, ms=3, lw=1, label=f"{label} validation")
+            ax.plot(*zip(*val), "o--", color=colour, ms=3, lw=1, label=f"{label} validation".strip())
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
