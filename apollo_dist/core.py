@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .kernels import MultiUpdate, scaled_update_eager
+from .kernels import MultiAdam, MultiProjection, MultiUpdate, channel_adam_, scaled_update_eager
 from .layout import ParamLayout, build_comm_plan, matrix_dims, touched_channels
 from .projection import SeedChain, projection_shape, random_projection
 
@@ -57,6 +57,26 @@ def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, c
     return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
 
 
+def segment_index(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """(len(lengths), max length) positions of consecutive segments of a length-sum(lengths) vector,
+    padded with sum(lengths) (which `segment_sums` points at a zero)."""
+    total, width = sum(lengths), max(lengths, default=0)
+    index = torch.full((len(lengths), width), total, dtype=torch.int64)
+    start = 0
+    for i, k in enumerate(lengths):
+        index[i, :k] = torch.arange(start, start + k)
+        start += k
+    return index.to(device)
+
+
+def segment_sums(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-segment sums of the rows of x (k, C) -> (k, segments), segments given by `segment_index`.
+
+    One gather and one tree sum: deterministic and fast on GPUs (an index_add_ into a few hundred
+    params serializes on atomics; a prefix sum over C is a slow scan)."""
+    return torch.nn.functional.pad(x, (0, 1))[:, index].sum(dim=-1)
+
+
 class Geometry(NamedTuple):
     """Where one slot sits: its (m x n) matrix, the whole rows [row0, row0 + rows) its elements span
     (``off``: its first element inside them; ``aligned``: it starts and ends on row boundaries), the
@@ -73,20 +93,6 @@ class Geometry(NamedTuple):
     t1: int
     o0: int
     o1: int
-
-
-class _matmul_precision:
-    """TF32 for the projection matmuls when asked (faster on GPUs, ~1e-3 relative error in R)."""
-
-    def __init__(self, tf32: bool):
-        self.tf32 = tf32
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 class Collectives:
@@ -118,8 +124,10 @@ class AdamBucket:
     def __init__(self, group_index: int, slots: list[Slot]):
         self.group_index = group_index
         self.slots = slots
-        self.exp_avg = [torch.zeros_like(s.data) for s in slots]
-        self.exp_avg_sq = [torch.zeros_like(s.data) for s in slots]
+        numel = sum(s.numel for s in slots)
+        device = slots[0].data.device if slots else torch.device("cpu")
+        self.adam = MultiAdam([s.data for s in slots], torch.zeros(numel, device=device), torch.zeros(numel, device=device))
+        self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
 
     def prepare(self, group: dict) -> None:
@@ -137,20 +145,10 @@ class AdamBucket:
         grads, self.grads = self.grads, None
         if not self.slots:
             return
-        params = [s.data for s in self.slots]
         b1, b2 = group["betas"]
         self.step_count += 1
-        t = int(self.step_count)
-        torch._foreach_mul_(self.exp_avg, b1)
-        torch._foreach_add_(self.exp_avg, grads, alpha=1.0 - b1)
-        torch._foreach_mul_(self.exp_avg_sq, b2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1.0 - b2)
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_add_(denom, group["eps"])
-        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
-        torch._foreach_addcdiv_(params, self.exp_avg, denom, value=-step_size)
-        if group["weight_decay"] > 0.0:
-            torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
+        step_size = bias_corrected_step_size(group["lr"], group["betas"], int(self.step_count), group["correct_bias"])
+        self.adam(grads, b1, b2, group["eps"], step_size, -group["lr"] * group["weight_decay"])
 
 
 class LowRankBucket:
@@ -179,7 +177,7 @@ class LowRankBucket:
         # Per-slot geometry: touched channels (rows of T), owned channels (rows of O), padded rows of G.
         self.t_off, self.o_off, self.geom = [], [], []
         t_off = o_off = 0
-        t_param, o_param = [], []
+        t_param = []
         for i, (s, lay) in enumerate(zip(slots, layouts)):
             m, n = lay.m, lay.n
             t0, t1 = touched_channels(m, n, s.start, s.end)
@@ -191,11 +189,11 @@ class LowRankBucket:
             self.t_off.append(t_off)
             self.o_off.append(o_off)
             t_param.append(torch.full((t1 - t0,), i, dtype=torch.int64))
-            o_param.append(torch.full((o1 - o0,), i, dtype=torch.int64))
             t_off += t1 - t0
             o_off += o1 - o0
         self.t_param = torch.cat(t_param).to(device) if slots else torch.zeros(0, dtype=torch.int64, device=device)
-        self.o_param = torch.cat(o_param).to(device) if slots else torch.zeros(0, dtype=torch.int64, device=device)
+        # owned channels of each slot are consecutive: per-param sums are segment sums
+        self.o_segments = segment_index([g.o1 - g.o0 for g in self.geom], device)
         r = self.rank_r
         self.T_R = torch.zeros(t_off, r, device=device)  # partial R of touched channels (scratch)
         self.T_g = torch.zeros(t_off, device=device)  # partial ||G_c||^2 of touched channels (scratch)
@@ -203,12 +201,9 @@ class LowRankBucket:
         self.exp_avg_sq = torch.zeros(o_off, r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
-        # Where each slot's partial R and ||G_c||^2 go (views made once: the hot loop only multiplies).
-        self.proj_out = [
-            (i, g.tall, self.T_R[self.t_off[i] : self.t_off[i] + g.t1 - g.t0], self.T_g[self.t_off[i] : self.t_off[i] + g.t1 - g.t0])
-            for i, g in enumerate(self.geom)
-            if g.rows > 0
-        ]
+        # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
+        self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
+        self.project = MultiProjection([(self.geom[i].rows, self.geom[i].n, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device)
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
         self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]
         self.unaligned = [i for i, g in enumerate(self.geom) if not g.aligned and g.rows > 0]
@@ -227,8 +222,8 @@ class LowRankBucket:
                 self.proj[i] = None
                 continue
             P = random_projection(projection_shape(m, n, self.rank_r), self.rank_r, self.seeds[i](epoch), self.device)
-            # tall: R = G P^T, keep P^T (n x r); wide: R^T = G^T P, keep P's held rows (rows x r)
-            self.proj[i] = P.t() if tall else P[row0 : row0 + rows].contiguous()
+            # tall: R = G P^T, keep P (r x n); wide: R^T = G^T P, keep P's held rows (rows x r)
+            self.proj[i] = P if tall else P[row0 : row0 + rows].contiguous()
         self.proj_epoch = epoch
 
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
@@ -256,12 +251,8 @@ class LowRankBucket:
         if epoch != self.proj_epoch:
             self._refresh_projections(epoch)
         self.grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
-        with _matmul_precision(group.get("projection_tf32", False)):
-            for i, tall, R_rows, g_rows in self.proj_out:
-                G = grads[i]
-                torch.matmul(G if tall else G.t(), self.proj[i], out=R_rows)
-                torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_rows)
-        self.T_g.square_()
+        self.project([grads[i] for i in self.active], [self.proj[i] for i in self.active], self.T_R, self.T_g,
+                     tf32=group.get("projection_tf32", False))
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (a 0-dim tensor) if this rank's gradient has an inf/NaN (then some ||G_c||^2 has), else 0.0."""
@@ -294,21 +285,13 @@ class LowRankBucket:
         b1, b2 = group["betas"]
         self.step_count += 1
         t += 1
-        self.exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
-        N = self.exp_avg / self.exp_avg_sq.sqrt().add_(group["eps"])
-        n_norm = torch.linalg.vector_norm(N, dim=1)
-        r_norm = torch.linalg.vector_norm(R, dim=1)
-        nparams = len(self.slots)
-        stats = R.new_zeros(3, nparams)  # per param: sum ||N_c||^2, sum ||R_c||^2, sum (s_c^2) ||G_c||^2
+        n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"])
         channel = group["scale_type"] == "channel"
         if channel:
-            s_own = n_norm / (r_norm + NORM_EPS)
-            stats[2].index_add_(0, self.o_param, s_own.square() * R_g)
-        else:
-            stats[0].index_add_(0, self.o_param, n_norm.square())
-            stats[1].index_add_(0, self.o_param, r_norm.square())
-            stats[2].index_add_(0, self.o_param, R_g)
+            s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS)
+            stats = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g]), self.o_segments)
+        else:  # per param: sum ||N_c||^2, sum ||R_c||^2, sum ||G_c||^2
+            stats = segment_sums(torch.stack([n_sq, r_sq, R_g]), self.o_segments)
 
         # 4. Shared factors back to every toucher; per-param norms summed over ranks.
         if comm.world > 1:

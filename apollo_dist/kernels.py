@@ -1,11 +1,22 @@
-"""Fused GPU kernel of the step's last phase (Triton), with the eager twin that CPU runs.
+"""Fused multi-tensor GPU kernels of the step (Triton), each with the eager twin that CPU runs.
 
-``scaled_update_``: for every low-rank parameter of a bucket, p <- (p - G * c) * (1 - lr * wd), where
-c holds one coefficient per row (tall G) or per column (wide G). On CUDA this is ONE launch for all
-parameters (a table of pointers, multi-tensor-apply style) and one pass over p and G: 12 B/element in
-fp32. Eager PyTorch needs a launch per parameter and two passes (addcmul, then the decay): 20 B/element.
+A bucket's step touches every low-rank weight three times; each of these is ONE launch for all of
+its weights (a table of pointers, multi-tensor-apply style), so the step's CPU cost no longer grows
+with the number of weights:
+
+- ``MultiProjection``: R = G P^T (tall) / G^T P (wide) and ||G_c||^2 of every channel, one read of G
+  (rank 1 in exact fp32; rank > 1 when TF32 is asked for, else cuBLAS per weight).
+- ``channel_adam_``: Adam on the rows of R, and ||N_c||^2, ||R_c||^2 per channel, one pass.
+- ``MultiUpdate``: p <- (p - G * c) * (1 - lr * wd), c one coefficient per channel, one pass (12 B/elem).
+- ``MultiAdam``: the reference's plain Adam on the other parameters, one pass (28 B/elem).
+
+The eager twins run the same arithmetic in PyTorch ops (CPU, or tensors the kernels do not take);
+with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how the CPU tests check them.
 """
 from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,7 +26,198 @@ try:  # Triton comes with CUDA builds of PyTorch; CPU runs use the eager path.
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-BLOCK = 2048
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+BLOCK = 2048  # elements per program of the elementwise kernels
+
+
+def fused(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these tensors: fp32, contiguous, on CUDA (or CPU when interpreting)."""
+    return triton is not None and all(
+        (t.is_cuda or INTERPRET) and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _i64(xs: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(xs), dtype=torch.int64, device=device)
+
+
+def _blocks(sizes: Sequence[int], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut tensors of ``sizes`` elements into blocks: (tensor index, first element) of every block."""
+    counts = [-(-k // block) for k in sizes]
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(counts, dtype=torch.int64))
+    first = torch.cumsum(torch.tensor([0] + counts[:-1], dtype=torch.int64), 0)
+    start = (torch.arange(sum(counts)) - first[owner]) * block
+    return owner.to(device), start.to(device)
+
+
+class _Pointers:
+    """The data pointers of a list of tensors, on the device; uploaded again only when one moves."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.key, self.table = device, None, None
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        key = [t.data_ptr() for t in tensors]
+        if key != self.key:  # grads usually come back at the same addresses
+            self.key = key
+            host = torch.tensor(key, dtype=torch.int64)
+            self.table = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        return self.table
+
+
+# --- 1. projection and channel norms ----------------------------------------------------------
+
+
+class _matmul_precision:
+    """TF32 for the eager projection matmuls when asked."""
+
+    def __init__(self, tf32: bool):
+        self.tf32 = tf32
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def project_eager(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Tensor, g_out: torch.Tensor) -> None:
+    """One (rows x n) gradient: R_out = G P^T (tall, P: r x n) or G^T P (wide, P: rows x r); g_out = ||G_c||^2."""
+    if tall:
+        torch.matmul(G, P.t(), out=R_out)
+    else:
+        torch.matmul(G.t(), P, out=R_out)
+    torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_out)
+    g_out.square_()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _project_kernel(g_ptrs, p_ptrs, rows_t, n_t, tall_t, out_t, job_slot, job_c0, T_R, T_g, r,
+                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+        job = tl.program_id(0)
+        i = tl.load(job_slot + job)
+        c = tl.load(job_c0 + job) + tl.arange(0, BLOCK_C)
+        rows = tl.load(rows_t + i)
+        n = tl.load(n_t + i)
+        g = tl.load(g_ptrs + i).to(tl.pointer_type(tl.float32))
+        p = tl.load(p_ptrs + i).to(tl.pointer_type(tl.float32))
+        j = tl.arange(0, R_PAD)
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_C, R_PAD), tl.float32)
+        sq = tl.zeros((BLOCK_C,), tl.float32)
+        if tl.load(tall_t + i) != 0:  # channels = rows of G; P is r x n
+            n_ch = rows
+            for k0 in range(0, n, BLOCK_K):
+                k = k0 + kk
+                gt = tl.load(g + c[:, None] * n + k[None, :], mask=(c[:, None] < rows) & (k[None, :] < n), other=0.0)
+                pt = tl.load(p + j[None, :] * n + k[:, None], mask=(k[:, None] < n) & (j[None, :] < r), other=0.0)
+                if R_PAD == 1:
+                    acc += tl.sum(gt * tl.reshape(pt, (1, BLOCK_K)), axis=1)[:, None]
+                else:
+                    acc = tl.dot(gt, pt, acc, input_precision="tf32")
+                sq += tl.sum(gt * gt, axis=1)
+        else:  # channels = columns of G; P holds this slot's rows, rows x r
+            n_ch = n
+            for k0 in range(0, rows, BLOCK_K):
+                k = k0 + kk
+                gt = tl.load(g + k[:, None] * n + c[None, :], mask=(k[:, None] < rows) & (c[None, :] < n), other=0.0)
+                pt = tl.load(p + k[:, None] * r + j[None, :], mask=(k[:, None] < rows) & (j[None, :] < r), other=0.0)
+                if R_PAD == 1:
+                    acc += tl.sum(gt * pt, axis=0)[:, None]
+                else:
+                    acc = tl.dot(tl.trans(gt), pt, acc, input_precision="tf32")
+                sq += tl.sum(gt * gt, axis=0)
+        out = tl.load(out_t + i) + c
+        tl.store(T_R + out[:, None] * r + j[None, :], acc, mask=(c[:, None] < n_ch) & (j[None, :] < r))
+        tl.store(T_g + out, sq, mask=c < n_ch)
+
+
+class MultiProjection:
+    """R and ||G_c||^2 of every slot of a bucket into the bucket's touched-channel buffers, one launch.
+
+    ``slots``: per slot (rows, n, tall, out), the held whole rows of G (rows x n), its orientation and the
+    first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``).
+    """
+
+    def __init__(self, slots: Sequence[tuple[int, int, bool, int]], rank: int, device: torch.device):
+        self.slots, self.rank = list(slots), rank
+        self.r_pad = 1 if rank == 1 else max(16, _pow2(rank))
+        # Tiles measured best on an H100 for LLaMA-1b's gradients (BENCHMARKS.md §1): r = 1, 64 x 32, 1.8 ms;
+        # r = 256 TF32, 128 x 32, 5.1 ms (cuBLAS per weight, TF32: 10.0 ms)
+        self.block_c = 64 if self.r_pad == 1 else max(16, min(128, 32768 // self.r_pad))
+        self.block_k = 32
+        channels = [rows if tall else n for rows, n, tall, _ in self.slots]
+        self.job_slot, self.job_c0 = _blocks(channels, self.block_c, device)
+        self.rows_t, self.n_t, self.tall_t, self.out_t = (_i64(col, device) for col in zip(*self.slots)) if self.slots else (None,) * 4
+        self.g_ptrs, self.p_ptrs = _Pointers(device), _Pointers(device)
+
+    def __call__(self, grads: list[torch.Tensor], projs: list[torch.Tensor], T_R: torch.Tensor, T_g: torch.Tensor, tf32: bool = False) -> None:
+        """``grads[i]``: (rows x n) fp32; ``projs[i]``: P (r x n, tall) or P's held rows (rows x r, wide).
+        ``tf32``: TF32 tensor-core products (faster on GPUs, ~1e-3 relative error in R) instead of fp32."""
+        if not self.slots:
+            return
+        # Exact fp32 products with r > 1 stay on cuBLAS: Triton's fp32 (FMA) dot is 2x slower than SGEMM.
+        if not fused(T_R, T_g, *grads, *projs) or (self.r_pad > 1 and not tf32):
+            with _matmul_precision(tf32):
+                for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
+                    k = rows if tall else n
+                    project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
+            return
+        _project_kernel[(len(self.job_slot),)](
+            self.g_ptrs(grads), self.p_ptrs(projs), self.rows_t, self.n_t, self.tall_t, self.out_t,
+            self.job_slot, self.job_c0, T_R, T_g, self.rank,
+            BLOCK_C=self.block_c, BLOCK_K=self.block_k, R_PAD=self.r_pad,
+            num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4, num_stages=3,
+        )
+
+
+# --- 2. Adam on the projected gradient ----------------------------------------------------------
+
+
+if triton is not None:
+
+    @triton.jit
+    def _channel_adam_kernel(R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr):
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        j = tl.arange(0, R_PAD)
+        mask = (c[:, None] < C) & (j[None, :] < r)
+        off = c[:, None] * r + j[None, :]
+        x = tl.load(R + off, mask=mask, other=0.0)
+        # PyTorch's rounding: m.mul_(b1) then add_(x, alpha=a1) = one fma; the same for v with addcmul_.
+        # a = 1 - b comes from the host (double, then fp32), as the eager ops' alpha does.
+        m = tl.fma(a1, x, tl.load(M + off, mask=mask, other=0.0) * b1)
+        v = tl.fma(a2 * x, x, tl.load(V + off, mask=mask, other=0.0) * b2)
+        tl.store(M + off, m, mask=mask)
+        tl.store(V + off, v, mask=mask)
+        N = tl.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE-rounded, as PyTorch's ops (not the fast approximations)
+        tl.store(n_sq + c, tl.sum(N * N, axis=1), mask=c < C)
+        tl.store(r_sq + c, tl.sum(x * x, axis=1), mask=c < C)
+
+
+def channel_adam_(R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, b1: float, b2: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam moments of the channel rows of R (C x r, in place) -> (||N_c||^2, ||R_c||^2), each (C,),
+    with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3)."""
+    C, r = exp_avg.shape
+    if not fused(R, exp_avg, exp_avg_sq) or C == 0:
+        exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
+        exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+        N = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        return N.square().sum(dim=1), R.square().sum(dim=1)
+    n_sq, r_sq = R.new_empty(C), R.new_empty(C)
+    r_pad = _pow2(r)
+    block_c = max(1, 4096 // r_pad)
+    _channel_adam_kernel[(-(-C // block_c),)](R, exp_avg, exp_avg_sq, n_sq, r_sq, C, r, b1, 1.0 - b1, b2, 1.0 - b2, eps, BLOCK_C=block_c, R_PAD=r_pad)
+    return n_sq, r_sq
+
+
+# --- 3. the scaled update -------------------------------------------------------------------------
 
 
 def scaled_update_eager(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, per_row: bool, decay: float) -> None:
@@ -42,8 +244,8 @@ if triton is not None:
         c = tl.load(coef + tl.load(c_offs + i) + idx, mask=mask)
         p = tl.load(p_ptr + offs, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask)
-        p = p - g * c
-        p = p + decay * p
+        p = tl.fma(-g, c, p)  # addcmul_'s rounding, then the decay's
+        p = tl.fma(decay, p, p)
         tl.store(p_ptr + offs, p, mask=mask)
 
 
@@ -54,33 +256,90 @@ class MultiUpdate:
         self.params = params
         self.per_row = per_row
         self.coef_offsets = coef_offsets
-        self.fused = triton is not None and bool(params) and params[0].is_cuda
-        if not self.fused:
+        if not params or not fused(*params):
             return
         dev = params[0].device
-        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64, device=dev)
-        numels = [p.numel() for p in params]
-        self.p_ptrs = i64([p.data_ptr() for p in params])
-        self.c_offs = i64(coef_offsets)
-        self.numels = i64(numels)
-        self.ns = i64([p.shape[1] for p in params])
-        self.rows = i64([int(r) for r in per_row])
-        blocks = [-(-k // BLOCK) for k in numels]
-        self.blk_param = torch.repeat_interleave(torch.arange(len(params), device=dev), torch.tensor(blocks, device=dev))
-        first = torch.cumsum(torch.tensor([0] + blocks[:-1], device=dev), 0)
-        self.blk_start = (torch.arange(sum(blocks), device=dev) - first[self.blk_param]) * BLOCK
-        self.g_key, self.g_ptrs = None, None
+        self.p_ptrs = _i64([p.data_ptr() for p in params], dev)
+        self.c_offs = _i64(coef_offsets, dev)
+        self.numels = _i64([p.numel() for p in params], dev)
+        self.ns = _i64([p.shape[1] for p in params], dev)
+        self.rows = _i64([int(r) for r in per_row], dev)
+        self.blk_param, self.blk_start = _blocks([p.numel() for p in params], BLOCK, dev)
+        self.g_ptrs = _Pointers(dev)
 
     def __call__(self, grads: list[torch.Tensor], coef: torch.Tensor, decay: float) -> None:
-        if not self.fused or any(not g.is_contiguous() or g.dtype != torch.float32 for g in grads):
+        if not self.params:
+            return
+        if not fused(*self.params, *grads):
             for p, g, row, off in zip(self.params, grads, self.per_row, self.coef_offsets):
                 scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, decay)
             return
-        key = [g.data_ptr() for g in grads]
-        if key != self.g_key:  # grads usually come back at the same addresses: upload only on change
-            self.g_key = key
-            self.g_ptrs = torch.tensor(key, dtype=torch.int64).pin_memory().to(self.p_ptrs.device, non_blocking=True)
         _multi_update_kernel[(len(self.blk_param),)](
-            self.p_ptrs, self.g_ptrs, self.c_offs, self.numels, self.ns, self.rows, self.blk_param, self.blk_start,
+            self.p_ptrs, self.g_ptrs(grads), self.c_offs, self.numels, self.ns, self.rows, self.blk_param, self.blk_start,
             coef.contiguous(), decay, BLOCK=BLOCK,
+        )
+
+
+# --- 4. plain Adam on the other parameters --------------------------------------------------------
+
+
+if triton is not None:
+
+    @triton.jit
+    def _multi_adam_kernel(p_ptrs, g_ptrs, state_off, numels, blk_param, blk_start, M, V, b1, a1, b2, a2, eps, step_size, decay, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        i = tl.load(blk_param + b)
+        offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < tl.load(numels + i)
+        p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(tl.float32))
+        g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(tl.float32))
+        s = tl.load(state_off + i) + offs
+        g = tl.load(g_ptr + offs, mask=mask)
+        m = tl.fma(a1, g, tl.load(M + s, mask=mask) * b1)  # the eager ops' rounding, as above
+        v = tl.fma(a2 * g, g, tl.load(V + s, mask=mask) * b2)
+        tl.store(M + s, m, mask=mask)
+        tl.store(V + s, v, mask=mask)
+        p = tl.load(p_ptr + offs, mask=mask)
+        p = tl.fma(-step_size, tl.div_rn(m, tl.sqrt_rn(v) + eps), p)
+        p = tl.fma(decay, p, p)
+        tl.store(p_ptr + offs, p, mask=mask)
+
+
+class MultiAdam:
+    """The reference's Adam (eps outside the sqrt, decay after the update) on a fixed list of 1-D fp32
+    params whose moments are slices [off, off + numel) of two flat buffers."""
+
+    def __init__(self, params: list[torch.Tensor], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor):
+        self.params, self.exp_avg, self.exp_avg_sq = params, exp_avg, exp_avg_sq
+        sizes = [p.numel() for p in params]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.m = [exp_avg[o : o + k] for o, k in zip(offsets, sizes)]
+        self.v = [exp_avg_sq[o : o + k] for o, k in zip(offsets, sizes)]
+        if not params or not fused(*params, exp_avg):
+            return
+        dev = exp_avg.device
+        self.p_ptrs = _i64([p.data_ptr() for p in params], dev)
+        self.state_off = _i64(offsets, dev)
+        self.numels = _i64(sizes, dev)
+        self.blk_param, self.blk_start = _blocks(sizes, BLOCK, dev)
+        self.g_ptrs = _Pointers(dev)
+
+    def __call__(self, grads: list[torch.Tensor], b1: float, b2: float, eps: float, step_size: float, decay: float) -> None:
+        """One step: ``step_size`` = bias-corrected lr, ``decay`` = -lr * weight_decay (0: none)."""
+        if not self.params:
+            return
+        if not fused(*self.params, *grads, self.exp_avg):
+            torch._foreach_mul_(self.m, b1)
+            torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
+            torch._foreach_mul_(self.v, b2)
+            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - b2)
+            denom = torch._foreach_sqrt(self.v)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(self.params, self.m, denom, value=-step_size)
+            if decay != 0.0:
+                torch._foreach_add_(self.params, self.params, alpha=decay)
+            return
+        _multi_adam_kernel[(len(self.blk_param),)](
+            self.p_ptrs, self.g_ptrs(grads), self.state_off, self.numels, self.blk_param, self.blk_start,
+            self.exp_avg, self.exp_avg_sq, b1, 1.0 - b1, b2, 1.0 - b2, eps, step_size, decay, BLOCK=BLOCK,
         )

@@ -30,9 +30,9 @@ def run_checked(cmd: list[str], timeout: int = 600, check: bool = True, **env: s
     return proc
 
 
-def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc script args`` (gloo on CPU)."""
-    return run_checked([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout)
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc script args`` (gloo on CPU), ``env`` added."""
+    return run_checked([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout, **env)
 
 
 def report(path: Path) -> dict:

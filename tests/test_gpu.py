@@ -28,7 +28,9 @@ def test_cuda_matches_oracle(preset):
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = _train_cuda(oracle.oracle_class(), preset)
     ours = _train_cuda(APOLLO, preset)
-    assert oracle.max_rel_diff(ours, ref) < 1e-5
+    d = oracle.max_rel_diff(ours, ref)
+    print(preset, "cuda vs oracle", d)
+    assert d < 1e-5
 
 
 def test_fused_multi_update_equals_eager():
@@ -50,8 +52,28 @@ def test_fused_multi_update_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_tf32_option_stays_close():
-    """TF32 projections (opt-in) stay near the exact run (a few percent after 30 steps at lr 3e-2)."""
-    exact = _train_cuda(APOLLO, "apollo")
-    fast = _train_cuda(APOLLO, "apollo", projection_tf32=True)
-    assert oracle.max_rel_diff(fast, exact) < 1e-1  # measured on H100: 4.9e-2 (lr 3e-2, 30 steps)
+@pytest.mark.parametrize("rank, tf32, bound", [(1, False, 1e-5), (256, True, 5e-3), (16, True, 5e-3)])
+def test_fused_projection_matches_cublas(rank, tf32, bound):
+    """One multi-tensor launch over tall, wide and odd-sized gradients equals cuBLAS + vector_norm per
+    weight: to fp32 reordering at rank 1, to TF32's rounding (measured 7.4e-4 at LLaMA-1b) with TF32."""
+    from apollo_dist import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(2048, 512, True), (517, 301, True), (301, 1030, False), (1, 77, True), (64, 2049, False)]
+    grads, projs, slots, out = [], [], [], 0
+    for rows, n, tall in shapes:
+        grads.append(torch.randn(rows, n, device="cuda", generator=g))
+        projs.append(torch.randn((rank, n) if tall else (rows, rank), device="cuda", generator=g))
+        slots.append((rows, n, tall, out))
+        out += rows if tall else n
+    proj = kernels.MultiProjection(slots, rank, torch.device("cuda"))
+    fused = (torch.empty(out, rank, device="cuda"), torch.empty(out, device="cuda"))
+    exact = (torch.empty(out, rank, device="cuda"), torch.empty(out, device="cuda"))
+    proj(grads, projs, *fused, tf32=tf32)
+    saved, kernels.triton = kernels.triton, None
+    try:
+        proj(grads, projs, *exact, tf32=False)
+    finally:
+        kernels.triton = saved
+    for a, b in zip(fused, exact):
+        assert float((a - b).abs().max() / b.abs().max()) < bound
