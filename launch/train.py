@@ -415,6 +415,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "peak_mem_gib": peak_mem_gib(d.device)}
         if step == start + 1:
             per_rank = d.all_gather_int(engine.optimizer_state_bytes())
+            row["optimizer_state_bytes_per_rank"] = per_rank
             if is_main:
                 bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
         if step % args.eval_every == 0 or step == run["steps"]:
