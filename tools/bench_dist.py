@@ -40,11 +40,14 @@ class LaunchError(RuntimeError):
 
 def launch_command(engine: str, world: int, config: str | None) -> list[str]:
     """The launcher line of launch/*.sh for ``engine`` on ``world`` local processes."""
-    bindir = os.path.dirname(sys.executable)
+    def launcher(name: str) -> str:  # next to this Python (a venv), else on PATH
+        here = os.path.join(os.path.dirname(sys.executable), name)
+        return here if os.path.exists(here) else (shutil.which(name) or name)
+
     if engine == "fsdp2":
-        return [os.path.join(bindir, "torchrun"), "--standalone", f"--nproc_per_node={world}", "launch/train.py", "--engine", "fsdp2"]
+        return [launcher("torchrun"), "--standalone", f"--nproc_per_node={world}", "launch/train.py", "--engine", "fsdp2"]
     port = str(29500 + os.getpid() % 1000)
-    return [os.path.join(bindir, "deepspeed"), "--num_gpus", str(world), "--master_port", port, "launch/train.py", "--deepspeed", config]
+    return [launcher("deepspeed"), "--num_gpus", str(world), "--master_port", port, "launch/train.py", "--deepspeed", config]
 
 
 def derived_config(engine: str, tf32: bool, workdir: str) -> str | None:
