@@ -57,24 +57,34 @@ def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, c
     return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
 
 
-def segment_index(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """(len(lengths), max length) positions of consecutive segments of a length-sum(lengths) vector,
-    padded with sum(lengths) (which `segment_sums` points at a zero)."""
-    total, width = sum(lengths), max(lengths, default=0)
+def _padded_rows(lengths: list[int], width: int) -> torch.Tensor:
+    """(len(lengths), width) positions of consecutive segments of a sum(lengths) vector, padded with sum(lengths)."""
+    total = sum(lengths)
     index = torch.full((len(lengths), width), total, dtype=torch.int64)
     start = 0
     for i, k in enumerate(lengths):
         index[i, :k] = torch.arange(start, start + k)
         start += k
-    return index.to(device)
+    return index
 
 
-def segment_sums(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def segment_index(lengths: list[int], device: torch.device, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather tables for `segment_sums` over consecutive segments of ``lengths``: segments cut into chunks
+    of <= ``chunk`` elements, then segments as runs of chunks (memory ~ sum(lengths), not segments x longest)."""
+    pieces = [[min(chunk, k - s) for s in range(0, k, chunk)] for k in lengths]
+    flat = [p for ps in pieces for p in ps]
+    width = min(chunk, max(lengths, default=0))
+    return _padded_rows(flat, width).to(device), _padded_rows([len(ps) for ps in pieces], max((len(ps) for ps in pieces), default=0)).to(device)
+
+
+def segment_sums(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Per-segment sums of the rows of x (k, C) -> (k, segments), segments given by `segment_index`.
 
-    One gather and one tree sum: deterministic and fast on GPUs (an index_add_ into a few hundred
+    Two gathers and tree sums: deterministic and fast on GPUs (an index_add_ into a few hundred
     params serializes on atomics; a prefix sum over C is a slow scan)."""
-    return torch.nn.functional.pad(x, (0, 1))[:, index].sum(dim=-1)
+    chunks, segments = index
+    per_chunk = torch.nn.functional.pad(x, (0, 1))[:, chunks].sum(dim=-1)
+    return torch.nn.functional.pad(per_chunk, (0, 1))[:, segments].sum(dim=-1)
 
 
 class Geometry(NamedTuple):

@@ -189,3 +189,15 @@ def test_nonfinite_single_process_leaves_everything_untouched():
     strict = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, nonfinite="raise")
     with pytest.raises(FloatingPointError, match="non-finite gradient"):
         strict.step()
+
+
+def test_segment_sums_over_chunks_and_empty_segments():
+    """Per-param sums of channel values: segments longer than a chunk, empty ones, none at all."""
+    from apollo_dist.core import segment_index, segment_sums
+
+    lengths = [0, 5, 3000, 1, 1024, 2048, 0]
+    x = torch.randn(3, sum(lengths), dtype=torch.float64)
+    expect = torch.stack([s.sum(dim=1) for s in torch.split(x, lengths, dim=1)], dim=1)
+    torch.testing.assert_close(segment_sums(x, segment_index(lengths, torch.device("cpu"), chunk=1024)), expect)
+    assert segment_sums(torch.zeros(3, 0), segment_index([], torch.device("cpu"))).shape == (3, 0)
+    assert segment_sums(torch.zeros(3, 0), segment_index([0, 0], torch.device("cpu"))).eq(0).all()
