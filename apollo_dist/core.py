@@ -299,9 +299,8 @@ class LowRankBucket:
         channel = group["scale_type"] == "channel"
         if channel:
             s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS)
-            stats = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g]), self.o_segments)
-        else:  # per param: sum ||N_c||^2, sum ||R_c||^2, sum ||G_c||^2
-            stats = segment_sums(torch.stack([n_sq, r_sq, R_g]), self.o_segments)
+        # per param: sum ||N_c||^2, sum ||R_c||^2, sum s_c^2 ||G_c||^2 (channel) or sum ||G_c||^2 (tensor)
+        stats = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
 
         # 4. Shared factors back to every toucher; per-param norms summed over ranks.
         if comm.world > 1:

@@ -256,7 +256,8 @@ class MultiUpdate:
         self.params = params
         self.per_row = per_row
         self.coef_offsets = coef_offsets
-        if not params or not fused(*params):
+        self.on_gpu = bool(params) and fused(*params)  # the params never move: checked once
+        if not self.on_gpu:
             return
         dev = params[0].device
         self.p_ptrs = _i64([p.data_ptr() for p in params], dev)
@@ -270,7 +271,7 @@ class MultiUpdate:
     def __call__(self, grads: list[torch.Tensor], coef: torch.Tensor, decay: float) -> None:
         if not self.params:
             return
-        if not fused(*self.params, *grads):
+        if not (self.on_gpu and fused(*grads)):
             for p, g, row, off in zip(self.params, grads, self.per_row, self.coef_offsets):
                 scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, decay)
             return
@@ -315,7 +316,8 @@ class MultiAdam:
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         self.m = [exp_avg[o : o + k] for o, k in zip(offsets, sizes)]
         self.v = [exp_avg_sq[o : o + k] for o, k in zip(offsets, sizes)]
-        if not params or not fused(*params, exp_avg):
+        self.on_gpu = bool(params) and fused(*params, exp_avg, exp_avg_sq)  # these never move: checked once
+        if not self.on_gpu:
             return
         dev = exp_avg.device
         self.p_ptrs = _i64([p.data_ptr() for p in params], dev)
@@ -328,7 +330,7 @@ class MultiAdam:
         """One step: ``step_size`` = bias-corrected lr, ``decay`` = -lr * weight_decay (0: none)."""
         if not self.params:
             return
-        if not fused(*self.params, *grads, self.exp_avg):
+        if not (self.on_gpu and fused(*grads)):
             torch._foreach_mul_(self.m, b1)
             torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
             torch._foreach_mul_(self.v, b2)

@@ -25,7 +25,9 @@ sys.path.insert(0, ROOT)
 sys.path.append(os.path.join(ROOT, "tests"))  # the oracle, for apollo-torch rows
 
 from apollo_dist import APOLLO, param_groups  # noqa: E402
-from launch.model import build_model, llama_config  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "launch"))  # launch/'s modules import each other by plain name
+from engines import state_bytes  # noqa: E402
+from model import build_model, llama_config  # noqa: E402
 
 VOCAB = 32000  # LLaMA tokenizer size used by the APOLLO paper's configs
 OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
@@ -43,17 +45,6 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> 
             g.pop("param_names", None)
         return oracle.oracle_class()(groups, lr=lr)
     return APOLLO(groups, lr=lr, projection_tf32=tf32) if tf32 else APOLLO(groups, lr=lr)
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen, total = set(), 0
-    for st in opt.state.values():
-        for k, v in st.items():
-            if torch.is_tensor(v) and k in ("exp_avg", "exp_avg_sq") and id(v) not in seen:
-                seen.add(id(v))
-                t = v._local_tensor if hasattr(v, "_local_tensor") else v
-                total += t.numel() * t.element_size()
-    return total
 
 
 def cuda_ms(fn, n: int) -> list[float]:

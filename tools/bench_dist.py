@@ -183,12 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = {"model": args.model, "world": args.world, "seq_len": args.seq_len, "max_batch": args.max_batch,
             "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:] if argv is None else argv}
-    try:
-        import torch
+    import torch  # only for the record: the launches do the work
 
-        meta.update(torch=torch.__version__, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    except ImportError:  # pragma: no cover
-        pass
+    meta.update(torch=torch.__version__, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta}\n\n{table(rows)}")
