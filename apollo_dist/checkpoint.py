@@ -442,10 +442,7 @@ def _param_names(optimizer: torch.optim.Optimizer, model: Optional[torch.nn.Modu
 
 
 def _process_group(optimizer) -> Optional[dist.ProcessGroup]:
-    for b in optimizer._buckets:
-        if isinstance(b, LowRankBucket):
-            return b.comm.group
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return optimizer.process_group
 
 
 def _verify_shared(ckpt: CanonicalCheckpoint, group: Optional[dist.ProcessGroup]) -> None:
@@ -498,11 +495,11 @@ def load_canonical(
     Raises CheckpointError naming the file, param or value that does not fit.
     """
     ckpt = CanonicalCheckpoint(path)
-    optimizer._ensure_bound()
+    optimizer.ensure_bound()
     if verify:
         _verify_shared(ckpt, _process_group(optimizer))
     index = ckpt.index
-    live_device = optimizer._device.type
+    live_device = optimizer.device.type
     if index["generator_device"] != live_device:
         warnings.warn(
             f"{ckpt.path}: projections were drawn by a {index['generator_device']} generator, this run draws them on "
@@ -519,7 +516,7 @@ def load_canonical(
         check_same_hyperparameters(f"{ckpt.path}: param group {gi}", saved, live)
 
     live_names = set()
-    for b in optimizer._buckets:
+    for b in optimizer.buckets:
         group = optimizer.param_groups[b.group_index]
         saved = saved_groups[b.group_index]
         b.step_count.fill_(float(saved["step"]))
@@ -669,7 +666,7 @@ class LiveSource:
         by_id = _param_names(optimizer, model)
         ordered = [p for g in optimizer.param_groups for p in g["params"]]
         names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(ordered)]
-        slots = {s.index: s for b in optimizer._buckets for s in b.slots}
+        slots = {s.index: s for s in optimizer.slots()}
         self.meta, self._index = meta_from_state_dicts(sd, names, dict(trainer or {}), {"engine": "live"})
         master = lambda idx, entry, a, b: slots[idx].data.detach().float().cpu()[: b - a]  # noqa: E731
         self._rank = RankState("live optimizer", sd["apollo_layout"], sd["state"], master)

@@ -17,16 +17,17 @@ What it does (DESIGN.md §3, §6):
      proj_type``; plus ``lr betas eps weight_decay correct_bias scale_front disable_nl
      projection_tf32 target_modules``), sets ``zero_allow_untested_optimizer`` and hands DeepSpeed the optimizer as a
      client optimizer;
-  2. after DeepSpeed has partitioned the model, builds one `Slot` per parameter from DeepSpeed's own
-     bookkeeping and calls ``optimizer.bind(slots, dp_group, owners="position")``:
-       ZeRO-1/2 (and BF16_Optimizer): the param's fragment of the flat fp32 partition
-                 (``p._hp_mapping``: lp/hp fragment addresses), cut anywhere, even mid-row;
-       ZeRO-3:   the param's ceil(numel / W) chunk of its sub-group's flat fp32 partition;
-  3. makes the optimizer step whatever DeepSpeed hands it per call (ZeRO-1/2 steps one param group
-     per call, ZeRO-3 one sub-group per call: this adapter keeps ZeRO-3 at one sub-group per param
-     group) and makes ``state_dict`` / ``load_state_dict`` work on the model's params although
-     DeepSpeed has replaced ``param_groups[i]["params"]`` with flat partitions, so
-     ``engine.save_checkpoint`` / ``load_checkpoint`` at the same world size and stage resume exactly.
+  2. checks the config for DeepSpeed features APOLLO does not support (clear error up front), keeps
+     ZeRO-3 at one sub-group per param group (fewer, larger buckets), calls ``deepspeed.initialize``
+     and binds the optimizer at once (``APOLLO.ensure_bound``), so a layout it cannot map fails here.
+
+The optimizer itself finds DeepSpeed's layout (apollo_dist.binding): ZeRO-1/2 and BF16_Optimizer
+through ``p._hp_mapping`` (each param's fragment of the flat fp32 partition, cut anywhere), ZeRO-3
+through ``p._z3_optimizer`` (each param's ceil(numel / W) chunk of its sub-group's partition). So a
+plain ``deepspeed.initialize(model=m, optimizer=apollo_dist.APOLLO(...), config=cfg)`` (what
+Lightning, accelerate and the Trainer do) is exact too; this function adds the JSON block and the
+up-front checks. ``engine.save_checkpoint`` / ``load_checkpoint`` at the same world size and stage
+resume exactly.
 
 Batch sizes: ``train_batch_size``, ``train_micro_batch_size_per_gpu`` and
 ``gradient_accumulation_steps`` may be ``"auto"`` in the JSON. An "auto" value is dropped before
@@ -54,17 +55,13 @@ This is the only module of apollo_dist that imports deepspeed (lazily).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-from collections import defaultdict
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
-from .core import Slot
 from .groups import LOW_RANK_KEYS, param_groups
 from .optimizer import APOLLO
 
@@ -73,67 +70,6 @@ APOLLO_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini":
 OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl", "projection_tf32")
 PARAM_KEYS = OPTIMIZER_KEYS + LOW_RANK_KEYS + ("target_modules",)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-class DeepSpeedAPOLLO(APOLLO):
-    """APOLLO as DeepSpeed's ZeRO wrappers drive it (``initialize`` turns the optimizer into one).
-
-    DeepSpeed replaces ``param_groups[i]["params"]`` with flat fp32 partitions and calls ``step`` once
-    per param group (ZeRO-1/2), once per sub-group (ZeRO-3) or once for all (BF16_Optimizer), each
-    time with only that part's gradients in place. ``step`` therefore runs the buckets of exactly the
-    groups DeepSpeed hands it; the layout itself comes from ``bind``.
-    """
-
-    _ds_groups: list[dict]  # the param group dicts, in order (DeepSpeed may swap the list, not the dicts)
-    _ds_params: list[list[torch.Tensor]]  # each group's model params, as the optimizer received them
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Step the bound buckets of the param groups DeepSpeed passes in this call."""
-        if self._buckets is None:
-            raise RuntimeError("DeepSpeedAPOLLO.step before bind: build the engine with apollo_dist.deepspeed.initialize")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        active = {id(g) for g in self.param_groups if g["params"]}
-        # DeepSpeed's ZeRO-1/2 narrows self.param_groups to the one group it steps; the base class's
-        # hyperparameter lookup indexes the full list, so show it that for the duration of the step.
-        handed = self.param_groups
-        self.param_groups = self._ds_groups
-        try:
-            self._step_buckets([b for b in self._buckets if id(self._ds_groups[b.group_index]) in active])
-        finally:
-            self.param_groups = handed
-        return loss
-
-    @contextlib.contextmanager
-    def _model_view(self) -> Iterator[None]:
-        """Temporarily show the model's params in param_groups and only their state (the base class's
-        state dict code maps state by param position; DeepSpeed's flat partitions are no params of ours)."""
-        saved_lists = [g["params"] for g in self._ds_groups]
-        saved_groups, saved_state = self.param_groups, self.state
-        try:
-            self.param_groups = self._ds_groups
-            for g, params in zip(self._ds_groups, self._ds_params):
-                g["params"] = params
-            mine = {id(p) for params in self._ds_params for p in params}
-            self.state = defaultdict(dict, {p: s for p, s in saved_state.items() if id(p) in mine})
-            yield
-        finally:
-            for g, params in zip(self._ds_groups, saved_lists):
-                g["params"] = params
-            self.param_groups, self.state = saved_groups, saved_state
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state of this rank's share, keyed by the model params' positions (same W and stage to load)."""
-        with self._model_view():
-            return super().state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict`` of the same layout into the live buffers."""
-        with self._model_view():
-            super().load_state_dict(state_dict)
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -263,82 +199,6 @@ def _take_optimizer(config: dict, optimizer: Any, model: torch.nn.Module, model_
     return optimizer if isinstance(optimizer, APOLLO) else None
 
 
-# -- binding DeepSpeed's layout --------------------------------------------------------------------
-def _flat_fragment_slots(opt: APOLLO, lp_groups: list[list[torch.Tensor]], flats: list[torch.Tensor]) -> list[Slot]:
-    """ZeRO-1/2 and BF16_Optimizer: each param's fragment of its group's flat fp32 partition."""
-    index = {id(p): idx for _, idx, p in opt._indexed}
-    slots = []
-    for params, flat in zip(lp_groups, flats):
-        for p in params:
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is None:  # none of this param's elements are in this rank's partition
-                slots.append(Slot(p, index[id(p)], tuple(p.shape), 0, 0, flat.narrow(0, 0, 0), lambda: None))
-                continue
-            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-            # DeepSpeed assigns flat.grad afresh at every step: look it up at step time.
-            grad = lambda flat=flat, a=hp.start, n=hp.numel: None if flat.grad is None else flat.grad.narrow(0, a, n)
-            slots.append(Slot(p, index[id(p)], tuple(p.shape), lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad))
-    return slots
-
-
-def _zero3_slots(opt: APOLLO, zero: Any, rank: int) -> list[Slot]:
-    """ZeRO-3: each param's chunk [rank * c, (rank + 1) * c) ∩ [0, numel), c = ceil(numel / W), inside its
-    sub-group's flat fp32 partition (chunks laid end to end, padding included)."""
-    index = {id(p): idx for _, idx, p in opt._indexed}
-    slots = []
-    for params, flat in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat):
-        offset = 0
-        for p in params:
-            chunk, numel = p.partition_numel(), p.ds_numel
-            start, end = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
-            start = end if end <= start else start
-            n = end - start
-            grad = lambda flat=flat, a=offset, n=n: None if flat.grad is None else flat.grad.narrow(0, a, n)
-            slots.append(Slot(p, index[id(p)], tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad))
-            offset += chunk
-    return slots
-
-
-def bind_engine(engine: Any, opt: APOLLO) -> None:
-    """Bind the partition layout of a built DeepSpeed engine into ``opt`` (``initialize`` calls this)."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if getattr(engine, "has_moe_layers", False):
-        raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")
-    wrapper = engine.optimizer
-    if wrapper is opt:  # stage 0, fp32: plain replicas, APOLLO finds them itself (DDP)
-        return
-    group = getattr(wrapper, "dp_process_group", None) or dist.group.WORLD
-    if isinstance(wrapper, DeepSpeedZeroOptimizer):
-        slots, flats = _flat_fragment_slots(opt, wrapper.bit16_groups, wrapper.single_partition_of_fp32_groups), wrapper.single_partition_of_fp32_groups
-    elif isinstance(wrapper, BF16_Optimizer):
-        slots, flats = _flat_fragment_slots(opt, wrapper.bf16_groups, wrapper.fp32_groups_flat_partition), wrapper.fp32_groups_flat_partition
-    elif isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        if len(wrapper.fp16_groups) != len(opt.param_groups):
-            raise NotImplementedError(
-                f"apollo_dist with ZeRO-3 needs one sub-group per param group (APOLLO steps a group's params together), "
-                f"got {len(wrapper.fp16_groups)} sub-groups for {len(opt.param_groups)} groups: raise "
-                f"zero_optimization.sub_group_size above every group's per-rank element count"
-            )
-        slots, flats = _zero3_slots(opt, wrapper, dist.get_rank(group)), wrapper.fp32_partitioned_groups_flat
-    else:
-        raise NotImplementedError(f"apollo_dist with DeepSpeed: optimizer wrapper {type(wrapper).__name__} is not supported")
-    low = [f.dtype for f in flats if f.dtype != torch.float32]
-    if low:
-        raise NotImplementedError(f"apollo_dist with DeepSpeed needs fp32 master weights, DeepSpeed keeps them in {low[0]}")
-    if not hasattr(opt, "_ds_params"):
-        raise RuntimeError("bind_engine: record the model params first (apollo_dist.deepspeed.initialize does)")
-    opt.__class__ = DeepSpeedAPOLLO  # same object: DeepSpeed's wrapper and the caller keep their references
-    # A torch LR scheduler built before this point wrapped ``step`` on the instance, which would hide
-    # the class's step; drop the wrapper (it only counts calls for a warning).
-    if "step" in vars(opt) and getattr(vars(opt)["step"], "_wrapped_by_lr_sched", False):
-        del opt.step
-    opt._ds_groups = list(opt.param_groups)
-    opt.bind(slots, group, owners="position")
-
-
 def initialize(
     args: Any = None,
     model: Optional[torch.nn.Module] = None,
@@ -385,12 +245,12 @@ def initialize(
         # One ZeRO-3 sub-group per param group, unless the user chose a size (checked after init).
         zero.setdefault("sub_group_size", 10**15)
     config["zero_allow_untested_optimizer"] = True
-    # The model's params per group, before DeepSpeed swaps in its flat partitions.
-    opt._ds_params = [list(g["params"]) for g in opt.param_groups]
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=opt, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=config, mesh_param=mesh_param, **({} if distributed_port is None else {"distributed_port": distributed_port}),
     )
-    bind_engine(engine, opt)
+    if getattr(engine, "has_moe_layers", False):
+        raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")
+    opt.ensure_bound()  # what DeepSpeed left in the groups, now: an unsupported layout fails here, not mid-run
     return engine, ds_optimizer, loader, scheduler

@@ -1,26 +1,26 @@
 """``apollo_dist.APOLLO``: a drop-in for ``apollo_torch.APOLLOAdamW`` that runs sharded.
 
 Same constructor arguments and param-group keys as the reference. The parameters it steps are
-described by `Slot`s (what this rank holds of each); it finds them itself for plain tensors (one
-process, DDP) and FSDP2 DTensors, and an engine adapter hands them over with `bind` (DeepSpeed).
+described by `Slot`s (what this rank holds of each). It binds to whatever its param groups hold when
+it first steps (apollo_dist.binding: plain tensors, FSDP2 DTensors, DeepSpeed ZeRO partitions) and
+binds again when an engine re-points them before training starts; an adapter may also hand the slots
+over itself with `bind`.
 """
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
 from .core import AdamBucket, Collectives, LowRankBucket, Slot
 from .layout import ParamLayout, chunk_owners, matrix_dims, position_owners
 
 GROUP_DEFAULTS = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
 SCALE_TYPES = ("channel", "tensor")
-
-
-def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(p, "ds_shape", None) or p.shape)  # ZeRO-3 params keep their shape in ds_shape
 
 
 def _check_group(i: int, group: dict) -> None:
@@ -52,48 +52,9 @@ def _check_group(i: int, group: dict) -> None:
     if not isinstance(group["update_proj_gap"], int) or group["update_proj_gap"] < 1:
         raise ValueError(f"{where}: invalid update_proj_gap={group['update_proj_gap']!r}: must be an integer >= 1")
     for j, p in enumerate(group["params"]):
-        shape = _global_shape(p)
+        shape = global_shape(p)
         if len(shape) != 2:
             raise ValueError(f"{where}: a group with 'rank' holds only 2-D weights, but param {j} has shape {shape}")
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor"
-
-
-def local_slots(params: list[tuple[int, torch.Tensor]]) -> list[Slot]:
-    """Slots for plain tensors: every element is held here (one process, or DDP's replicas)."""
-    slots = []
-    for idx, p in params:
-        if not p.is_contiguous():
-            raise ValueError(f"APOLLO needs contiguous parameters; param {idx} with shape {tuple(p.shape)} is not")
-        grad = lambda p=p: None if p.grad is None else p.grad.reshape(-1)
-        slots.append(Slot(p, idx, tuple(p.shape), 0, p.numel(), p.data.view(-1), grad))
-    return slots
-
-
-def dtensor_slots(params: list[tuple[int, torch.Tensor]]) -> tuple[list[Slot], Any]:
-    """Slots for FSDP2 DTensors (Shard(0) on a 1-D mesh, uneven last shard), and their mesh."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    slots, mesh = [], None
-    for idx, p in params:
-        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-            raise NotImplementedError(
-                f"param {idx}: APOLLO supports FSDP2 DTensors with placements (Shard(0),) on a 1-D mesh, "
-                f"got {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-            )
-        if mesh is not None and p.device_mesh != mesh:
-            raise NotImplementedError("APOLLO needs every parameter on the same FSDP2 device mesh")
-        mesh = p.device_mesh
-        local = p._local_tensor
-        _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
-        row = math.prod(p.shape[1:])
-        start = offset[0] * row if local.numel() else 0
-        grad = lambda p=p: None if p.grad is None else p.grad._local_tensor.reshape(-1)
-        slots.append(Slot(p, idx, tuple(p.shape), start, start + local.numel(), local.view(-1), grad))
-    return slots, mesh
 
 
 class APOLLO(torch.optim.Optimizer):
@@ -109,9 +70,13 @@ class APOLLO(torch.optim.Optimizer):
     or "ignore" (no check, no host sync). ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
     decoupled and applied after the update.
 
-    Works as-is on plain parameters and on FSDP2 (``fully_shard``) DTensors; DeepSpeed goes through
-    ``apollo_dist.deepspeed.initialize``. State per parameter: ``exp_avg`` / ``exp_avg_sq`` for the
-    channels this rank owns, channel-major (C x r, C = max(m, n)), ``limiter_norm``, ``step``, ``seed``.
+    Whoever drives it: it steps what its param groups hold at each ``step`` — the params themselves
+    (one process, DDP), FSDP2 DTensors (also when the lists were re-pointed after construction, as
+    accelerate does), or the flat partitions of DeepSpeed ZeRO 1/2/3 (plain ``deepspeed.initialize``
+    or ``apollo_dist.deepspeed.initialize``). Anything else is a clear error, never a silent step.
+    Seeds are positional: param k of all groups (in order, trainable or not) gets seed k + 1.
+    State per parameter: ``exp_avg`` / ``exp_avg_sq`` for the channels this rank owns, channel-major
+    (C x r, C = max(m, n)), ``limiter_norm``, ``step``, ``seed``.
     """
 
     def __init__(
@@ -140,51 +105,96 @@ class APOLLO(torch.optim.Optimizer):
             raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
+        # while stepping, but keep the dicts) and the params as received, by position, held weakly.
+        self._groups: list[dict] = list(self.param_groups)
+        self._group_index = {id(g): i for i, g in enumerate(self._groups)}
+        self._received: list[list[Received]] = Received.of(self._groups)
+        self._binding: Optional[Binding] = None
+        self._buckets: list[Union[AdamBucket, LowRankBucket]] = []
         self._comm = Collectives(None)
-        # Seeds as the reference gives them: 1 + the param's position among all params received.
-        self._indexed: list[tuple[int, int, torch.Tensor]] = []  # (group, index, param) of trainable params
-        index = 0
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._indexed.append((gi, index, p))
-                    self.state[p]["seed"] = index + 1
-                index += 1
-        self._buckets: Optional[list[Union[AdamBucket, LowRankBucket]]] = None
+        self._world, self._rank, self._device = 1, 0, torch.device("cpu")
         self._mesh = None
+        if any(is_dtensor(p) for g in self._groups for p in g["params"]):
+            self.ensure_bound()  # built after fully_shard: state exists from the start (DCP checkpoints at step 0)
 
-    # -- binding the layout -------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        """Only while constructing: seeds are the params' positions, fixed at construction."""
+        if hasattr(self, "_groups"):
+            raise NotImplementedError("APOLLO.add_param_group after construction is not supported: pass every group to the constructor")
+        super().add_param_group(param_group)
+
+    # -- binding ------------------------------------------------------------------------------
+    def ensure_bound(self) -> None:
+        """Bind to what the param groups hold now, unless the current binding still maps it.
+
+        Collective when it binds (one all-gather of the layout): call it on every rank. Raises when
+        the groups now hold tensors it cannot map, or other tensors than those it has already stepped."""
+        lists = [g["params"] for g in self._all_groups()]
+        if self._binding is None or not self._binding.accepts(lists):
+            self._install(detect(lists, self._received))
+
     def bind(self, slots: list[Slot], process_group: Optional[dist.ProcessGroup] = None, owners: str = "position") -> None:
-        """Tell the optimizer what this rank holds (engine adapters call this once, before any step).
+        """Tell the optimizer what this rank holds (for adapters of layouts `ensure_bound` does not detect).
 
         ``slots``: one per trainable parameter given to the optimizer, on every rank, in the same
-        order (empty ranges allowed). ``process_group``: the ranks that share the parameters (None: W = 1).
-        ``owners``: "position" (channels follow the elements each rank holds) or "chunk" (torch.chunk's
-        rule, so FSDP2 state is a regular Shard(0) DTensor).
+        order (empty ranges allowed); ``Slot.index`` is the param's position. ``process_group``: the
+        ranks that share the parameters (None: W = 1). ``owners``: "position" (channels follow the
+        elements each rank holds) or "chunk" (torch.chunk's rule, so FSDP2 state is a regular Shard(0)
+        DTensor). The binding stays until ``bind`` is called again.
         """
-        comm = self._comm = Collectives(process_group)
-        by_param = {id(s.param): s for s in slots}
-        missing = [idx for _, idx, p in self._indexed if id(p) not in by_param]
+        group_of = {r.position: gi for gi, row in enumerate(self._received) for r in row}
+        trainable = [r.position for row in self._received for r in row if r.trainable]
+        missing = sorted(set(trainable) - {s.index for s in slots})
         if missing:
             raise ValueError(f"bind: no slot for trainable params at positions {missing[:8]}")
+        units = [Unit(gi, [s for s in slots if group_of[s.index] == gi]) for gi in range(len(self._groups))]
+        self._install(Binding("explicit", units, process_group, owners))
+
+    def _all_groups(self) -> list[dict]:
+        """The full list of group dicts, also while an engine shows a narrowed ``param_groups``."""
+        current = self.param_groups
+        if all(id(g) in self._group_index for g in current):
+            return self._groups
+        if len(current) == len(self._groups) and all("params" in g for g in current):
+            # the groups were replaced wholesale (e.g. torch's own load_state_dict): same order, new dicts
+            self._groups = list(current)
+            self._group_index = {id(g): i for i, g in enumerate(self._groups)}
+            return self._groups
+        raise ValueError(
+            f"APOLLO's param_groups hold {len(current)} groups it does not know (it was built with {len(self._groups)}): "
+            "param groups cannot be added or dropped after construction"
+        )
+
+    def _install(self, binding: Binding) -> None:
+        """Build the buckets of ``binding`` (one all-gather of every rank's element ranges)."""
+        if self._buckets and any(float(b.step_count) > 0 for b in self._buckets):
+            raise ValueError(
+                "APOLLO's param groups now hold other tensors than the ones it has been training "
+                f"({self._binding.kind} -> {binding.kind}): an engine re-pointed them after the first step or load. "
+                "Shard or wrap the model (fully_shard, deepspeed.initialize, accelerator.prepare) before the first "
+                "step and before loading optimizer state"
+            )
+        comm = Collectives(binding.process_group)
+        slots = [s for u in binding.units for s in u.slots]
         device = slots[0].data.device if slots else torch.device("cpu")
-        ranges = self._all_ranges([by_param[id(p)] for _, _, p in self._indexed], comm, device)
-        buckets = []
-        for gi, group in enumerate(self.param_groups):
-            members = [(k, by_param[id(p)]) for k, (g, _, p) in enumerate(self._indexed) if g == gi]
-            g_slots = [s for _, s in members]
+        ranges = self._all_ranges(slots, comm, device)
+        buckets, k = [], 0
+        for u in binding.units:
+            group, n = self._groups[u.group], len(u.slots)
             if "rank" not in group:
-                buckets.append(AdamBucket(gi, g_slots))
-                continue
-            layouts = []
-            for k, s in members:
-                m, n = matrix_dims(s.shape)
-                rs = ranges[k]
-                own = chunk_owners(m, n, comm.world) if owners == "chunk" else position_owners(m, n, rs)
-                layouts.append(ParamLayout(m, n, rs, own))
-            buckets.append(LowRankBucket(gi, g_slots, layouts, group, comm, device))
-        self._buckets = buckets
-        self._world, self._rank, self._device = comm.world, comm.rank, device  # for layout()
+                buckets.append(AdamBucket(u.group, u.slots))
+            else:
+                layouts = []
+                for s, rs in zip(u.slots, ranges[k : k + n]):
+                    m, c = matrix_dims(s.shape)
+                    own = chunk_owners(m, c, comm.world) if binding.owners == "chunk" else position_owners(m, c, rs)
+                    layouts.append(ParamLayout(m, c, rs, own))
+                buckets.append(LowRankBucket(u.group, u.slots, layouts, group, comm, device))
+            k += n
+        self._binding, self._buckets, self._comm = binding, buckets, comm
+        self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
+        self._world, self._rank, self._device, self._mesh = comm.world, comm.rank, device, binding.mesh
         self._expose_state()
 
     @staticmethod
@@ -196,23 +206,42 @@ class APOLLO(torch.optim.Optimizer):
         every = comm.all_gather(mine.to(device)).view(comm.world, len(slots), 2).cpu()
         return [[tuple(every[w, k].tolist()) for w in range(comm.world)] for k in range(len(slots))]
 
-    def _ensure_bound(self) -> None:
-        if self._buckets is not None:
-            return
-        params = [(idx, p) for _, idx, p in self._indexed]
-        if params and all(_is_dtensor(p) for _, p in params):
-            slots, self._mesh = dtensor_slots(params)
-            self.bind(slots, self._mesh.get_group(), owners="chunk")
-        elif any(_is_dtensor(p) for _, p in params):
-            raise NotImplementedError("APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard")
-        else:
-            self.bind(local_slots(params))
+    # -- what this rank holds (public view for checkpoints, tools and tests) --------------------
+    @property
+    def buckets(self) -> list[Union[AdamBucket, LowRankBucket]]:
+        """The bound buckets (binding first if needed): one per param group, or per ZeRO-3 sub-group."""
+        self.ensure_bound()
+        return self._buckets
+
+    def slots(self) -> list[Slot]:
+        """This rank's `Slot`s of every trainable param, in position order (binding first if needed)."""
+        return sorted((s for b in self.buckets for s in b.slots), key=lambda s: s.index)
+
+    @property
+    def process_group(self) -> Optional[dist.ProcessGroup]:
+        """The ranks that share the parameters (None when every rank steps everything)."""
+        self.ensure_bound()
+        return self._comm.group
+
+    @property
+    def device(self) -> torch.device:
+        """Where the state lives and projections are drawn."""
+        self.ensure_bound()
+        return self._device
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps applied so far (skipped non-finite steps not counted)."""
+        return int(self.buckets[-1].step_count) if self.buckets else 0
 
     def _expose_state(self) -> None:
-        """Point ``self.state[param]`` at the buckets' buffers (DTensors under FSDP2, so DCP reshards them)."""
+        """``self.state[param]`` over the buckets' buffers, for the params bound now (DTensors under
+        FSDP2, so DCP reshards them); entries of params no longer bound are dropped."""
+        self.state = defaultdict(dict)
         for b in self._buckets:
             for i, s in enumerate(b.slots):
                 st = self.state[s.param]
+                st["seed"] = b.seeds[i].seeds[0] if isinstance(b, LowRankBucket) else s.index + 1
                 st["step"] = b.step_count
                 if isinstance(b, LowRankBucket):
                     o0, o1 = b.geom[i].o0, b.geom[i].o1
@@ -239,17 +268,26 @@ class APOLLO(torch.optim.Optimizer):
 
     # -- stepping -----------------------------------------------------------------------------
     def _hparams(self, gi: int) -> dict:
-        return {**self.param_groups[gi], "scale_front": self.scale_front, "disable_nl": self.disable_nl, "projection_tf32": self.projection_tf32}
+        return {**self._groups[gi], "scale_front": self.scale_front, "disable_nl": self.disable_nl, "projection_tf32": self.projection_tf32}
+
+    def _active_buckets(self) -> list:
+        """The buckets of the tensors that ``param_groups`` shows now (an engine may show one group, or
+        one ZeRO-3 sub-group's partition, per call)."""
+        self.ensure_bound()
+        out = []
+        for g in self.param_groups:
+            out.extend(self._bucket_of[id(u)] for u in self._binding.active(self._group_index[id(g)], g["params"]))
+        return out
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """One APOLLO step on the held elements of every parameter (a fixed number of collectives)."""
+        """One APOLLO step on the held elements of the tensors the param groups hold now (a fixed number
+        of collectives)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._ensure_bound()
-        self._step_buckets(self._buckets)
+        self._step_buckets(self._active_buckets())
         return loss
 
     def _step_buckets(self, buckets: list) -> bool:
@@ -281,34 +319,38 @@ class APOLLO(torch.optim.Optimizer):
 
     # -- state dicts --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``apollo_layout`` (see `layout`) and, in each group, the projection
+        """torch's state dict form, keyed by the params' positions (whatever tensors an engine left in
+        the groups), plus ``apollo_layout`` (see `layout`) and, in each group, the projection
         generator's device type, ``scale_front`` and ``disable_nl``, so that a native checkpoint can be
         reassembled offline at any world size (apollo_dist.checkpoint). DCP's get_state_dict keeps the
         groups' keys and drops the layout (DCP reshards by itself)."""
-        self._ensure_bound()
-        sd = super().state_dict()
-        sd["apollo_layout"] = self.layout()
-        for g in sd["param_groups"]:  # run-level facts, per group so that DCP keeps them
-            g.update(generator_device=self._device.type, scale_front=self.scale_front, disable_nl=self.disable_nl)
-        return sd
+        self.ensure_bound()
+        groups = []
+        for g, row in zip(self._groups, self._received):
+            saved = {k: v for k, v in g.items() if k != "params"}
+            saved.update(params=[r.position for r in row], generator_device=self._device.type,
+                         scale_front=self.scale_front, disable_nl=self.disable_nl)
+            groups.append(saved)
+        state = {s.index: dict(self.state[s.param]) for s in self.slots()}
+        return {"state": state, "param_groups": groups, "apollo_layout": self.layout()}
 
     def layout(self) -> dict[str, Any]:
         """This rank's part of the layout: world size, rank, the projection generator's device type
         (CPU and CUDA draw different P), and per param, keyed like ``state_dict()["state"]``: group,
         global shape, held flat elements [start, end) and, for low-rank params, owned channels [o0, o1)."""
-        self._ensure_bound()
         params: dict[int, dict[str, Any]] = {}
-        for b in self._buckets:
+        for b in self.buckets:
             for i, s in enumerate(b.slots):
                 entry = {"group": b.group_index, "shape": list(s.shape), "start": s.start, "end": s.end}
                 if isinstance(b, LowRankBucket):
                     entry["owned"] = list(b.layouts[i].owners[self._rank])
                 params[s.index] = entry
+        params = dict(sorted(params.items()))
         return {"version": 1, "world_size": self._world, "rank": self._rank, "generator_device": self._device.type, "params": params}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of the same layout (same W and engine); copies into the live buffers."""
-        self._ensure_bound()
+        self.ensure_bound()
         saved_layout = state_dict.get("apollo_layout")
         if saved_layout is not None and saved_layout["params"] != self.layout()["params"]:
             raise ValueError(
@@ -317,24 +359,25 @@ class APOLLO(torch.optim.Optimizer):
                 "with tools/convert_checkpoint.py and load it with apollo_dist.checkpoint.load_canonical"
             )
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
-        id_map = {}
-        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(mine["params"]) != len(saved["params"]):
-                raise ValueError(f"param group {gi}: state has {len(saved['params'])} params, optimizer has {len(mine['params'])}")
+        if len(saved_groups) != len(self._groups):
+            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self._groups)}")
+        position = {}
+        for gi, (mine, row, saved) in enumerate(zip(self._groups, self._received, saved_groups)):
+            if len(row) != len(saved["params"]):
+                raise ValueError(f"param group {gi}: state has {len(saved['params'])} params, optimizer has {len(row)}")
             for key in ("rank", "scale_type", "update_proj_gap", "scale"):
                 if mine.get(key) != saved.get(key):
                     raise ValueError(f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}")
-            id_map.update(zip(saved["params"], mine["params"]))
+            position.update(zip(saved["params"], (r.position for r in row)))
             for k, v in saved.items():
                 if k not in ("params", "param_names", "generator_device", "scale_front", "disable_nl"):  # run-level: this run's
                     mine[k] = v
+        slot_at = {s.index: s for s in self.slots()}
         for pid, saved_state in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is None:
-                raise ValueError(f"optimizer state names param id {pid}, which this optimizer does not have")
-            live = self.state[p]
+            s = slot_at.get(position.get(pid, -1))
+            if s is None:
+                raise ValueError(f"optimizer state names param id {pid}, which this optimizer does not train")
+            live = self.state[s.param]
             for k, v in saved_state.items():
                 if k == "seed":
                     if int(v) != live["seed"]:
@@ -343,8 +386,8 @@ class APOLLO(torch.optim.Optimizer):
                 if k not in live:
                     raise ValueError(f"param {pid}: unknown optimizer state key {k!r}")
                 dst, src = live[k], v
-                dst_l = dst._local_tensor if _is_dtensor(dst) else dst
-                src_l = src._local_tensor if _is_dtensor(src) else torch.as_tensor(src)
+                dst_l = dst._local_tensor if is_dtensor(dst) else dst
+                src_l = src._local_tensor if is_dtensor(src) else torch.as_tensor(src)
                 if dst_l.shape != src_l.shape and dst_l.numel() != src_l.numel():
                     raise ValueError(f"param {pid}: state {k!r} has shape {tuple(src_l.shape)}, expected {tuple(dst_l.shape)}")
                 dst_l.copy_(src_l.reshape(dst_l.shape))

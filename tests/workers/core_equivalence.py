@@ -84,7 +84,7 @@ def sync_replicas(params: list[torch.Tensor], world: int) -> None:
 def state_bytes(opt: APOLLO) -> int:
     """Bytes of Adam moments this rank holds (low-rank and plain)."""
     total = 0
-    for b in opt._buckets:
+    for b in opt.buckets:
         moments = [b.exp_avg, b.exp_avg_sq] if isinstance(b.exp_avg, torch.Tensor) else b.exp_avg + b.exp_avg_sq
         total += sum(t.numel() * t.element_size() for t in moments)
     return total

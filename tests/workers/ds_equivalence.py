@@ -126,7 +126,7 @@ def oracle_run(preset: str, steps: int = STEPS, clip: float = 0.0, warmup: bool 
 def state_bytes(opt) -> int:
     """Bytes of Adam moments this rank holds (exp_avg + exp_avg_sq), the quantity the reference stores."""
     total = 0
-    for b in opt._buckets:
+    for b in opt.buckets:
         for s in b.slots:
             st = opt.state[s.param]
             total += sum(st[k].numel() * st[k].element_size() for k in ("exp_avg", "exp_avg_sq"))
@@ -138,7 +138,7 @@ def state_bounds(opt, stage: int, ref_total: int) -> float:
     reference's state for the elements this rank holds + one channel per param cut at its edges."""
     W = dist.get_world_size()
     bound = ref_total / W if stage == 3 else 0.0
-    for b in opt._buckets:
+    for b in opt.buckets:
         low = isinstance(b, LowRankBucket)
         for s in b.slots:
             numel = math.prod(s.shape)
@@ -174,7 +174,7 @@ def part_equivalence(report: dict) -> None:
                 "state_bytes": gather_list(state_bytes(opt)),
                 "state_bound": gather_list(state_bounds(opt, stage, ref_total)),
                 "ref_state_bytes": ref_total,
-                "steps": int(opt._buckets[-1].step_count),
+                "steps": int(opt.buckets[-1].step_count),
             }
             engine.destroy()
 
@@ -192,7 +192,7 @@ def part_zero_init(report: dict) -> None:
     engine, opt, _, _ = ads.initialize(model=model, config=cfg)
     train(engine, STEPS)
     report["zero_init/stage3"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                  "lowrank_params": sum(len(b.slots) for b in engine.optimizer.optimizer._buckets if isinstance(b, LowRankBucket))}
+                                  "lowrank_params": sum(len(b.slots) for b in engine.optimizer.optimizer.buckets if isinstance(b, LowRankBucket))}
     engine.destroy()
 
 
@@ -215,7 +215,7 @@ def part_extras(report: dict) -> None:
         engine, opt, _, sched = ads.initialize(model=model, config=extras_config(stage))
         train(engine, STEPS, accum=2)
         report[f"extras/stage{stage}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "lr": opt.param_groups[0]["lr"],
-                                          "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
+                                          "steps": int(engine.optimizer.optimizer.buckets[-1].step_count)}
         engine.destroy()
     # A torch LR scheduler handed to initialize (built before the adapter binds the layout).
     ref, _ = oracle_run("apollo")
@@ -226,14 +226,14 @@ def part_extras(report: dict) -> None:
     engine, opt, _, sched = ads.initialize(model=model, config=cfg, lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0))
     train(engine, STEPS, accum=2)
     report["extras/client_scheduler"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                         "steps": int(engine.optimizer.optimizer._buckets[-1].step_count)}
+                                         "steps": int(engine.optimizer.optimizer.buckets[-1].step_count)}
     engine.destroy()
 
 
 def apollo_snapshot(apollo) -> dict[str, torch.Tensor]:
     """Every state tensor of the buckets and the fp32 master elements, cloned."""
     snap = {}
-    for i, b in enumerate(apollo._buckets):
+    for i, b in enumerate(apollo.buckets):
         snap[f"{i}/step"] = b.step_count.clone()
         for k in ("exp_avg", "exp_avg_sq", "limiter_norm"):
             v = getattr(b, k, None)
@@ -269,7 +269,7 @@ def part_checkpoint(report: dict, ckpt_dir: str) -> None:
         model2 = oracle.make_model(1)  # other initial weights: everything must come from the checkpoint
         engine2, opt2, _, _ = ads.initialize(model=model2, config=extras_config(stage))
         engine2.load_checkpoint(path, tag="t6")
-        loaded_steps = int(engine2.optimizer.optimizer._buckets[-1].step_count)
+        loaded_steps = int(engine2.optimizer.optimizer.buckets[-1].step_count)
         train(engine2, 6, start=6, accum=2)
         got_params, got_state = full_params(engine2, model2), apollo_snapshot(engine2.optimizer.optimizer)
         report[f"ckpt/stage{stage}"] = {
@@ -305,9 +305,9 @@ def part_fp16(report: dict) -> None:
             "state_diff_on_overflow": gather_list(same(after, before)),
             "skipped": skipped_after - skipped,
             "loss_scale": [float(scale), float(scale_after)],
-            "steps_before": int(before[f"{len(opt._buckets) - 1}/step"]),
-            "steps_after_overflow": int(after[f"{len(opt._buckets) - 1}/step"]),
-            "steps_after_next": int(opt._buckets[-1].step_count),
+            "steps_before": int(before[f"{len(opt.buckets) - 1}/step"]),
+            "steps_after_overflow": int(after[f"{len(opt.buckets) - 1}/step"]),
+            "steps_after_next": int(opt.buckets[-1].step_count),
             "finite": all(bool(torch.isfinite(v).all()) for v in full_params(engine, model).values()),
         }
         engine.destroy()
@@ -325,20 +325,72 @@ def part_bf16(report: dict) -> None:
         engine, *_ = ads.initialize(model=model, optimizer=opt, config=cfg)
         train(engine, 10)
         report[f"bf16/stage{stage}"] = {"wrapper": type(engine.optimizer).__name__, "max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                        "steps": int(opt._buckets[-1].step_count)}
+                                        "steps": int(opt.buckets[-1].step_count)}
         engine.destroy()
 
 
 def part_subgroups(report: dict) -> None:
-    model = oracle.make_model(0)
-    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
-    cfg = base_config(3, GLOBAL_BATCH // dist.get_world_size())
-    cfg["zero_optimization"]["sub_group_size"] = 100
-    try:
-        ads.initialize(model=model, optimizer=opt, config=cfg)
-        report["subgroups"] = {"error": None}
-    except NotImplementedError as e:
-        report["subgroups"] = {"error": str(e)}
+    """ZeRO-3 with sub_group_size below a group's size: DeepSpeed steps each sub-group on its own."""
+    ref, _ = oracle_run("apollo")
+    for how in ("adapter", "plain"):
+        model = oracle.make_model(0)
+        opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+        cfg = plain_config(base_config(3, GLOBAL_BATCH // dist.get_world_size()))
+        cfg["zero_optimization"]["sub_group_size"] = 100
+        engine, *_ = (ads.initialize if how == "adapter" else deepspeed.initialize)(model=model, optimizer=opt, config=cfg)
+        train(engine, STEPS)
+        report[f"subgroups/{how}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "buckets": len(opt.buckets),
+                                      "sub_groups": len(engine.optimizer.fp16_groups), "steps": opt.steps_taken}
+        engine.destroy()
+
+
+def plain_config(cfg: dict) -> dict:
+    """A config for plain deepspeed.initialize: no "auto" values; a client optimizer under ZeRO needs
+    zero_allow_untested_optimizer (what Lightning, accelerate and the Trainer set)."""
+    cfg = {k: v for k, v in cfg.items() if v != "auto"}
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def part_plain(report: dict) -> None:
+    """APOLLO handed to plain deepspeed.initialize (no apollo_dist adapter), as Lightning's
+    DeepSpeedStrategy, accelerate and the Trainer do: fp32, 2 micro-batches, clipping 1.0, vs the oracle."""
+    W = dist.get_world_size()
+    for preset in ("apollo", "apollo-mini"):
+        ref, _ = oracle_run(preset, clip=1.0)
+        for stage in (1, 2, 3):
+            model = oracle.make_model(0)
+            opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+            engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=plain_config(base_config(stage, GLOBAL_BATCH // W // 2, accum=2, clip=1.0)))
+            train(engine, STEPS, accum=2)
+            report[f"plain/stage{stage}/{preset}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "steps": opt.steps_taken,
+                                                      "wrapper": type(ds_opt).__name__}
+            engine.destroy()
+
+
+def part_plain_bf16(report: dict) -> None:
+    """bf16 (ZeRO-1 with fp32 accumulation = BF16_Optimizer, ZeRO-2, ZeRO-3), plain deepspeed.initialize vs
+    the adapter's engine on the same config (bf16 forward/backward differs from an fp32 oracle by ~1e-2)."""
+    W = dist.get_world_size()
+    ref, _ = oracle_run("apollo", steps=10)
+    for stage in (1, 2, 3):
+        finals = {}
+        for how in ("adapter", "plain"):
+            model = oracle.make_model(0)
+            opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+            cfg = plain_config(base_config(stage, GLOBAL_BATCH // W // 2, accum=2, clip=1.0))
+            cfg["bf16"] = {"enabled": True}
+            if stage == 1:
+                cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+            engine, ds_opt, _, _ = (ads.initialize if how == "adapter" else deepspeed.initialize)(model=model, optimizer=opt, config=cfg)
+            train(engine, 10, accum=2)
+            finals[how] = full_params(engine, model)
+            wrapper, steps = type(ds_opt).__name__, opt.steps_taken
+            engine.destroy()
+        report[f"plain_bf16/stage{stage}"] = {
+            "diff_vs_adapter": max(float((finals["plain"][n] - finals["adapter"][n]).abs().max() / finals["adapter"][n].abs().max()) for n in finals["plain"]),
+            "max_rel_diff_vs_fp32_oracle": rel_diff(finals["plain"], ref), "wrapper": wrapper, "steps": steps,
+        }
 
 
 def main() -> None:
@@ -352,6 +404,7 @@ def main() -> None:
     torch.manual_seed(0)
     report: dict = {"world": dist.get_world_size()}
     parts = {"equivalence": part_equivalence, "extras": part_extras, "fp16": part_fp16, "bf16": part_bf16, "subgroups": part_subgroups, "zero_init": part_zero_init,
+             "plain": part_plain, "plain_bf16": part_plain_bf16,
              "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir)}
     for name in args.parts.split(","):
         t0 = time.time()

@@ -1,0 +1,278 @@
+"""What an optimizer's param groups hold now, as `Slot`s (DESIGN.md §2.2).
+
+Trainers re-point an optimizer's param lists after it is built: DeepSpeed ZeRO-1/2 (and its
+BF16_Optimizer) leave one flat fp32 partition per group in them, ZeRO-3 puts a sub-group's flat fp32
+partition into its group's list around each ``step``, accelerate's FSDP2 ``prepare`` swaps the model's
+params for sharded DTensors. `detect` reads the groups as they are, with what the engine left on the
+params the optimizer was built with (kept by position, weakly, so an orphaned param is freed), and
+returns a `Binding`: this rank's slots per *unit* (one bucket: a param group, or one ZeRO-3 sub-group),
+the process group, the channel-ownership rule, and which tensors in a group's list route to which unit.
+Anything it cannot map is a ValueError / NotImplementedError that names the group, the tensor and the
+way out: APOLLO never steps tensors it has not mapped.
+
+Only attributes are read (``_hp_mapping``, ``_dp_group``, ``_z3_optimizer``, ``ds_shape``): nothing
+here imports deepspeed.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .core import Slot
+
+SUPPORTED = (
+    "plain tensors (one process, DDP), FSDP2 DTensors (Shard(0) on a 1-D mesh), DeepSpeed ZeRO-1/2/3 "
+    "partitions (deepspeed.initialize or apollo_dist.deepspeed.initialize)"
+)
+
+
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape: DeepSpeed ZeRO-3 params (under zero.Init) keep it in ``ds_shape``."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor"
+
+
+@dataclass
+class Received:
+    """One param as the optimizer received it: its position (initial seed = position + 1), shape,
+    whether it trains, and a weak reference (DeepSpeed's links live on it; FSDP2 may orphan it)."""
+
+    position: int
+    shape: tuple[int, ...]
+    trainable: bool
+    ref: Any  # weakref.ref to the tensor
+
+    @staticmethod
+    def of(groups: list[dict]) -> list[list["Received"]]:
+        out, position = [], 0
+        for g in groups:
+            row = []
+            for p in g["params"]:
+                row.append(Received(position, global_shape(p), bool(p.requires_grad), weakref.ref(p)))
+                position += 1
+            out.append(row)
+        return out
+
+
+@dataclass
+class Unit:
+    """One bucket's worth of slots: a whole param group, or one ZeRO-3 sub-group of it."""
+
+    group: int
+    slots: list[Slot]
+    handle: Optional[torch.Tensor] = None  # the flat partition the engine puts in the group's list for it
+
+
+@dataclass
+class Binding:
+    """This rank's slots and how the engine hands them to ``step``.
+
+    ``kind``: "params" (the groups hold the params themselves: plain tensors or DTensors),
+    "flat" (DeepSpeed: the groups hold flat partitions, each routed to the unit whose ``handle`` it is)
+    or "explicit" (an adapter called ``APOLLO.bind``: every non-empty group steps its unit)."""
+
+    kind: str
+    units: list[Unit]
+    process_group: Optional[dist.ProcessGroup] = None
+    owners: str = "position"
+    mesh: Any = None
+    signature: list[tuple[int, ...]] = field(default_factory=list)  # "params": ids in each group's list
+    held: list[torch.Tensor] = field(default_factory=list)  # strong refs: ids stay unique while bound
+
+    def __post_init__(self) -> None:
+        self.by_handle = {id(u.handle): u for u in self.units if u.handle is not None}
+        self.by_group: dict[int, list[Unit]] = {}
+        for u in self.units:
+            self.by_group.setdefault(u.group, []).append(u)
+
+    def accepts(self, lists: list[list[torch.Tensor]]) -> bool:
+        """True when the groups' lists are still what this binding maps (checked at every step)."""
+        if self.kind == "explicit":
+            return True
+        if self.kind == "params":
+            return [tuple(map(id, ts)) for ts in lists] == self.signature
+        return all(id(t) in self.by_handle and self.by_handle[id(t)].group == gi for gi, ts in enumerate(lists) for t in ts)
+
+    def active(self, gi: int, tensors: list[torch.Tensor]) -> list[Unit]:
+        """The units that a ``step`` with ``tensors`` in group ``gi``'s list updates."""
+        if not tensors:
+            return []
+        if self.kind == "flat":
+            return [self.by_handle[id(t)] for t in tensors]
+        return self.by_group.get(gi, [])
+
+
+# -- detectors ------------------------------------------------------------------------------------
+def detect(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
+    """The binding for what ``lists`` (each param group's ``params``, in group order) hold now."""
+    alive = [p for row in received for r in row if (p := r.ref()) is not None]
+    zero3 = {id(w): w for p in alive if (w := getattr(p, "_z3_optimizer", None)) is not None}
+    if zero3:
+        if len(zero3) > 1:
+            raise NotImplementedError("APOLLO's params belong to several DeepSpeed ZeRO-3 engines: build one optimizer per engine")
+        return zero3_binding(next(iter(zero3.values())), received)
+    current = [t for ts in lists for t in ts]
+    if any(hasattr(p, "_hp_mapping") for p in alive) and {id(t) for t in current} != {id(p) for p in alive}:
+        return zero_flat_binding(lists, received)
+    dtensors = [is_dtensor(t) for t in current]
+    if any(dtensors) and not all(dtensors):
+        raise NotImplementedError("APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard")
+    _check_same_params(lists, received)
+    if any(dtensors):
+        return dtensor_binding(lists, received)
+    return params_binding(lists, received)
+
+
+def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> None:
+    """The groups must hold as many tensors as were given at construction, of the same global shapes
+    (seeds are positional, and a flattened or reshaped copy would be stepped as the wrong matrix)."""
+    for gi, (ts, row) in enumerate(zip(lists, received)):
+        if len(ts) != len(row):
+            raise ValueError(
+                f"param group {gi} holds {len(ts)} tensors, APOLLO was built with {len(row)} params: something replaced "
+                f"the group's params with tensors APOLLO cannot map. Supported: {SUPPORTED}"
+            )
+        for j, (t, r) in enumerate(zip(ts, row)):
+            if global_shape(t) != r.shape:
+                raise ValueError(
+                    f"param group {gi}, param {j}: holds a tensor of shape {global_shape(t)} where APOLLO was built with "
+                    f"shape {r.shape} (an engine flattened or replaced it; e.g. DeepSpeed fp16/bf16 without ZeRO). "
+                    f"Supported: {SUPPORTED}"
+                )
+
+
+def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
+    """Plain tensors: every element is held here (one process, or DDP's replicas)."""
+    units = []
+    for gi, (ts, row) in enumerate(zip(lists, received)):
+        slots = []
+        for p, r in zip(ts, row):
+            if not p.requires_grad:
+                continue
+            if not p.is_contiguous():
+                raise ValueError(f"APOLLO needs contiguous parameters; param {r.position} with shape {tuple(p.shape)} is not")
+            grad = lambda p=p: None if p.grad is None else p.grad.reshape(-1)
+            slots.append(Slot(p, r.position, tuple(p.shape), 0, p.numel(), p.data.view(-1), grad))
+        units.append(Unit(gi, slots))
+    return Binding("params", units, signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
+
+
+def dtensor_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
+    """FSDP2 DTensors (Shard(0) on a 1-D mesh, uneven last shard): each rank a block of whole rows."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    units, mesh = [], None
+    for gi, (ts, row) in enumerate(zip(lists, received)):
+        slots = []
+        for p, r in zip(ts, row):
+            if not p.requires_grad:
+                continue
+            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                raise NotImplementedError(
+                    f"param {r.position}: APOLLO supports FSDP2 DTensors with placements (Shard(0),) on a 1-D mesh, "
+                    f"got {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+                )
+            if mesh is not None and p.device_mesh != mesh:
+                raise NotImplementedError("APOLLO needs every parameter on the same FSDP2 device mesh")
+            mesh = p.device_mesh
+            local = p._local_tensor
+            _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
+            start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+            grad = lambda p=p: None if p.grad is None else p.grad._local_tensor.reshape(-1)
+            slots.append(Slot(p, r.position, tuple(p.shape), start, start + local.numel(), local.view(-1), grad))
+        units.append(Unit(gi, slots))
+    return Binding("params", units, mesh.get_group() if mesh is not None else None, "chunk", mesh,
+                   signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
+
+
+def _deepspeed_param(r: Received, gi: int) -> torch.Tensor:
+    p = r.ref()
+    if p is None:
+        raise ValueError(
+            f"param group {gi}, position {r.position}: the parameter APOLLO was built with is gone, and the group holds "
+            "a DeepSpeed partition that APOLLO maps through it: keep the model alive"
+        )
+    return p
+
+
+def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
+    """ZeRO-1/2 and BF16_Optimizer: each group's list is one flat fp32 partition; each param's piece of
+    it is in ``p._hp_mapping`` (lp: elements of the param, hp: where they sit in the flat), cut anywhere."""
+    units, group = [], None
+    for gi, (ts, row) in enumerate(zip(lists, received)):
+        if len(ts) != 1 or ts[0].dim() != 1:
+            raise ValueError(
+                f"param group {gi}: DeepSpeed ZeRO-1/2 should leave one flat partition in it, found {len(ts)} tensors "
+                f"of shapes {[tuple(t.shape) for t in ts][:4]}"
+            )
+        flat = ts[0]
+        if flat.dtype != torch.float32:
+            raise NotImplementedError(f"APOLLO with DeepSpeed needs fp32 master weights, DeepSpeed keeps param group {gi}'s in {flat.dtype}")
+        slots = []
+        for r in row:
+            if not r.trainable:
+                continue
+            p = _deepspeed_param(r, gi)
+            if not hasattr(p, "_hp_mapping"):
+                raise ValueError(f"param group {gi}, position {r.position}: not in DeepSpeed's ZeRO partitions (no _hp_mapping)")
+            group = getattr(p, "_dp_group", group)
+            mapping = p._hp_mapping
+            if mapping is None:  # none of this param's elements are in this rank's partition
+                slots.append(Slot(p, r.position, r.shape, 0, 0, flat.narrow(0, 0, 0), lambda: None))
+                continue
+            if mapping.use_offload:
+                raise NotImplementedError(
+                    "APOLLO with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported; "
+                    "remove offload_optimizer or set its device to \"none\""
+                )
+            if mapping.hp_fragment.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+                raise ValueError(f"param group {gi}, position {r.position}: its DeepSpeed fragment is not in the group's flat partition")
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            # DeepSpeed assigns flat.grad afresh at every step: look it up at step time.
+            grad = lambda flat=flat, a=hp.start, n=hp.numel: None if flat.grad is None else flat.grad.narrow(0, a, n)
+            slots.append(Slot(p, r.position, r.shape, lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad))
+        units.append(Unit(gi, slots, flat))
+    return Binding("flat", units, group or dist.group.WORLD, held=[u.handle for u in units])
+
+
+def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
+    """ZeRO-3: each sub-group's flat fp32 partition lays its params' chunks end to end (padding
+    included); a param's chunk is [rank * c, (rank + 1) * c) ∩ [0, numel), c = ceil(numel / W)."""
+    name = type(zero).__name__
+    if name != "DeepSpeedZeroOptimizer_Stage3":
+        raise NotImplementedError(f"APOLLO with DeepSpeed: {name} (e.g. MiCS) is not supported; use plain ZeRO stage 3")
+    if getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False):
+        raise NotImplementedError(
+            "APOLLO with DeepSpeed ZeRO-3: offload_optimizer / offload_param are not supported; remove them or set their device to \"none\""
+        )
+    position = {id(p): r for row in received for r in row if (p := r.ref()) is not None}
+    group = zero.dp_process_group
+    rank = dist.get_rank(group)
+    units = []
+    for i, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
+        if flat is None or flat.dtype != torch.float32:
+            raise NotImplementedError(f"APOLLO with DeepSpeed ZeRO-3 needs fp32 master weights in memory (sub-group {i})")
+        gi = zero.sub_group_to_group_id[i]
+        slots, offset = [], 0
+        for p in params:
+            r = position.get(id(p))
+            if r is None:
+                raise ValueError(f"DeepSpeed ZeRO-3 sub-group {i} holds a parameter of shape {tuple(p.ds_shape)} that APOLLO was not built with")
+            chunk, numel = p.partition_numel(), p.ds_numel
+            start, end = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+            start = min(start, end)
+            n = end - start
+            grad = lambda flat=flat, a=offset, n=n: None if flat.grad is None else flat.grad.narrow(0, a, n)
+            slots.append(Slot(p, r.position, tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad))
+            offset += chunk
+        units.append(Unit(gi, slots, flat))
+    return Binding("flat", units, group, held=[u.handle for u in units])
