@@ -41,8 +41,8 @@ def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
 def runs(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("ds")
     return {
-        2: deepspeed_launch(2, tmp / "w2.json", "--parts", "equivalence,extras,checkpoint,fp16,bf16,zero_init,subgroups", "--ckpt-dir", str(tmp / "ck2")),
-        3: deepspeed_launch(3, tmp / "w3.json", "--parts", "equivalence,checkpoint", "--ckpt-dir", str(tmp / "ck3")),
+        2: deepspeed_launch(2, tmp / "w2.json", "--parts", "equivalence,extras,checkpoint,fp16,bf16,zero_init,subgroups,plain,plain_bf16,plain_errors", "--ckpt-dir", str(tmp / "ck2")),
+        3: deepspeed_launch(3, tmp / "w3.json", "--parts", "equivalence,checkpoint,plain", "--ckpt-dir", str(tmp / "ck3")),
     }
 
 
@@ -127,8 +127,46 @@ def test_zero3_model_built_under_zero_init(runs):
     assert r["max_rel_diff"] < TOL
 
 
-def test_zero3_needs_one_sub_group_per_param_group(runs):
-    assert "sub_group_size" in (runs[2]["subgroups"]["error"] or "")
+@pytest.mark.parametrize("how", ["adapter", "plain"])
+def test_zero3_sub_groups_match_oracle(runs, how):
+    """sub_group_size 100 splits each param group into several ZeRO-3 sub-groups, each stepped on its
+    own by DeepSpeed: one bucket per sub-group, the oracle's result."""
+    r = runs[2][f"subgroups/{how}"]
+    assert r["sub_groups"] > 2 and r["buckets"] == r["sub_groups"] and r["steps"] == 30
+    assert r["max_rel_diff"] < TOL
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_plain_deepspeed_initialize_matches_oracle(runs, world, stage, preset):
+    """APOLLO handed to plain deepspeed.initialize (what Lightning, accelerate and the Trainer do), fp32,
+    2 micro-batches per step, clipping 1.0: the oracle after 30 steps."""
+    r = runs[world][f"plain/stage{stage}/{preset}"]
+    assert r["steps"] == 30
+    assert r["max_rel_diff"] < TOL
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_plain_deepspeed_initialize_unsupported_layouts_raise(runs):
+    """ZeRO-Offload reached through plain deepspeed.initialize (zero_force_ds_cpu_optimizer false, so
+    DeepSpeed keeps APOLLO): a clear error before anything is stepped. Stage 0 with bf16 (DeepSpeed's
+    FP16_UnfusedOptimizer: an fp32 copy of each param in the groups) is mapped and trains."""
+    for stage in (2, 3):
+        assert "offload_optimizer" in runs[2][f"plain_errors/offload_stage{stage}"]["error"]
+    r = runs[2]["plain_errors/bf16_stage0"]
+    assert r["error"] is None and r["wrapper"] == "FP16_UnfusedOptimizer" and r["binding"] == "params"
+    assert r["max_rel_diff"] < 0.25
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_plain_deepspeed_initialize_bf16(runs, stage):
+    """bf16 (ZeRO-1 with fp32 accumulation runs BF16_Optimizer): plain deepspeed.initialize gives the
+    adapter's result, and stays near the fp32 oracle (bf16 forward/backward)."""
+    r = runs[2][f"plain_bf16/stage{stage}"]
+    assert r["steps"] == 10 and r["wrapper"] == ("BF16_Optimizer" if stage == 1 else r["wrapper"])
+    assert r["diff_vs_adapter"] < 1e-6
+    assert r["max_rel_diff_vs_fp32_oracle"] < 0.25
 
 
 # -- misuse: errors raised before DeepSpeed builds anything ------------------------------------------
@@ -190,8 +228,8 @@ def test_universal_checkpoint_loading_is_refused():
 
 
 def test_unsupported_precision_and_parallelism():
-    with pytest.raises(NotImplementedError, match="stage 1, 2 or 3"):
-        _initialize(config=_config(zero_optimization={"stage": 0}, bf16={"enabled": True}))
+    with pytest.raises(NotImplementedError, match="low-precision master weights"):
+        _initialize(config=_config(zero_optimization={"stage": 2, "bf16_master_weights_and_gradients": True}, bf16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="model parallelism"):
         _initialize(config=_config(), mpu=object())
 

@@ -2,6 +2,10 @@
 
 --layout fsdp2: the model is fully_shard-ed (Shard(0) DTensors, uneven last shard); APOLLO reads the
                 layout from the DTensors.
+--layout repointed: APOLLO is built on the unsharded model, state_dict()/load_state_dict() are called, the
+                model is fully_shard-ed and each group's "params" list is re-pointed to the DTensors (same
+                group dicts, state untouched): exactly what accelerate's FSDP2 prepare does.
+--layout accelerate: the real thing: accelerate.Accelerator(FSDP2 plugin).prepare(model, optimizer).
 --layout flat:  every rank keeps a full replica and computes full-batch gradients, but binds only the
                 elements of a ZeRO-1/2-like flat partition (all params concatenated, cut into W equal
                 pieces, so params are split mid-row); after each step the pieces are all-gathered.
@@ -92,7 +96,7 @@ def state_bytes(opt: APOLLO) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layout", choices=["fsdp2", "flat"], required=True)
+    ap.add_argument("--layout", choices=["fsdp2", "repointed", "accelerate", "flat"], required=True)
     ap.add_argument("--preset", default="apollo")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--layers", type=int, default=2)
@@ -118,6 +122,29 @@ def main() -> None:
             fully_shard(block)
         fully_shard(model)
         opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
+    elif args.layout == "repointed":
+        from torch.distributed.fsdp import fully_shard
+
+        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
+        opt.load_state_dict(opt.state_dict())  # accelerate's AcceleratedOptimizer moves state this way
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        sharded = dict(model.named_parameters())
+        for g, ns in zip(opt.param_groups, names):
+            g["params"] = [sharded[n] for n in ns]
+    elif args.layout == "accelerate":
+        from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+        opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                                transformer_cls_names_to_wrap=["Block"], reshard_after_forward=True)
+        accelerator = Accelerator(fsdp_plugin=plugin)
+        model, opt = accelerator.prepare(model, opt)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters()), accelerator.distributed_type
+        args.layout = "fsdp2"  # from here on the same as a hand-sharded model
     else:
         opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
         order = [p for g in opt.param_groups for p in g["params"]]
@@ -127,7 +154,7 @@ def main() -> None:
     counts, raised = [], []
     for t in range(args.steps):
         x, y = oracle.batch(t)
-        if args.layout == "fsdp2":  # each rank its slice of the global batch; FSDP2 averages grads
+        if args.layout in ("fsdp2", "repointed"):  # each rank its slice of the global batch; FSDP2 averages grads
             x, y = x[rank::world], y[rank::world]
         oracle.loss_fn(model, x, y).backward()
         if t == args.nan_step and rank == args.nan_rank:
@@ -143,7 +170,7 @@ def main() -> None:
         if args.layout == "flat":
             sync_replicas(order, world)
 
-    if args.layout == "fsdp2":
+    if args.layout in ("fsdp2", "repointed"):
         full = {n: p.full_tensor() for n, p in model.named_parameters()}
     else:
         full = {n: p.detach() for n, p in model.named_parameters()}

@@ -368,6 +368,34 @@ def part_plain(report: dict) -> None:
             engine.destroy()
 
 
+def part_plain_errors(report: dict) -> None:
+    """Layouts APOLLO cannot step, reached through plain deepspeed.initialize: the first step (or
+    state_dict) must raise a clear error, never step the wrong tensors."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()  # as in part_fp16: torch's CPU fp16 ops suffice for this model
+    accel.is_fp16_supported = lambda: True
+    accel.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
+    W = dist.get_world_size()
+    cases = {
+        "bf16_stage0": {"bf16": {"enabled": True}},  # FP16_UnfusedOptimizer: fp32 copies of each param (supported)
+        "offload_stage2": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
+        "offload_stage3": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
+    }
+    for name, extra in cases.items():
+        model = oracle.make_model(0)
+        opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+        cfg = plain_config(base_config(0, GLOBAL_BATCH // W))
+        cfg.update(extra)
+        try:
+            engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            train(engine, 10)
+            report[f"plain_errors/{name}"] = {"error": None, "wrapper": type(ds_opt).__name__, "binding": opt._binding.kind,
+                                              "max_rel_diff": rel_diff(full_params(engine, model), oracle_run("apollo", steps=10)[0])}
+        except (ValueError, NotImplementedError) as e:
+            report[f"plain_errors/{name}"] = {"error": f"{type(e).__name__}: {e}"}
+
+
 def part_plain_bf16(report: dict) -> None:
     """bf16 (ZeRO-1 with fp32 accumulation = BF16_Optimizer, ZeRO-2, ZeRO-3), plain deepspeed.initialize vs
     the adapter's engine on the same config (bf16 forward/backward differs from an fp32 oracle by ~1e-2)."""
@@ -404,7 +432,7 @@ def main() -> None:
     torch.manual_seed(0)
     report: dict = {"world": dist.get_world_size()}
     parts = {"equivalence": part_equivalence, "extras": part_extras, "fp16": part_fp16, "bf16": part_bf16, "subgroups": part_subgroups, "zero_init": part_zero_init,
-             "plain": part_plain, "plain_bf16": part_plain_bf16,
+             "plain": part_plain, "plain_bf16": part_plain_bf16, "plain_errors": part_plain_errors,
              "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir)}
     for name in args.parts.split(","):
         t0 = time.time()
