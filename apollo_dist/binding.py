@@ -141,6 +141,13 @@ def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Rece
                 f"the group's params with tensors APOLLO cannot map. Supported: {SUPPORTED}"
             )
         for j, (t, r) in enumerate(zip(ts, row)):
+            original = r.ref()
+            if original is not None and original is not t and original.dtype != t.dtype and original.dtype in (torch.float16, torch.bfloat16):
+                raise NotImplementedError(
+                    f"param group {gi}, param {j}: the group holds a {t.dtype} copy of a {original.dtype} parameter that is "
+                    "still in use: a mixed-precision wrapper APOLLO does not support (e.g. DeepSpeed fp16/bf16 without ZeRO, "
+                    "whose FP16_UnfusedOptimizer also steps once with zero gradients at initialize). Use ZeRO stage 1, 2 or 3"
+                )
             if global_shape(t) != r.shape:
                 raise ValueError(
                     f"param group {gi}, param {j}: holds a tensor of shape {global_shape(t)} where APOLLO was built with "

@@ -48,7 +48,7 @@ APOLLO's state: read ``optimizer.state[param]`` (this rank's owned channels / el
 
 Not supported (clear error at ``initialize``): optimizer/parameter offload (ZeRO-Offload, ZeRO-Infinity),
 ZeRO-1/2 elastic and DeepSpeed universal checkpoints, ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
-model parallelism (``mpu``), low-precision master weights. Checkpoints
+model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints
 resume at the same world size and stage; other world sizes go through ``tools/convert_checkpoint.py``.
 
 This is the only module of apollo_dist that imports deepspeed (lazily).
@@ -122,6 +122,9 @@ def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
     """Raise NotImplementedError for DeepSpeed features the adapter does not handle; return the ZeRO stage."""
     zero = config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
+    low_precision = (config.get("fp16") or {}).get("enabled") or (config.get("bf16") or config.get("bfloat16") or {}).get("enabled")
+    if stage == 0 and low_precision:
+        raise NotImplementedError("apollo_dist with DeepSpeed: fp16/bf16 needs ZeRO stage 1, 2 or 3 (stage 0 runs fp32 only)")
     if not _off(zero.get("offload_optimizer")) or zero.get("cpu_offload"):
         raise NotImplementedError(
             "apollo_dist with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported yet; "

@@ -85,6 +85,74 @@ def test_fsdp2_matches_oracle(tmp_path, world, preset):
     assert max(r["state_bytes"]) <= r["ref_state_bytes"] / world + _one_channel_per_param_bytes(r)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_repointed_fsdp2_matches_oracle(tmp_path, world, preset):
+    """accelerate's FSDP2 flow: APOLLO built on the unsharded model, state_dict()/load_state_dict() before
+    the first step, then fully_shard and each group's params re-pointed to the DTensors: the oracle."""
+    out = tmp_path / "r.json"
+    torchrun(WORKER, world, "--layout", "repointed", "--preset", preset, "--out", str(out))
+    r = report(out)
+    assert r["max_rel_diff"] < 1e-4
+    assert sum(r["state_bytes"]) == r["ref_state_bytes"]
+    assert max(r["state_bytes"]) <= r["ref_state_bytes"] / world + _one_channel_per_param_bytes(r)
+
+
+def test_repointed_params_step_the_new_tensors_and_free_the_old():
+    """One process: the groups re-pointed to copies (same shapes) before the first step: the copies
+    train like the oracle; from the first step on the optimizer keeps nothing of the originals."""
+    import gc
+    import weakref
+
+    ref = oracle.train(oracle.oracle_class(), "apollo", steps=12)
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    opt.load_state_dict(opt.state_dict())
+    copy = oracle.make_model(0)
+    originals = [weakref.ref(p) for p in model.parameters()]
+    by_id = {id(p): q for p, q in zip(model.parameters(), copy.parameters())}
+    for g in opt.param_groups:
+        g["params"] = [by_id[id(p)] for p in g["params"]]
+    del model, by_id
+    for t in range(12):
+        x, y = oracle.batch(t)
+        oracle.loss_fn(copy, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        if t == 0:  # the first step re-binds: nothing of the old binding keeps the originals alive
+            gc.collect()
+            assert all(r() is None for r in originals)
+    assert oracle.max_rel_diff(copy, ref) < 1e-5
+
+
+def test_repointing_after_training_started_is_an_error():
+    model, other = oracle.make_model(0), oracle.make_model(1)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    oracle.loss_fn(model, *oracle.batch(0)).backward()
+    opt.step()
+    by_id = {id(p): q for p, q in zip(model.parameters(), other.parameters())}
+    for g in opt.param_groups:
+        g["params"] = [by_id[id(p)] for p in g["params"]]
+    oracle.loss_fn(other, *oracle.batch(1)).backward()
+    with pytest.raises(ValueError, match="re-pointed them after the first step"):
+        opt.step()
+
+
+def test_groups_holding_tensors_of_other_shapes_are_an_error():
+    """A group whose params were replaced by flattened copies (what an unknown engine might do) is
+    refused, naming the group and both shapes; so is a group that lost params."""
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    opt.param_groups[1]["params"] = [p.detach().reshape(-1).clone().requires_grad_() for p in opt.param_groups[1]["params"]]
+    with pytest.raises(ValueError, match=r"param group 1, param 0: holds a tensor of shape \(121,\)"):
+        opt.step()
+    opt.param_groups[1]["params"] = opt.param_groups[1]["params"][:2]
+    with pytest.raises(ValueError, match="param group 1 holds 2 tensors, APOLLO was built with 8"):
+        opt.step()
+    with pytest.raises(NotImplementedError, match="add_param_group after construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+
+
 def test_collectives_per_step_do_not_grow_with_params(tmp_path):
     """Same number of collectives per step for a 2-block and a 5-block model (no per-param collectives)."""
     counts = []

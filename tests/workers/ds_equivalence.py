@@ -378,7 +378,7 @@ def part_plain_errors(report: dict) -> None:
     accel.supported_dtypes = lambda: [torch.float, torch.bfloat16, torch.float16]
     W = dist.get_world_size()
     cases = {
-        "bf16_stage0": {"bf16": {"enabled": True}},  # FP16_UnfusedOptimizer: fp32 copies of each param (supported)
+        "bf16_stage0": {"bf16": {"enabled": True}},  # FP16_UnfusedOptimizer: fp32 copies, a zero-grad step at init
         "offload_stage2": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
         "offload_stage3": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
     }
@@ -391,6 +391,7 @@ def part_plain_errors(report: dict) -> None:
             engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
             train(engine, 10)
             report[f"plain_errors/{name}"] = {"error": None, "wrapper": type(ds_opt).__name__, "binding": opt._binding.kind,
+                                              "steps": opt.steps_taken, "skipped": engine.skipped_steps,
                                               "max_rel_diff": rel_diff(full_params(engine, model), oracle_run("apollo", steps=10)[0])}
         except (ValueError, NotImplementedError) as e:
             report[f"plain_errors/{name}"] = {"error": f"{type(e).__name__}: {e}"}

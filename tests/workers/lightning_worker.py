@@ -8,21 +8,23 @@ Each rank's DataLoader (``use_distributed_sampler=False``, batch_size 6, no shuf
 rank-major half of ``oracle.batch(t, size=12)`` at step t: rank r gets rows [6r, 6r + 6).
 
 ``--strategy``:
-  deepspeed  first ``Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu")`` exactly as shipped:
-             Lightning refuses it (the error is reported); then ZeRO stages 2 and 3 with
-             ``CPUDeepSpeedStrategy``, Lightning's DeepSpeedStrategy with only its two CUDA-only guards
-             lifted (see the class), for each preset;
-  fsdp2      ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``; ``configure_model``
-             calls ``fully_shard`` on every block and on the LightningModule itself with
-             ``self.device_mesh["data_parallel"]``, for each preset.
+  deepspeed  ``Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu")`` exactly as shipped: Lightning
+             refuses it (reported); ``CPUDeepSpeedStrategy`` (the shipped class with only its CUDA-only
+             guard lifted) on Lightning's own CPU devices: refused next (reported); then
+             ``CPUDeepSpeedStrategy(stage=2|3, parallel_devices=[cpu:0, cpu:1])`` trains, both presets;
+  fsdp2      ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` as shipped;
+             ``configure_model`` calls ``fully_shard`` on every block and on the LightningModule itself
+             with ``self.device_mesh["data_parallel"]``; both presets.
 Full parameters are gathered in ``on_train_end`` (ZeRO-3: ``deepspeed.zero.GatheredParameters``; FSDP2:
 ``DTensor.full_tensor``). Rank 0 writes a JSON report to ``--out``: per case ``max_rel_diff`` vs the
-oracle, ``steps`` (``APOLLO.steps_taken``), ``global_step`` (Lightning's), the optimizer wrapper's class.
+oracle, ``steps`` (``APOLLO.steps_taken``), ``global_step`` (Lightning's), the optimizer Lightning steps,
+the elements APOLLO holds on each rank; per refusal the error and the file:line that raised it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -94,6 +96,12 @@ class ApolloModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         params = list(self.net.parameters())
+        # What APOLLO holds on each rank (elements, and params it holds only part of): proof of sharding.
+        slots = [s for b in self.apollo.buckets for s in b.slots]
+        mine = (sum(s.numel for s in slots), sum(0 < s.numel < math.prod(s.shape) for s in slots))
+        self.held = [None] * dist.get_world_size()
+        dist.all_gather_object(self.held, mine)
+        self.dtensors = sum(type(p).__name__ == "DTensor" for p in params)
         if self.fsdp2:
             self.final = {n: p.full_tensor().detach().float().clone() for n, p in self.net.named_parameters()}
         elif any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: partitioned, gather them
@@ -140,8 +148,12 @@ def fit_case(strategy, preset: str, fsdp2: bool = False) -> dict:
         "steps": module.apollo.steps_taken,
         "global_step": t.global_step,
         "optimizer": type(wrapper).__name__,
-        "config": getattr(t.strategy, "config", None) and {k: t.strategy.config.get(k) for k in ("zero_optimization", "gradient_clipping",
-                                                                                                    "train_micro_batch_size_per_gpu")},
+        "held_elements": [h[0] for h in module.held],
+        "partly_held_params": [h[1] for h in module.held],
+        "total_elements": sum(p.numel() for p in oracle.make_model(0).parameters()),
+        "dtensor_params": module.dtensors,
+        "ds_config": {k: t.strategy.config.get(k) for k in ("zero_optimization", "gradient_clipping", "train_micro_batch_size_per_gpu")}
+        if hasattr(t.strategy, "config") else None,
     }
 
 
@@ -151,38 +163,46 @@ def deepspeed_cases(report: dict) -> None:
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init; gloo does it all without.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    from lightning.fabric.strategies.deepspeed import _validate_device_index_selection  # noqa: F401 (exists: lifted below)
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from lightning.pytorch.strategies.ddp import DDPStrategy
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        """Lightning's DeepSpeedStrategy with its two CUDA-only guards lifted, nothing else changed:
+        """Lightning's DeepSpeedStrategy with its CUDA-only guard lifted and nothing else changed:
         ``setup_environment`` without the ``isinstance(self.accelerator, CUDAAccelerator)`` check
-        (lightning/pytorch/strategies/deepspeed.py:342) and ``setup_distributed`` without
-        ``_validate_device_index_selection`` (lightning/fabric/strategies/deepspeed.py:877, which needs
-        device indices 0..W-1; CPU devices have index None)."""
+        (lightning/pytorch/strategies/deepspeed.py:342-346); what follows the check is
+        DDPStrategy.setup_environment, as in the original."""
 
         def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)  # what DeepSpeedStrategy.setup_environment calls after its check
+            DDPStrategy.setup_environment(self)
 
-        def setup_distributed(self) -> None:
-            from lightning.fabric.utilities.seed import reset_seed
+    def indexed_cpus() -> list[torch.device]:
+        """cpu:0 .. cpu:W-1 (torch accepts the index; tensors moved there land on the CPU). Lightning's
+        DeepSpeedStrategy needs device indices 0..W-1: it checks them (_validate_device_index_selection,
+        lightning/fabric/strategies/deepspeed.py:880) and hands root_device.index to DeepSpeed as
+        device_rank (lightning/pytorch/strategies/deepspeed.py:448), where None fails
+        (deepspeed/runtime/engine.py:1942)."""
+        return [torch.device("cpu", i) for i in range(WORLD)]
 
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
+    def refusal(strategy) -> dict:
+        try:
+            trainer(strategy).fit(ApolloModule("apollo"))
+            return {"refused": None}
+        except Exception as e:  # noqa: BLE001 - what Lightning raises is the result
+            tb = traceback.extract_tb(e.__traceback__)[-1]
+            return {"refused": f"{type(e).__name__}: {e}", "where": f"{tb.filename}:{tb.lineno}"}
 
-    # 1. As shipped: refused on CPU.
-    try:
-        trainer(DeepSpeedStrategy(stage=2)).fit(ApolloModule("apollo"))
-        report["deepspeed/as_shipped"] = {"refused": None}
-    except Exception as e:  # noqa: BLE001 - what Lightning raises is the result
-        tb = traceback.extract_tb(e.__traceback__)[-1]
-        report["deepspeed/as_shipped"] = {"refused": f"{type(e).__name__}: {e}", "where": f"{tb.filename}:{tb.lineno}"}
-    # 2. Guards lifted: ZeRO 2 and 3, both presets.
+    # As shipped: refused on CPU; with the CUDA guard lifted but Lightning's own CPU devices (index None):
+    # refused next (both before any process group exists).
+    report["deepspeed/refused/as_shipped"] = refusal(DeepSpeedStrategy(stage=2))
+    report["deepspeed/refused/cuda_guard_lifted"] = refusal(CPUDeepSpeedStrategy(stage=2))
+    # CUDA guard lifted, indexed CPU devices: ZeRO 2 and 3, both presets. Buckets of 50 elements (the
+    # strategy's own arguments) so that this tiny model's gradients are reduced in many buckets, as a
+    # real model's are with the defaults.
     for stage in (2, 3):
         for preset in PRESETS:
-            run_case(report, f"deepspeed/stage{stage}/{preset}", lambda: fit_case(CPUDeepSpeedStrategy(stage=stage), preset))
+            run_case(report, f"deepspeed/stage{stage}/{preset}",
+                     lambda: fit_case(CPUDeepSpeedStrategy(stage=stage, parallel_devices=indexed_cpus(),
+                                                           allgather_bucket_size=50, reduce_bucket_size=50), preset))
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------
@@ -215,7 +235,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
-        from launch.engines import shutdown  # barrier, then leave without gloo's teardown
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
+        from engines import shutdown  # barrier, then leave without gloo's teardown (it can abort at exit)
 
         shutdown()
     elif int(os.environ.get("RANK", "0")) == 0:

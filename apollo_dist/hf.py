@@ -1,0 +1,165 @@
+"""Hugging Face ``transformers.Trainer`` with APOLLO, in three changed lines::
+
+    from apollo_dist.hf import APOLLOTrainer                                   # 1
+    args = TrainingArguments(..., optim="apollo_adamw", optim_target_modules=["attn", "mlp"],
+                             optim_args="rank=256,update_proj_gap=200")         # 2
+    trainer = APOLLOTrainer(model=model, args=args, train_dataset=ds)          # 3 (was Trainer)
+
+It works with no engine, DDP, DeepSpeed ZeRO-1/2/3 (``TrainingArguments(deepspeed=...)``) and FSDP2
+(``fsdp_config={"fsdp_version": 2}``): the Trainer hands the optimizer to accelerate / DeepSpeed, and
+APOLLO binds to whatever they leave in its param groups (apollo_dist.binding).
+
+The optimizer is built by `build_optimizer` from TrainingArguments, as transformers' own
+``optim="apollo_adamw"`` reads them — ``optim_target_modules`` (list, regex or "all-linear"; the
+weights of ``nn.Linear`` modules), ``optim_args`` ("rank=..,proj=..,proj_type=..,scale_type=..,scale=..,
+update_proj_gap=..", transformers' defaults: rank 128, channel, scale 1, gap 200) — so a run that used
+transformers' single-GPU APOLLO gets the same param positions, hence the same projections. Also read:
+``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` (transformers' APOLLO ignores
+the last; here it applies to the low-rank weights and to the other params except biases and norms, as
+the Trainer's AdamW does).
+
+Refused with a clear error, because the Trainer would otherwise drop or replace APOLLO without a word:
+``optimizers=(opt, ...)`` (discarded under DeepSpeed, transformers issue #38753), a DeepSpeed JSON
+``"optimizer"`` block (the Trainer then builds DeepSpeed's optimizer), DeepSpeed ``offload_optimizer``
+(accelerate swaps in DeepSpeedCPUAdam), and the layer-wise ``apollo_adamw_layerwise``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .groups import LOW_RANK_KEYS
+from .optimizer import APOLLO
+
+# transformers' defaults for optim="apollo_adamw" (trainer_optimizer._get_apollo_optimizer)
+HF_DEFAULTS = {"rank": 128, "proj": "random", "scale_type": "channel", "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+EXTRA_KEYS = ("projection_tf32", "nonfinite")
+OPTIM_NAMES = ("apollo_adamw", "adamw_torch", "adamw_torch_fused")  # what optim= may say (the defaults are AdamW's)
+
+
+def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
+    """``"rank=256,scale_type=tensor,..."`` -> typed APOLLO keys; ValueError naming an unknown key or bad value."""
+    out: dict[str, Any] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"optim_args: {item!r} is not key=value")
+        if key in ("rank", "update_proj_gap"):
+            out[key] = int(value)
+        elif key == "scale":
+            out[key] = float(value)
+        elif key in ("proj", "proj_type", "scale_type", "nonfinite"):
+            out[key] = value
+        elif key == "projection_tf32":
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            raise ValueError(f"optim_args: unknown APOLLO key {key!r}: expected some of {list(LOW_RANK_KEYS + EXTRA_KEYS)}")
+    return out
+
+
+def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> list[dict[str, Any]]:
+    """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
+    first (split into weight-decay and no-decay groups, same positions), then the targeted ``nn.Linear``
+    weights with the low-rank keys. ``decay_names``: params that get weight decay (default: all)."""
+    from transformers.trainer_utils import check_target_module_exists
+
+    targets = args.optim_target_modules if args.optim_target_modules is not None else ["attn", "mlp"]
+    all_linear = isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
+    target_names = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (all_linear or check_target_module_exists(targets, name))
+    }
+    if not target_names:
+        raise ValueError(f"optim_target_modules={targets!r} match no nn.Linear of the model")
+    keys = {**HF_DEFAULTS, **{k: v for k, v in parse_optim_args(args.optim_args).items() if k in LOW_RANK_KEYS}}
+    wd = float(args.weight_decay)
+    decay, no_decay, low = [], [], []
+    for name, p in model.named_parameters():
+        if name in target_names:
+            low.append((name, p))
+        elif decay_names is None or name in decay_names:
+            decay.append((name, p))
+        else:
+            no_decay.append((name, p))
+    groups = [
+        {"params": [p for _, p in ps], "param_names": [n for n, _ in ps], "weight_decay": w, **extra}
+        for ps, w, extra in ((decay, wd, {}), (no_decay, 0.0, {}), (low, wd, keys))
+        if ps
+    ]
+    return groups
+
+
+def build_optimizer(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> APOLLO:
+    """``apollo_dist.APOLLO`` from ``transformers.TrainingArguments`` (see the module docstring)."""
+    extra = {k: v for k, v in parse_optim_args(args.optim_args).items() if k in EXTRA_KEYS}
+    return APOLLO(
+        param_groups_from_args(args, model, decay_names),
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        weight_decay=float(args.weight_decay), **extra,
+    )
+
+
+def check_trainer_setup(args: Any, optimizers: Any = None) -> None:
+    """Raise where the Trainer would drop or replace APOLLO; warn where a setting is ignored."""
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim.endswith("layerwise"):
+        raise NotImplementedError(f"optim={optim!r}: layer-wise APOLLO is not supported by APOLLOTrainer; use optim=\"apollo_adamw\"")
+    if optim not in OPTIM_NAMES:
+        warnings.warn(f"APOLLOTrainer trains with APOLLO: optim={optim!r} is ignored", stacklevel=3)
+    if optimizers is not None and optimizers[0] is not None:
+        raise ValueError(
+            "APOLLOTrainer builds APOLLO from TrainingArguments: do not pass optimizers=(optimizer, ...) "
+            "(under DeepSpeed the Trainer discards it and builds AdamW, transformers issue #38753); "
+            "set optim_target_modules / optim_args instead"
+        )
+    ds = getattr(args, "hf_deepspeed_config", None)
+    config = ds.config if ds is not None else {}
+    block = config.get("optimizer")
+    if block:
+        raise ValueError(
+            f"the DeepSpeed config has an \"optimizer\" block (type {block.get('type')!r}): under the Trainer it "
+            "replaces APOLLO; remove the block (APOLLOTrainer hands APOLLO to DeepSpeed itself)"
+        )
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if str(offload.get("device", "none")).lower() != "none":
+        raise NotImplementedError(
+            "DeepSpeed offload_optimizer with APOLLO is not supported (accelerate would also replace APOLLO by "
+            "DeepSpeedCPUAdam): remove zero_optimization.offload_optimizer"
+        )
+
+
+def _trainer_class():
+    import transformers
+
+    class APOLLOTrainer(transformers.Trainer):
+        """``transformers.Trainer`` whose optimizer is ``apollo_dist.APOLLO`` built from its TrainingArguments
+        (same arguments as Trainer; see apollo_dist.hf)."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            if training_args is not None:
+                check_trainer_setup(training_args, kwargs.get("optimizers"))
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+            if self.optimizer is None:
+                opt_model = self.model if model is None else model
+                self.optimizer = build_optimizer(self.args, opt_model, set(self.get_decay_parameter_names(opt_model)))
+            return self.optimizer
+
+    return APOLLOTrainer
+
+
+def __getattr__(name: str):
+    """``APOLLOTrainer`` on first use (transformers is imported only by code that asks for it)."""
+    if name == "APOLLOTrainer":
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module 'apollo_dist.hf' has no attribute {name!r}")

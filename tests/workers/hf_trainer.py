@@ -1,0 +1,98 @@
+"""Worker: a tiny LLaMA trained by ``transformers.Trainer`` (CPU, gloo), per-step losses to ``--out``.
+
+--mode reference   one process, transformers' own ``optim="apollo_adamw"`` (apollo-torch, the oracle)
+--mode apollo_dist ``apollo_dist.hf.APOLLOTrainer`` under the launcher it is started with (torchrun),
+                   with ``--stage N`` as the Trainer's ``deepspeed=`` ZeRO stage (0: no DeepSpeed)
+The global batch is the same for every world size (sequential sampling, ``GLOBAL`` rows per step).
+``--save-steps K`` writes Trainer checkpoints; ``--resume DIR`` continues from one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import torch  # noqa: E402
+
+import oracle  # noqa: E402
+
+oracle.stub_bitsandbytes()
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+GLOBAL = 4  # rows per optimizer step
+SEQ = 16
+OPTIM_ARGS = "rank=4,update_proj_gap=5"  # projection refreshes at steps 5, 10, 15
+
+
+def make_model() -> LlamaForCausalLM:
+    """2 layers, GQA (4 heads, 2 KV heads), an MLP of 44 (tall and wide weights not divisible by 3)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+def dataset(steps: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    rows = torch.randint(0, 64, (steps * GLOBAL, SEQ), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["reference", "apollo_dist"], required=True)
+    ap.add_argument("--stage", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--resume", default=None)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = None
+    if a.stage:
+        import deepspeed.ops
+
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at init (minutes on 2 cores): gloo does it all.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        # accelerate picks a process-group backend only for accelerators; on CPU, configure its state with
+        # gloo first and tell TrainingArguments to use it (accelerate's documented use_configured_state).
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        ds_config = {"zero_optimization": {"stage": a.stage}, "train_micro_batch_size_per_gpu": "auto",
+                     "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+    args = TrainingArguments(
+        output_dir=a.dir, per_device_train_batch_size=GLOBAL // world, max_steps=a.steps, learning_rate=1e-2,
+        adam_epsilon=1e-6,  # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: 1e-6)
+        logging_steps=1, report_to=[], seed=0, train_sampling_strategy="sequential", dataloader_num_workers=0,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, save_only_model=False,
+        optim="apollo_adamw", optim_target_modules=["attn", "mlp"], optim_args=OPTIM_ARGS,
+        deepspeed=ds_config, ddp_backend="gloo" if world > 1 else None, use_cpu=ds_config is None,
+        accelerator_config={"use_configured_state": bool(ds_config)},
+    )
+    if a.mode == "reference":
+        trainer = Trainer(model=make_model(), args=args, train_dataset=dataset(a.steps))
+    else:
+        from apollo_dist.hf import APOLLOTrainer
+
+        trainer = APOLLOTrainer(model=make_model(), args=args, train_dataset=dataset(a.steps))
+    trainer.train(resume_from_checkpoint=a.resume)
+    losses = {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
+    opt = trainer.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    inner = getattr(inner, "optimizer", inner)  # AcceleratedOptimizer -> DeepSpeed's wrapper -> APOLLO
+    if trainer.args.process_index == 0:
+        with open(a.out, "w") as f:
+            json.dump({"losses": losses, "world": world, "optimizer": type(inner).__name__,
+                       "steps_taken": getattr(inner, "steps_taken", None)}, f)
+
+
+if __name__ == "__main__":
+    main()
