@@ -68,8 +68,8 @@ def make_model(seed: int = 0) -> TinyNet:
 def batch(step: int, size: int = 12, seq: int = 7, vocab: int = 37) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch of ``step``: a function of the step only."""
     g = torch.Generator().manual_seed(1000 + step)
-    x = torch.randint(0, vocab, (size, seq), generator=g)
-    y = torch.randint(0, vocab, (size, seq), generator=g)
+    x = torch.randint(0, vocab, (size, seq), generator=g, device="cpu")  # on CPU under any default device
+    y = torch.randint(0, vocab, (size, seq), generator=g, device="cpu")
     return x, y
 
 

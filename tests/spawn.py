@@ -9,16 +9,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "launch"))
+from launchers import launcher  # noqa: E402
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-    """CPU only, one thread per rank (CI has 2 cores), DeepSpeed's CPU accelerator, the venv's launchers
-    on PATH and the repo importable."""
+    """One thread per rank (CI has 2 cores), the venv's launchers on PATH and the repo importable; CPU
+    only (GPUs hidden, DeepSpeed's CPU accelerator) unless ``extra`` says DS_ACCELERATOR="cuda"."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("CUDA_VISIBLE_DEVICES", None)
     env.update(extra)
+    if env["DS_ACCELERATOR"] == "cpu":  # a CPU test on a GPU machine must not put rank 1 on cuda:1
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -32,7 +35,7 @@ def run_checked(cmd: list[str], timeout: int = 600, check: bool = True, **env: s
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node nproc script args`` (gloo on CPU), ``env`` added."""
-    return run_checked([str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout, **env)
+    return run_checked([launcher("torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout, **env)
 
 
 def report(path: Path) -> dict:

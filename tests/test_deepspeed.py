@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import oracle
-from spawn import BIN, ROOT, report, run_checked
+from spawn import ROOT, launcher, report, run_checked
 
 WORKER = str(ROOT / "tests" / "workers" / "ds_equivalence.py")
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
     """``deepspeed --num_gpus world WORKER --out out args`` on CPU; the worker's report."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), WORKER, "--out", str(out), *args]
+    cmd = [launcher("deepspeed"), "--num_gpus", str(world), "--master_port", str(free_port()), WORKER, "--out", str(out), *args]
     run_checked(cmd, timeout=600)
     r = report(out)
     errors = {k: v for k, v in r.items() if k.startswith("error/")}

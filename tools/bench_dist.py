@@ -26,6 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from launch.launchers import launcher  # noqa: E402
 from tools.compare_runs import read_metrics  # noqa: E402
 
 CONFIGS = {"zero1": "ds_configs/apollo_zero1.json", "zero2": "ds_configs/apollo.json", "zero3": "ds_configs/apollo_zero3.json"}
@@ -40,10 +41,6 @@ class LaunchError(RuntimeError):
 
 def launch_command(engine: str, world: int, config: str | None) -> list[str]:
     """The launcher line of launch/*.sh for ``engine`` on ``world`` local processes."""
-    def launcher(name: str) -> str:  # next to this Python (a venv), else on PATH
-        here = os.path.join(os.path.dirname(sys.executable), name)
-        return here if os.path.exists(here) else (shutil.which(name) or name)
-
     if engine == "fsdp2":
         return [launcher("torchrun"), "--standalone", f"--nproc_per_node={world}", "launch/train.py", "--engine", "fsdp2"]
     port = str(29500 + os.getpid() % 1000)

@@ -43,6 +43,13 @@ def dataset(steps: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": r, "labels": r.clone()} for r in rows]
 
 
+class Sequential:
+    """Rows in dataset order (every transformers version; newer ones also have train_sampling_strategy)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["reference", "apollo_dist"], required=True)
@@ -50,12 +57,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--fsdp2", action="store_true", help="fsdp_config={'fsdp_version': 2} (accelerate's FSDP2)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL (default: CPU + gloo)")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    gpu = a.gpu
     ds_config = None
-    if a.stage:
+    if a.stage and not gpu:
         import deepspeed.ops
 
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at init (minutes on 2 cores): gloo does it all.
@@ -66,23 +76,25 @@ def main() -> None:
 
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
+    if a.stage:
         ds_config = {"zero_optimization": {"stage": a.stage}, "train_micro_batch_size_per_gpu": "auto",
                      "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     args = TrainingArguments(
         output_dir=a.dir, per_device_train_batch_size=GLOBAL // world, max_steps=a.steps, learning_rate=1e-2,
         adam_epsilon=1e-6,  # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: 1e-6)
-        logging_steps=1, report_to=[], seed=0, train_sampling_strategy="sequential", dataloader_num_workers=0,
+        logging_steps=1, report_to=[], seed=0, dataloader_num_workers=0,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, save_only_model=False,
         optim="apollo_adamw", optim_target_modules=["attn", "mlp"], optim_args=OPTIM_ARGS,
-        deepspeed=ds_config, ddp_backend="gloo" if world > 1 else None, use_cpu=ds_config is None,
-        accelerator_config={"use_configured_state": bool(ds_config)},
+        deepspeed=ds_config, ddp_backend="gloo" if world > 1 and not gpu else None, use_cpu=ds_config is None and not gpu,
+        accelerator_config={"use_configured_state": bool(ds_config) and not gpu},
+        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                                  "reshard_after_forward": True}} if a.fsdp2 else {}),
     )
     if a.mode == "reference":
-        trainer = Trainer(model=make_model(), args=args, train_dataset=dataset(a.steps))
+        base = Trainer
     else:
-        from apollo_dist.hf import APOLLOTrainer
-
-        trainer = APOLLOTrainer(model=make_model(), args=args, train_dataset=dataset(a.steps))
+        from apollo_dist.hf import APOLLOTrainer as base
+    trainer = type("SequentialTrainer", (Sequential, base), {})(model=make_model(), args=args, train_dataset=dataset(a.steps))
     trainer.train(resume_from_checkpoint=a.resume)
     losses = {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
     opt = trainer.optimizer

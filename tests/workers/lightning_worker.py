@@ -48,8 +48,9 @@ import lightning.pytorch as pl  # noqa: E402
 from apollo_dist import APOLLO  # noqa: E402
 
 GLOBAL_BATCH = 12
-WORLD = 2
+WORLD = int(os.environ.get("WORLD_SIZE", "2"))
 LOCAL_BATCH = GLOBAL_BATCH // WORLD
+GPU = "--gpu" in sys.argv  # CUDA + NCCL: the shipped strategies, the oracle on the GPU too (CUDA draws other P)
 STEPS = 30
 PRESETS = ("apollo", "apollo-mini")
 
@@ -115,7 +116,7 @@ class ApolloModule(pl.LightningModule):
 
 def trainer(strategy) -> pl.Trainer:
     return pl.Trainer(
-        strategy=strategy, accelerator="cpu", devices=WORLD, num_nodes=1, precision="32-true", max_steps=STEPS,
+        strategy=strategy, accelerator="gpu" if GPU else "cpu", devices=WORLD, num_nodes=1, precision="32-true", max_steps=STEPS,
         gradient_clip_val=None, use_distributed_sampler=False, enable_checkpointing=False, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
@@ -123,11 +124,12 @@ def trainer(strategy) -> pl.Trainer:
 
 def oracle_run(preset: str) -> torch.nn.Module:
     """apollo-torch on the full 12-row batch of each step, one process."""
-    model = oracle.make_model(0)
+    device = torch.device("cuda") if GPU else torch.device("cpu")
+    model = oracle.make_model(0).to(device)
     opt = oracle.oracle_class()(oracle.groups(model, preset), **oracle.HPARAMS)
     for t in range(STEPS):
         x, y = oracle.batch(t, size=GLOBAL_BATCH)
-        oracle.loss_fn(model, x, y).backward()
+        oracle.loss_fn(model, x.to(device), y.to(device)).backward()
         opt.step()
         opt.zero_grad()
     return model
@@ -135,7 +137,7 @@ def oracle_run(preset: str) -> torch.nn.Module:
 
 def rel_diff(got: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
     """max over params of ||got - ref||_inf / ||ref||_inf."""
-    return max(float((got[n] - q.detach()).abs().max() / q.detach().abs().max()) for n, q in ref.named_parameters())
+    return max(float((got[n].to(q.device) - q.detach()).abs().max() / q.detach().abs().max()) for n, q in ref.named_parameters())
 
 
 def fit_case(strategy, preset: str, fsdp2: bool = False) -> dict:
@@ -191,6 +193,12 @@ def deepspeed_cases(report: dict) -> None:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             return {"refused": f"{type(e).__name__}: {e}", "where": f"{tb.filename}:{tb.lineno}"}
 
+    if GPU:  # the shipped strategy, as users run it
+        for stage in (2, 3):
+            for preset in PRESETS:
+                run_case(report, f"deepspeed/stage{stage}/{preset}",
+                         lambda: fit_case(DeepSpeedStrategy(stage=stage, allgather_bucket_size=50, reduce_bucket_size=50), preset))
+        return
     # As shipped: refused on CPU; with the CUDA guard lifted but Lightning's own CPU devices (index None):
     # refused next (both before any process group exists).
     report["deepspeed/refused/as_shipped"] = refusal(DeepSpeedStrategy(stage=2))
@@ -227,6 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", choices=["deepspeed", "fsdp2"], required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--gpu", action="store_true", help="accelerator='gpu' (NCCL), the shipped strategies")
     args = ap.parse_args()
     report: dict = {}
     {"deepspeed": deepspeed_cases, "fsdp2": fsdp2_cases}[args.strategy](report)
