@@ -100,7 +100,8 @@ if triton is not None:
 
     @triton.jit
     def _project_kernel(g_ptrs, p_ptrs, rows_t, n_t, tall_t, out_t, job_slot, job_c0, T_R, T_g, r,
-                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr):
+                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
+                        K_MAX: tl.constexpr):
         job = tl.program_id(0)
         i = tl.load(job_slot + job)
         c = tl.load(job_c0 + job) + tl.arange(0, BLOCK_C)
@@ -114,7 +115,9 @@ if triton is not None:
         sq = tl.zeros((BLOCK_C,), tl.float32)
         if tl.load(tall_t + i) != 0:  # channels = rows of G; P is r x n
             n_ch = rows
-            for k0 in range(0, n, BLOCK_K):
+            # Compiled: loop to this slot's n. Triton 3.6's interpreter (with NumPy 2) takes no tensor as a
+            # loop bound: it loops to the launch's largest k (a constexpr there, 0 when compiled); masks cut the rest.
+            for k0 in range(0, K_MAX if INTERPRETED else n, BLOCK_K):
                 k = k0 + kk
                 gt = tl.load(g + c[:, None] * n + k[None, :], mask=(c[:, None] < rows) & (k[None, :] < n), other=0.0)
                 pt = tl.load(p + j[None, :] * n + k[:, None], mask=(k[:, None] < n) & (j[None, :] < r), other=0.0)
@@ -125,7 +128,7 @@ if triton is not None:
                 sq += tl.sum(gt * gt, axis=1)
         else:  # channels = columns of G; P holds this slot's rows, rows x r
             n_ch = n
-            for k0 in range(0, rows, BLOCK_K):
+            for k0 in range(0, K_MAX if INTERPRETED else rows, BLOCK_K):
                 k = k0 + kk
                 gt = tl.load(g + k[:, None] * n + c[None, :], mask=(k[:, None] < rows) & (c[None, :] < n), other=0.0)
                 pt = tl.load(p + k[:, None] * r + j[None, :], mask=(k[:, None] < rows) & (j[None, :] < r), other=0.0)
@@ -157,6 +160,7 @@ class MultiProjection:
         self.job_slot, self.job_c0 = _blocks(channels, self.block_c, device)
         self.rows_t, self.n_t, self.tall_t, self.out_t = (_i64(col, device) for col in zip(*self.slots)) if self.slots else (None,) * 4
         self.g_ptrs, self.p_ptrs = _Pointers(device), _Pointers(device)
+        self.k_max = max((n if tall else rows for rows, n, tall, _ in self.slots), default=0)  # interpreter's loop bound
 
     def __call__(self, grads: list[torch.Tensor], projs: list[torch.Tensor], T_R: torch.Tensor, T_g: torch.Tensor, tf32: bool = False) -> None:
         """``grads[i]``: (rows x n) fp32; ``projs[i]``: P (r x n, tall) or P's held rows (rows x r, wide).
@@ -173,7 +177,7 @@ class MultiProjection:
         _project_kernel[(len(self.job_slot),)](
             self.g_ptrs(grads), self.p_ptrs(projs), self.rows_t, self.n_t, self.tall_t, self.out_t,
             self.job_slot, self.job_c0, T_R, T_g, self.rank,
-            BLOCK_C=self.block_c, BLOCK_K=self.block_k, R_PAD=self.r_pad,
+            BLOCK_C=self.block_c, BLOCK_K=self.block_k, R_PAD=self.r_pad, INTERPRETED=INTERPRET, K_MAX=self.k_max if INTERPRET else 0,
             num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4, num_stages=3,
         )
 

@@ -8,6 +8,10 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 if [ "$GPUS" -gt 0 ]; then
   NPROC=${NPROC:-$GPUS}
+  if [ "$NPROC" -gt "$GPUS" ]; then
+    echo "$(basename "$0"): error: NPROC=$NPROC ranks but $GPUS visible GPU(s): set NPROC<=$GPUS, or run on the CPU with CUDA_VISIBLE_DEVICES=\"\"" >&2
+    exit 2
+  fi
   CPU_FLAGS=()
 else
   NPROC=${NPROC:-2}

@@ -118,6 +118,24 @@ class Dist:
             dist.barrier()
 
 
+class TooManyRanks(ValueError):
+    """More ranks on this node than visible GPUs."""
+
+
+def check_gpus_per_node(local_rank: int) -> None:
+    """TooManyRanks (one line: both numbers, both ways out) when this node runs more ranks than it sees
+    GPUs; called before any process group exists. Without a visible GPU every rank runs on the CPU."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = max([local_rank + 1] + [int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if os.environ.get(k)])
+    if visible and local > visible:
+        raise TooManyRanks(
+            f"{local} ranks on this node but {visible} visible GPU(s): launch at most {visible} "
+            f"(--nproc_per_node / --num_gpus {visible}), or run on the CPU with CUDA_VISIBLE_DEVICES=\"\""
+        )
+
+
 def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
     """Pick the device (cuda:LOCAL_RANK when CUDA is available, else CPU) and start the process group
     (NCCL / gloo) when there is more than one rank or DeepSpeed runs (it always wants one).
@@ -126,6 +144,7 @@ def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
     failed file system) raises after it instead of waiting for gloo's default 30 minutes."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
+    check_gpus_per_node(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -351,7 +351,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
-    d = engines.init_distributed(run["engine"], args.dist_timeout)
+    try:
+        d = engines.init_distributed(run["engine"], args.dist_timeout)
+    except engines.TooManyRanks as e:
+        if engines.env_rank() == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     if d.rank != 0:  # param_groups' warning (rank > a weight's smaller dimension): once per job, not per rank
         warnings.filterwarnings("ignore", message="APOLLO rank")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)

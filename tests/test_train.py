@@ -199,3 +199,22 @@ def test_json_optimizer_options_reach_the_optimizer(tmp_path):
     assert hp["scale_front"] is True and hp["disable_nl"] is True and hp["rank"] == 3
     opt = engines.build_optimizer(make_model(), {**hp, "target_modules": ["attn", "mlp"]})
     assert opt.scale_front and opt.disable_nl and opt.param_groups[1]["rank"] == 3
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    """Before any process group: both numbers and both ways out (the GPU count is what torch reports;
+    here it is set, since CI has no GPU). Without a visible GPU every rank runs on the CPU."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import engines
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(engines.TooManyRanks, match=r"^2 ranks on this node but 1 visible GPU\(s\): launch at most 1 .* CUDA_VISIBLE_DEVICES"):
+        engines.check_gpus_per_node(0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    engines.check_gpus_per_node(0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    engines.check_gpus_per_node(2)
