@@ -5,7 +5,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 if [ -x .venv/bin/python ]; then export PATH="$ROOT/.venv/bin:$PATH"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "${DS_ACCELERATOR:-}" = cpu ]; then GPUS=0  # asked for CPU ranks (the tests do), whatever is visible
+else GPUS=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0); fi
 if [ "$GPUS" -gt 0 ]; then
   NPROC=${NPROC:-$GPUS}
   if [ "$NPROC" -gt "$GPUS" ]; then

@@ -137,14 +137,17 @@ def check_gpus_per_node(local_rank: int) -> None:
 
 
 def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
-    """Pick the device (cuda:LOCAL_RANK when CUDA is available, else CPU) and start the process group
+    """Pick the device (cuda:LOCAL_RANK when CUDA is available and DS_ACCELERATOR is not "cpu", else CPU)
+    and start the process group
     (NCCL / gloo) when there is more than one rank or DeepSpeed runs (it always wants one).
 
     ``timeout_s`` bounds every collective: a rank whose peer is stuck (stopped, deadlocked, waiting on a
     failed file system) raises after it instead of waiting for gloo's default 30 minutes."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    check_gpus_per_node(local_rank)
+    # DS_ACCELERATOR=cpu asks for CPU ranks even where GPUs are visible (DeepSpeed's launcher re-exposes them)
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "").lower() != "cpu"
+    if cuda:
+        check_gpus_per_node(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -6,4 +6,6 @@ ENGINE=${ENGINE:-fsdp2}
 ENGINE_FLAGS=(--engine "$ENGINE")
 if [ "$ENGINE" = deepspeed ]; then ENGINE_FLAGS+=(--deepspeed "${DS_CONFIG:-ds_configs/apollo.json}"); fi
 export MASTER_PORT=$PORT
+# A system Open MPI (GPU images) refuses root without these; pip's mpich ignores them. Containers run as root.
+if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 exec mpirun -np "$NPROC" python launch/train.py "${ENGINE_FLAGS[@]}" "${CPU_FLAGS[@]}" "$@"
