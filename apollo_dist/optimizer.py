@@ -117,6 +117,11 @@ class APOLLO(torch.optim.Optimizer):
         self._mesh = None
         if any(is_dtensor(p) for g in self._groups for p in g["params"]):
             self.ensure_bound()  # built after fully_shard: state exists from the start (DCP checkpoints at step 0)
+        else:  # seeds now, the rest at binding: a non-empty state keeps DCP from a zero-gradient "init" step
+            for g, row in zip(self._groups, self._received):
+                for p, r in zip(g["params"], row):
+                    if r.trainable:
+                        self.state[p]["seed"] = r.position + 1
 
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: seeds are the params' positions, fixed at construction."""

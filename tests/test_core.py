@@ -269,3 +269,16 @@ def test_segment_sums_over_chunks_and_empty_segments():
     torch.testing.assert_close(segment_sums(x, segment_index(lengths, torch.device("cpu"), chunk=1024)), expect)
     assert segment_sums(torch.zeros(3, 0), segment_index([], torch.device("cpu"))).shape == (3, 0)
     assert segment_sums(torch.zeros(3, 0), segment_index([0, 0], torch.device("cpu"))).eq(0).all()
+
+
+def test_dcp_state_init_does_not_step_a_fresh_optimizer():
+    """DCP's state-dict helpers run a zero-gradient step on an optimizer whose state is empty: APOLLO's
+    state holds the seeds from construction, so nothing moves (no step counted, no weight decay)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = oracle.make_model(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    _init_optim_state(opt)
+    assert opt.steps_taken == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
