@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from model import token_losses
 
 CHECKPOINT_FORMAT = "apollo_dist.train/1"
 META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
+# The run's settings a checkpoint records (train.py takes them back on --resume unless a flag says otherwise)
+RUN_KEYS_SAVED = ("model", "seed", "global_batch_size", "seq_len", "dtype", "data", "steps", "warmup_steps", "grad_clip",
+                  "activation_checkpointing")
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -218,15 +222,19 @@ def step_tag(step: int) -> str:
 
 def resolve_checkpoint(path: str) -> tuple[str, str, dict]:
     """(root, tag, meta) of ``path``: a step directory, or a save directory holding a `latest` file.
-    ValueError with a one-line reason when it is not a complete checkpoint."""
+    ValueError with a one-line reason when it is not a complete checkpoint. A step directory whose
+    rewrite stopped between the swap's two renames resolves to its complete step_N.new (complete_tag)."""
     if os.path.isfile(os.path.join(path, META_FILE)):
         root, tag = os.path.split(os.path.normpath(path))
     elif os.path.isfile(os.path.join(path, "latest")):
         root = path
         with open(os.path.join(path, "latest")) as f:
             tag = f.read().strip()
+    elif complete_tag(*os.path.split(os.path.normpath(path))) != os.path.basename(os.path.normpath(path)):
+        root, tag = os.path.split(os.path.normpath(path))  # a step directory whose rewrite stopped mid-swap
     else:
         raise ValueError(f"--resume {path}: not a checkpoint (no {META_FILE}, no 'latest' file)")
+    tag = complete_tag(root, tag)
     meta_path = os.path.join(root, tag, META_FILE)
     if not os.path.isfile(meta_path):
         raise ValueError(f"--resume {path}: {os.path.join(root, tag)} is incomplete (no {META_FILE})")
@@ -237,9 +245,61 @@ def resolve_checkpoint(path: str) -> tuple[str, str, dict]:
     return root, tag, meta
 
 
+# A rewrite of a complete step directory step_N (a resumed run redoing saved steps) goes to step_N.new;
+# once every rank's files are there rank 0 swaps it in: step_N -> step_N.old, step_N.new -> step_N,
+# `latest`, then step_N.old is removed. Under the name step_N there is always a complete checkpoint,
+# the old or the new one, except between the two renames; then step_N.new is complete (trainer.json is
+# written before the swap) and resolve_checkpoint takes it; the next save (of any step) renames it back
+# and removes what an interrupted save left aside. A job dying is covered, not a power loss (no fsync).
+def aside_tags(tag: str) -> tuple[str, str]:
+    """(write-aside, trash) sibling names of step directory ``tag``."""
+    return f"{tag}.new", f"{tag}.old"
+
+
+def complete_tag(root: str, tag: str) -> str:
+    """``tag``, or its write-aside sibling when that holds the complete checkpoint and ``tag`` does not (a
+    swap stopped between its two renames)."""
+    new = aside_tags(tag)[0]
+    if not os.path.isfile(os.path.join(root, tag, META_FILE)) and os.path.isfile(os.path.join(root, new, META_FILE)):
+        return new
+    return tag
+
+
+def _prepare_step_dir(root: str, tag: str) -> bool:
+    """Rank 0, before saving ``tag``: for it and every step directory under ``root`` with a sibling left
+    aside, finish a swap stopped between its renames and remove what an interrupted save or swap left.
+    True when ``tag`` holds a complete checkpoint (the save then writes aside)."""
+    names = os.listdir(root) if os.path.isdir(root) else []
+    for base in {tag} | {n.rsplit(".", 1)[0] for n in names if n.startswith("step_") and n.endswith((".new", ".old"))}:
+        final = os.path.join(root, base)
+        new, old = (os.path.join(root, t) for t in aside_tags(base))
+        if complete_tag(root, base) != base:
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(new, final)
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return os.path.isfile(os.path.join(root, tag, META_FILE))
+
+
+def _swap_in(root: str, tag: str) -> None:
+    """Rank 0, once the complete new checkpoint (trainer.json included) is in ``tag``.new: put it under
+    ``tag`` with two directory renames (each atomic on POSIX); the old one is left as ``tag``.old."""
+    final = os.path.join(root, tag)
+    new, old = (os.path.join(root, t) for t in aside_tags(tag))
+    os.rename(final, old)
+    os.rename(new, final)
+
+
+def _write_latest(root: str, tag: str) -> None:
+    with open(os.path.join(root, "latest.tmp"), "w") as f:
+        f.write(tag)
+    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+
+
 def _kill_in_save_hook(step: int, rank: int) -> None:
     """Test hook (tests/test_faults.py): with APOLLO_DIST_KILL_IN_SAVE=STEP:RANK, rank RANK kills itself
-    (SIGKILL) while saving STEP, after writing its own files and before trainer.json and `latest`."""
+    (SIGKILL) while saving STEP, after writing its own files and before trainer.json and `latest` (into
+    step_N.new when the save rewrites a complete step_N)."""
     target = os.environ.get("APOLLO_DIST_KILL_IN_SAVE")
     if target and target == f"{step}:{rank}":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -304,16 +364,27 @@ class Engine:
 
     # -- checkpoint hooks ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> str:
-        """Save model, optimizer, lr schedule and data position (= step) under --save-dir; returns the dir."""
-        path = os.path.join(self.run["save_dir"], step_tag(step))
+        """Save model, optimizer, lr schedule and data position (= step) under --save-dir; returns the dir.
+
+        A step directory holding a complete checkpoint already is not written over: every rank writes
+        into its sibling step_N.new, then rank 0 swaps it in (see aside_tags); `latest` follows the swap."""
+        root, tag = self.run["save_dir"], step_tag(step)
+        final = os.path.join(root, tag)
+        rewrite = int(_prepare_step_dir(root, tag)) if self.d.rank == 0 else 0
+        rewrite = self.d.all_gather_int(rewrite)[0]  # rank 0's answer; no rank writes before its clean-up
+        path = os.path.join(root, aside_tags(tag)[0]) if rewrite else final
         os.makedirs(path, exist_ok=True)
         self._save_native(path)
         _kill_in_save_hook(step, self.d.rank)
         self.d.barrier()
         if self.d.rank == 0:
             self._write_meta(path, step)
+            if rewrite:
+                _swap_in(root, tag)
+            _write_latest(root, tag)
+            shutil.rmtree(os.path.join(root, aside_tags(tag)[1]), ignore_errors=True)
         self.d.barrier()
-        return path
+        return final
 
     def load_checkpoint(self, path: str) -> int:
         """Load a checkpoint written by this engine at this world size; returns its step."""
@@ -337,16 +408,12 @@ class Engine:
         meta = {
             "format": CHECKPOINT_FORMAT, "step": step, "engine": self.name, "world_size": self.d.world,
             "scheduler": self.scheduler.state_dict(), "hparams": self.hp,
-            **{k: self.run[k] for k in ("model", "seed", "global_batch_size", "seq_len", "dtype", "data")},
+            **{k: self.run[k] for k in RUN_KEYS_SAVED},
         }
         tmp = os.path.join(path, META_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(tmp, os.path.join(path, META_FILE))
-        root, tag = os.path.split(path)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(tag)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
 
 
 class FSDP2Engine(Engine):

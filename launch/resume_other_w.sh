@@ -3,8 +3,8 @@
 # (DeepSpeed ZeRO-1/2/3 or FSDP2 DCP, any W) to the world-size-independent canonical form with
 # tools/convert_checkpoint.py, then start the new world from it (each rank reads only its slices).
 #   bash launch/resume_other_w.sh CHECKPOINT NEW_NPROC [train.py args...]   (ENGINE=fsdp2|deepspeed)
-# Pass the run's flags again (--steps, batch sizes, --model, ...). Same-W resume needs no conversion:
-# pass --resume CHECKPOINT to any launch script.
+# The run's settings come from the checkpoint (flags given win where they can). Same-W resume needs no
+# conversion: pass --resume CHECKPOINT to any launch script.
 source "$(dirname "$0")/_common.sh"
 if [ $# -lt 2 ]; then echo "usage: bash launch/resume_other_w.sh CHECKPOINT NEW_NPROC [train.py args]" >&2; exit 2; fi
 CKPT=${1%/} NPROC=$2; shift 2

@@ -75,12 +75,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--eval-samples", type=int, default=64, help="validation windows per evaluation")
     a("--save-dir", default=None)
     a("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end, with --save-dir)")
-    a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file")
+    a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file, or a canonical checkpoint; "
+      "the run's settings (model, batch, sequence length, schedule, optimizer hyperparameters) come from it unless given")
+    a("--activation-checkpointing", action="store_true", help="recompute each decoder layer's activations in backward")
     a("--dist-timeout", type=float, default=600,
       help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)")
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs a line per eval instead)")
-    return p.parse_args(argv)
+    a("--tensorboard", metavar="DIR", default=None,
+      help="also write the metrics as TensorBoard scalars (train/loss, train/lr, val/loss, ...) into DIR (rank 0)")
+    args = p.parse_args(argv)
+    for action in p._actions:  # a second parse with no defaults tells which flags were given
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(p.parse_args(argv)))
+    return args
 
 
 # -- resolving flags (pure: no process group) ---------------------------------------------------
@@ -187,7 +195,7 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         "grad_accum": global_batch // (world * micro), "dtype": dtype, "grad_clip": grad_clip,
         "steps": args.steps, "warmup_steps": args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
         "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
-        "save_dir": args.save_dir, "metrics_file": args.metrics_file,
+        "save_dir": args.save_dir, "metrics_file": args.metrics_file, "activation_checkpointing": bool(args.activation_checkpointing),
     }
 
 
@@ -216,6 +224,8 @@ def deepspeed_config(ds_cfg: dict, hp: dict, run: dict) -> dict:
 def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any, data.Split]:
     """Everything that can be wrong with the input, checked before any process group work."""
     world = engines.env_world_size()
+    saved = saved_settings(args.resume) if args.resume else {}
+    take_saved_settings(args, saved)
     ds_cfg = load_json(args.deepspeed, "--deepspeed") if args.deepspeed else None
     try:
         check_model_arg(args.model)
@@ -224,24 +234,55 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
     defaults = defaults_config(args, ds_cfg)
     run = resolve_run(args, ds_cfg, defaults, world)
     hp = resolve_hparams(args, defaults)
+    hp.update({k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()})  # betas, eps, targets...
     model_name = os.path.basename(args.model).removesuffix(".json")
     run["metrics_file"] = run["metrics_file"] or os.path.join("runs", f"{run['engine']}-{model_name}-{hp['optimizer']}", "metrics.jsonl")
     from apollo_dist.checkpoint import is_canonical
 
     if args.resume and not is_canonical(args.resume):  # a canonical checkpoint loads at any W, any engine
-        try:
-            _, _, meta = engines.resolve_checkpoint(args.resume)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+        meta = saved
         if (meta["engine"], meta["world_size"]) != (run["engine"], world):
             raise UsageError(
                 f"--resume {args.resume}: written by {meta['engine']} with W={meta['world_size']}, this run is "
                 f"{run['engine']} with W={world}; convert it first with tools/convert_checkpoint.py"
             )
-        check_same_model_and_optimizer(args.resume, meta, run, hp)
+    if args.resume:
+        check_same_model_and_optimizer(args.resume, saved, run, hp)
     tokenizer = data.load_tokenizer(args.tokenizer)
     split = data.Split.of(data.load_tokens(args.data, tokenizer), args.seq_len, args.val_fraction, args.data)
     return run, hp, ds_cfg, tokenizer, split
+
+
+# Flags a resumed run takes from its checkpoint unless given: flag dest -> key in trainer.json (and its
+# hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
+RUN_FLAGS = {"model": "model", "seq_len": "seq_len", "global_batch_size": "global_batch_size", "seed": "seed", "data": "data",
+             "steps": "steps", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "dtype": "dtype",
+             "activation_checkpointing": "activation_checkpointing"}
+HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
+            "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
+
+
+def saved_settings(path: str) -> dict:
+    """The run settings a checkpoint recorded: trainer.json of a native one, the index's trainer.run of a
+    canonical one (both hold model, batch, schedule, hparams, ...). UsageError when it is no checkpoint."""
+    from apollo_dist.checkpoint import is_canonical
+
+    if is_canonical(path):
+        with open(os.path.join(path, "index.json")) as f:
+            return dict((json.load(f).get("trainer") or {}).get("run") or {})
+    try:
+        return engines.resolve_checkpoint(path)[2]
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
+    """Fill every flag of RUN_FLAGS / HP_FLAGS that was not given from the checkpoint's settings."""
+    hparams = saved.get("hparams") or {}
+    for flags, source in ((RUN_FLAGS, saved), (HP_FLAGS, hparams)):
+        for dest, key in flags.items():
+            if dest not in args.explicit and source.get(key) is not None:
+                setattr(args, dest, source[key])
 
 
 def check_same_model_and_optimizer(path: str, meta: dict, run: dict, hp: dict) -> None:
@@ -253,7 +294,7 @@ def check_same_model_and_optimizer(path: str, meta: dict, run: dict, hp: dict) -
     if hp["optimizer"] != "adamw":
         pairs += [(k, saved.get(k), hp.get(k)) for k in ("rank", "scale_type", "scale", "update_proj_gap", "target_modules")]
     for key, was, now in pairs:
-        if was != now:
+        if was is not None and was != now:  # None: not recorded (a canonical checkpoint made without trainer.json)
             raise UsageError(f"--resume {path}: the checkpoint has {key} {was!r}, this run {key} {now!r}")
 
 
@@ -283,12 +324,18 @@ def describe_hparams(hp: dict, run: dict) -> str:
 
 
 class Metrics:
-    """JSON lines on rank 0; on resume keeps the lines up to the resumed step."""
+    """JSON lines on rank 0; on resume keeps the lines up to the resumed step. With ``tensorboard`` (a
+    directory) the rows' numbers also go out as TensorBoard scalars (train/loss, train/lr, ..., val/loss)
+    at global_step = the row's step; a resumed run hides the events past its resumed step (purge_step)."""
 
-    def __init__(self, path: str, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: str, resume_step: int, enabled: bool, tensorboard: Optional[str] = None):
+        self.path, self.enabled, self.tb = path, enabled, None
         if not enabled:
             return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tensorboard, purge_step=resume_step + 1 if resume_step else None)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         kept = []
         if resume_step and os.path.isfile(path):
@@ -301,6 +348,16 @@ class Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tag = "val/loss" if key == "val_loss" else f"train/{key}"
+                    self.tb.add_scalar(tag, value, global_step=row["step"])
+            self.tb.flush()  # as current as the JSON lines when the job dies
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
     def rows(self) -> list[dict]:
         with open(self.path) as f:
@@ -361,6 +418,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         warnings.filterwarnings("ignore", message="APOLLO rank")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
     model = build_model(config, args.seed)
+    if run["activation_checkpointing"]:  # per decoder layer, non-reentrant (works under FSDP2 and ZeRO-3)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in model.parameters())
     ds_full = deepspeed_config(ds_cfg, hp, run) if run["engine"] == "deepspeed" else None
 
@@ -379,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
         return 2
     is_main = d.rank == 0
-    metrics = Metrics(run["metrics_file"], start, is_main)
+    metrics = Metrics(run["metrics_file"], start, is_main, args.tensorboard)
     tokens_per_step = run["global_batch_size"] * run["seq_len"]
     if is_main:
         print(
@@ -451,6 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"metrics {run['metrics_file']}; plot {png}",
             flush=True,
         )
+    metrics.close()
     engines.shutdown()
     return 0
 

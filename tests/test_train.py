@@ -128,6 +128,44 @@ def test_same_w_resume_continues_exactly(runs, name, tmp_path):
         assert abs(got[s] - ref[s]) <= 1e-6 * abs(ref[s]), f"{name} step {s}: {got[s]} vs {ref[s]}"
 
 
+def test_activation_checkpointing_changes_no_loss(runs, tmp_path):
+    """--activation-checkpointing (each decoder layer recomputed in backward): the same per-step losses
+    (1e-6 relative, fp32 on CPU) under single, FSDP2 (W=2), ZeRO-2 (W=2) and ZeRO-3 (W=2)."""
+    def ac_losses(name: str, cmd: list[str], **env: str) -> dict[int, float]:
+        m = tmp_path / name / "metrics.jsonl"
+        run(cmd + ["--metrics-file", str(m)], **env)
+        return losses(m)
+
+    pairs = {name: (ac_losses(name, LAUNCHES[name]([]) + ["--activation-checkpointing"]), losses(runs[name] / "metrics.jsonl"))
+             for name in ("single", "fsdp2", "zero2")}
+    zero3 = {"DS_CONFIG": "ds_configs/apollo_zero3.json"}
+    pairs["zero3"] = (ac_losses("zero3_ac", LAUNCHES["zero2"]([]) + ["--activation-checkpointing"], **zero3),
+                      ac_losses("zero3", LAUNCHES["zero2"]([]), **zero3))
+    for name, (got, ref) in pairs.items():
+        assert sorted(got) == list(range(1, STEPS + 1)), name
+        worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
+        assert worst <= 1e-6, f"{name}: activation checkpointing moved a loss by {worst:.2e}"
+
+
+def test_resume_takes_the_run_settings_from_the_checkpoint(runs, tmp_path):
+    """--resume alone (no model, batch, sequence, schedule or optimizer flags): the run's own settings,
+    steps 6-10 as the uninterrupted run; a flag that cannot hold (another model, another rank) is a
+    one-line error; one that can (a longer run) is taken."""
+    metrics = tmp_path / "metrics.jsonl"
+    run(train_py("--no-progress", "--metrics-file", str(metrics), "--resume", str(runs["single"] / "ckpt" / "step_0000005")))
+    ref, got = losses(runs["single"] / "metrics.jsonl"), losses(metrics)
+    assert sorted(got) == list(range(6, STEPS + 1))
+    assert all(abs(got[s] - ref[s]) <= 1e-6 * abs(ref[s]) for s in got)
+    for flag, message in ((["--rank", "8"], "the checkpoint has rank 16, this run rank 8"),
+                          (["--model", "60m"], "the checkpoint has model 'tiny', this run model '60m'"),
+                          (["--optimizer", "adamw"], "the checkpoint has optimizer 'apollo', this run optimizer 'adamw'")):
+        proc = run(train_py("--resume", str(runs["single"] / "ckpt"), *flag), check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-500:]
+    longer = tmp_path / "longer.jsonl"
+    run(train_py("--no-progress", "--metrics-file", str(longer), "--steps", str(STEPS + 2), "--resume", str(runs["single"] / "ckpt")))
+    assert sorted(losses(longer)) == [STEPS + 1, STEPS + 2]
+
+
 def test_resume_needs_same_engine_and_w(runs):
     proc = run(train_py("--engine", "single", *TINY, "--resume", str(runs["fsdp2"] / "ckpt")), check=False)
     assert proc.returncode == 2
