@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.groups import LOW_RANK_KEYS
-from model import token_losses
+from model import fill_zero3, materialize, token_losses
 
 CHECKPOINT_FORMAT = "apollo_dist.train/1"
 META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
@@ -110,16 +110,29 @@ class Dist:
         return x
 
     def all_gather_int(self, value: int) -> list[int]:
+        return [int(v) for v in self._all_gather(value, torch.int64)]
+
+    def all_gather_float(self, value: float) -> list[float]:
+        return [float(v) for v in self._all_gather(value, torch.float64)]
+
+    def _all_gather(self, value, dtype: torch.dtype) -> list:
         if self.world == 1:
             return [value]
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        t = torch.tensor([value], dtype=dtype, device=self.device)
         out = [torch.zeros_like(t) for _ in range(self.world)]
         dist.all_gather(out, t)
-        return [int(o) for o in out]
+        return [o.item() for o in out]
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def host_peak_rss_gib() -> float:
+    """This process's peak resident set size so far (GiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class TooManyRanks(ValueError):
@@ -314,7 +327,9 @@ class Engine:
     def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist):
         self.d, self.hp, self.run = d, hp, run
         self.bf16 = run["dtype"] == "bf16"
-        self.model = self._wrap(model.to(d.device))
+        # Built on the meta device: shard first (FSDP2), then allocate and initialize only what this rank holds.
+        self.model = materialize(self._wrap(model), run["seed"], d.device)
+        self.host_rss_model_gib = host_peak_rss_gib()
         self.optimizer = build_optimizer(self.model, hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
 
@@ -466,6 +481,17 @@ class DeepSpeedEngine(Engine):
 
         self.d, self.hp, self.run = d, hp, run
         self.bf16 = run["dtype"] == "bf16"
+        if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
+            # Each rank allocates only its partitions: construction under zero.Init, then each partition filled.
+            import deepspeed
+            from transformers import LlamaForCausalLM
+
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = LlamaForCausalLM(model.config)
+            fill_zero3(model, run["seed"])
+        else:  # ZeRO-1/2 keep a replica of the (low-precision) weights on every rank anyway
+            model = materialize(model, run["seed"], d.device)
+        self.host_rss_model_gib = host_peak_rss_gib()
         client = build_optimizer(model, hp) if hp["optimizer"] == "adamw" else None
         self.model, self.optimizer, _, _ = initialize(model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config)
         # The schedule is built here, after initialize, on the optimizer DeepSpeed steps, and stepped by

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +57,86 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
     return cfg
 
 
-def build_model(config, seed: int) -> torch.nn.Module:
-    """Random-init ``LlamaForCausalLM`` in fp32 on CPU, seeded: every engine and rank starts identical."""
+def meta_model(config) -> torch.nn.Module:
+    """``LlamaForCausalLM`` on the meta device: shapes only, no memory, no random draws."""
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
     config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def param_init(name: str, shape: tuple[int, ...], seed: int, std: float, device: torch.device) -> torch.Tensor:
+    """The initial value of parameter ``name`` (fp32, whole, on ``device``): LLaMA's init (normal(0, std)
+    for weights and embeddings, ones for norms, zeros for biases) from a generator seeded by (seed, name)
+    alone, so every engine, world size and sharding starts from the same weights. Drawn on the device's
+    generator (CPU and CUDA give different, equally valid, draws)."""
+    if name.endswith("bias"):
+        return torch.zeros(shape, device=device)
+    if len(shape) == 1:  # RMSNorm weights
+        return torch.ones(shape, device=device)
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(shape, generator=gen, device=device).mul_(std)  # in place: one full-size temporary
+
+
+def _local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` that ``p`` holds: all of it, or an FSDP2 DTensor's shard."""
+    if type(p).__name__ != "DTensor":
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def materialize(model: torch.nn.Module, seed: int, device: torch.device) -> torch.nn.Module:
+    """Allocate a meta-device model (plain, or sharded by fully_shard) on ``device`` and fill what this
+    rank holds: each parameter is drawn whole (one at a time), only its local part is kept, so the host
+    never holds the model. Rebuilds the buffers that construction computed (the rotary frequencies)."""
+    model.to_empty(device=device)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p._local_tensor if type(p).__name__ == "DTensor" else p
+            local.copy_(_local_part(p, param_init(name, tuple(p.shape), seed, std, device)))
+        _rebuild_buffers(model, device)
+    return model
+
+
+def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Modules with buffers (LLaMA: the rotary embedding's inv_freq) computed them at construction; on the
+    meta device they were not: build each such module again from the config, on ``device``, and copy."""
+    for module in model.modules():
+        if not any(True for _ in module.buffers(recurse=False)):
+            continue
+        with torch.device("cpu"):  # small: frequencies, not weights
+            fresh = type(module)(config=model.config)
+        for name, buf in fresh.named_buffers(recurse=False):
+            getattr(module, name).copy_(buf)
+        for name, value in vars(fresh).items():  # plain tensor attributes (older transformers' original_inv_freq)
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, value.to(device))
+
+
+def fill_zero3(model: torch.nn.Module, seed: int) -> None:
+    """After construction under ``deepspeed.zero.Init``: each rank's flat chunk ``ds_tensor`` of every
+    parameter gets its part of `param_init` (chunk r of ceil(numel / W) elements, padding left as is)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            chunk = p.ds_tensor.numel()
+            full = param_init(name, tuple(p.ds_shape), seed, std, p.ds_tensor.device).view(-1)
+            part = full[rank * chunk : (rank + 1) * chunk]
+            p.ds_tensor.view(-1)[: part.numel()].copy_(part)
+
+
+def build_model(config, seed: int) -> torch.nn.Module:
+    """The whole model in fp32 on the CPU, initialized by `param_init` (tools and tests; training builds
+    on the meta device and materializes each rank's part)."""
+    return materialize(meta_model(config), seed, torch.device("cpu"))
 
 
 def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,7 @@ def peak_mem_gib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return engines.host_peak_rss_gib()
 
 
 def fmt_count(n: float) -> str:
@@ -400,7 +400,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from model import build_model, llama_config
+    from model import llama_config, meta_model
 
     if run["engine"] == "deepspeed":
         import logging
@@ -417,7 +417,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if d.rank != 0:  # param_groups' warning (rank > a weight's smaller dimension): once per job, not per rank
         warnings.filterwarnings("ignore", message="APOLLO rank")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
-    model = build_model(config, args.seed)
+    rss_before = engines.host_peak_rss_gib()
+    model = meta_model(config)  # the engine allocates and initializes each rank's part (a function of the seed)
     if run["activation_checkpointing"]:  # per decoder layer, non-reentrant (works under FSDP2 and ZeRO-3)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in model.parameters())
@@ -437,6 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # others did: each one says it, rank 0 without a prefix; the launcher ends any rank still waiting.
         print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
         return 2
+    rss_init = engine.host_rss_model_gib  # this rank's host memory once its part of the model exists
     is_main = d.rank == 0
     metrics = Metrics(run["metrics_file"], start, is_main, args.tensorboard)
     tokens_per_step = run["global_batch_size"] * run["seq_len"]
@@ -450,6 +452,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"  batch: global {run['global_batch_size']} = W {d.world} x micro {run['micro_batch_size']} x accumulation "
             f"{run['grad_accum']} ({tokens_per_step} tokens/step)\n"
             f"  optimizer: {describe_hparams(hp, run)}\n"
+            f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
             + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else ""),
             flush=True,
         )
@@ -462,7 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return val
 
     if start == 0:
-        first = {"step": 0}
+        first = {"step": 0, "host_rss_before_model_gib": d.all_gather_float(rss_before), "host_rss_model_built_gib": d.all_gather_float(rss_init)}
         log_eval(0, first)
         metrics.log(first)
     bar = tqdm(total=run["steps"], initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")

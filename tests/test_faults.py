@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -153,6 +154,58 @@ def test_rank_killed_while_saving_leaves_latest_on_the_previous_checkpoint(refer
     assert latest_step(ckpt) == 10 and (ckpt / "step_0000006" / "trainer.json").is_file()  # step 6 rewritten whole
 
 
+def test_rank_killed_while_rewriting_a_complete_checkpoint_leaves_it_whole(reference, tmp_path):
+    """ZeRO-2 W=2 resumed from step 3 into a save directory whose steps 6, 9, 10 are complete (the
+    reference's): rank 1 kills itself after writing its files of the new step 6, which went aside into
+    step_0000006.new. step_0000006 is the old checkpoint file for file (once a mixed folder under an old
+    trainer.json), `latest` still names step 10; resuming from step 6 gives the uninterrupted losses, and
+    that run's saves of steps 9 and 10 swap in whole and clean up what the killed one left aside."""
+    ckpt, save = tmp_path / "ckpt", ["--save-dir", str(tmp_path / "ckpt"), "--save-every", str(SAVE_EVERY)]
+    shutil.copytree(reference / "ckpt", ckpt)
+    step6 = ckpt / "step_0000006"
+    files = lambda: {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in step6.iterdir()}  # noqa: E731
+    before = files()
+    job = Launch(LAUNCHES["zero2"](["--metrics-file", str(tmp_path / "killed.jsonl"), *save, "--resume", str(ckpt / "step_0000003")]),
+                 tmp_path / "killed.log", APOLLO_DIST_KILL_IN_SAVE="6:1")
+    assert job.wait() != 0
+    assert "exits with return code = -9" in job.output(), job.output()[-3000:]
+    assert (ckpt / "step_0000006.new" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # written aside, then killed
+    assert files() == before and latest_step(ckpt) == 10
+
+    metrics = tmp_path / "resumed.jsonl"
+    run(LAUNCHES["zero2"](["--metrics-file", str(metrics), *save, "--resume", str(step6)]))
+    assert_same_losses(losses(metrics), losses(reference / "metrics.jsonl"), range(7, 11))
+    assert latest_step(ckpt) == 10
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{s:07d}" for s in (3, 6, 9, 10)]  # no .new, no .old
+
+
+def test_a_rewrite_cut_at_any_point_of_the_swap_leaves_a_complete_checkpoint(tmp_path):
+    """Rank 0's part of a rewrite of step 6 (every rank's files are in step_0000006.new), cut after each of
+    its operations: the step directory and `latest` resolve to a complete checkpoint (the old one, or the
+    new one once step_0000006 was moved aside), and the next save, of any step, leaves just that one."""
+    import engines
+
+    tag, meta = "step_0000006", lambda version: json.dumps({"format": engines.CHECKPOINT_FORMAT, "step": 6, "v": version})
+    ops = [lambda r: (r / f"{tag}.new" / "trainer.json").write_text(meta("new")),  # _write_meta
+           lambda r: os.rename(r / tag, r / f"{tag}.old"), lambda r: os.rename(r / f"{tag}.new", r / tag),  # _swap_in
+           lambda r: engines._write_latest(str(r), tag), lambda r: shutil.rmtree(r / f"{tag}.old")]
+    for cut in range(len(ops) + 1):
+        root = tmp_path / str(cut)
+        for name, files in ((tag, {"trainer.json": meta("old"), "state.pt": "old"}), (f"{tag}.new", {"state.pt": "new"})):
+            (root / name).mkdir(parents=True)
+            for f, text in files.items():
+                (root / name / f).write_text(text)
+        (root / "latest").write_text(tag)
+        for op in ops[:cut]:
+            op(root)
+        version = "new" if cut >= 2 else "old"
+        for path in (root, root / tag):
+            _, got, m = engines.resolve_checkpoint(str(path))
+            assert m["v"] == version and (root / got / "state.pt").read_text() == version, (cut, path)
+        assert engines._prepare_step_dir(str(root), "step_0000009") is False
+        assert sorted(os.listdir(root)) == ["latest", tag] and json.loads((root / tag / "trainer.json").read_text())["v"] == version
+
+
 def test_stopped_rank_makes_the_other_time_out(tmp_path):
     """FSDP2 W=2, --dist-timeout 8: rank 1 is stopped (alive, silent) after step 2; rank 0 fails in its
     next collective within the timeout (plus slack for 2 busy cores) instead of waiting forever.
@@ -217,9 +270,9 @@ def test_native_resume_of_another_model_or_optimizer(reference, case):
 
 # Another APOLLO structure (rank, gap, scale_type) in a canonical checkpoint: test_checkpoint.py's
 # test_different_apollo_hyperparameters_are_named, through the same load_canonical.
-CANONICAL_MISMATCH = {
-    "model": (["--model", "60m"], "has shape"),
-    "adamw": (["--optimizer", "adamw"], "a canonical checkpoint loads into APOLLO, not AdamW"),
+CANONICAL_MISMATCH = {  # the canonical index records the run's settings: checked before any model is built
+    "model": (["--model", "60m"], "the checkpoint has model 'tiny', this run model '60m'"),
+    "adamw": (["--optimizer", "adamw"], "the checkpoint has optimizer 'apollo', this run optimizer 'adamw'"),
 }
 
 
@@ -234,7 +287,8 @@ def canonical(reference, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", sorted(CANONICAL_MISMATCH))
 def test_canonical_resume_of_another_model_or_optimizer(canonical, case):
-    """Checked param by param by load_canonical once the model exists (one process here)."""
+    """Checked against the run settings the canonical index records (load_canonical also checks param by
+    param once the model exists, for canonical checkpoints that record none)."""
     args, message = CANONICAL_MISMATCH[case]
     proc = run(train_py("--engine", "single", *TINY, "--resume", str(canonical), *args), check=False, timeout=120)
     assert_one_error(proc, message)

@@ -172,6 +172,29 @@ def test_resume_needs_same_engine_and_w(runs):
     assert "written by fsdp2 with W=2" in proc.stderr and "convert_checkpoint.py" in proc.stderr
 
 
+def test_tensorboard_scalars_are_the_metrics(tmp_path):
+    """--tensorboard DIR, read back with the tensorboard package's own EventAccumulator: train/loss,
+    train/lr and val/loss at each row's step are metrics.jsonl's values (as float32). The run is resumed
+    from step 2 with evaluations at other steps: TensorBoard shows the resumed run's events from step 3
+    on, as metrics.jsonl does."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, tb, ckpt = tmp_path / "metrics.jsonl", tmp_path / "tb", tmp_path / "ckpt"
+    args = [*TINY, "--steps", "4", "--metrics-file", str(metrics), "--tensorboard", str(tb), "--save-dir", str(ckpt), "--save-every", "2"]
+    run(train_py("--engine", "single", *args, "--eval-every", "2"))
+    run(train_py("--engine", "single", *args, "--eval-every", "3", "--resume", str(ckpt / "step_0000002")))
+    assert len(list(tb.glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/peak_mem_gib", "val/loss"} <= set(acc.Tags()["scalars"])
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 3, 4]
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("val/loss", "val_loss")):
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert got == [(r["step"], float(np.float32(r[key]))) for r in rows if key in r], tag
+
+
 def test_train_default_script(tmp_path):
     """The README's main job, shortened: 2 ranks on CPU, says where metrics and plot went."""
     proc = run(["bash", "launch/train_default.sh", "--steps", "3", "--seq-len", "32", "--eval-every", "3",
