@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.groups import LOW_RANK_KEYS
-from model import fill_zero3, materialize, token_losses
+from model import HFWeights, fill_zero3, materialize, token_losses
 
 CHECKPOINT_FORMAT = "apollo_dist.train/1"
 META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
@@ -126,6 +126,11 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def pretrained(run: dict) -> Optional[HFWeights]:
+    """The --init-from checkpoint's weights, or None (random init from the seed)."""
+    return HFWeights(run["init_from"]) if run.get("init_from") else None
 
 
 def host_peak_rss_gib() -> float:
@@ -328,7 +333,7 @@ class Engine:
         self.d, self.hp, self.run = d, hp, run
         self.bf16 = run["dtype"] == "bf16"
         # Built on the meta device: shard first (FSDP2), then allocate and initialize only what this rank holds.
-        self.model = materialize(self._wrap(model), run["seed"], d.device)
+        self.model = materialize(self._wrap(model), run["seed"], d.device, pretrained(run))
         self.host_rss_model_gib = host_peak_rss_gib()
         self.optimizer = build_optimizer(self.model, hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
@@ -488,9 +493,9 @@ class DeepSpeedEngine(Engine):
 
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = LlamaForCausalLM(model.config)
-            fill_zero3(model, run["seed"])
+            fill_zero3(model, run["seed"], pretrained(run))
         else:  # ZeRO-1/2 keep a replica of the (low-precision) weights on every rank anyway
-            model = materialize(model, run["seed"], d.device)
+            model = materialize(model, run["seed"], d.device, pretrained(run))
         self.host_rss_model_gib = host_peak_rss_gib()
         client = build_optimizer(model, hp) if hp["optimizer"] == "adamw" else None
         self.model, self.optimizer, _, _ = initialize(model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,9 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
             num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=max(MAX_POSITIONS, seq_len),
             rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False, use_cache=False,
         )
-    cfg = LlamaConfig.from_json_file(model)
+    cfg = LlamaConfig.from_json_file(model)  # also a checkpoint's config.json: GQA, tied embeddings, rope scaling
+    if getattr(cfg, "model_type", "llama") != "llama" or json.load(open(model)).get("model_type", "llama") != "llama":
+        raise ValueError(f"--model {model}: model_type is not 'llama'")
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"--model {model}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if cfg.max_position_embeddings < seq_len:
@@ -89,18 +93,33 @@ def _local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def materialize(model: torch.nn.Module, seed: int, device: torch.device) -> torch.nn.Module:
+def materialize(model: torch.nn.Module, seed: int, device: torch.device, weights: Optional["HFWeights"] = None) -> torch.nn.Module:
     """Allocate a meta-device model (plain, or sharded by fully_shard) on ``device`` and fill what this
-    rank holds: each parameter is drawn whole (one at a time), only its local part is kept, so the host
+    rank holds: from ``weights`` (a pretrained checkpoint: only the rows this rank holds are read), else
+    each parameter drawn whole by `param_init` (one at a time) and only its local part kept, so the host
     never holds the model. Rebuilds the buffers that construction computed (the rotary frequencies)."""
     model.to_empty(device=device)
     std = model.config.initializer_range
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p._local_tensor if type(p).__name__ == "DTensor" else p
-            local.copy_(_local_part(p, param_init(name, tuple(p.shape), seed, std, device)))
+            if weights is not None:
+                rows = _local_rows(p)
+                local.copy_(weights.read(name, tuple(p.shape), rows).view_as(local))
+            else:
+                local.copy_(_local_part(p, param_init(name, tuple(p.shape), seed, std, device)))
         _rebuild_buffers(model, device)
     return model
+
+
+def _local_rows(p: torch.Tensor) -> tuple[int, int]:
+    """The rows [r0, r1) of ``p`` this rank holds (an FSDP2 Shard(0) block, or all)."""
+    if type(p).__name__ != "DTensor":
+        return 0, p.shape[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], offset[0] + shape[0]
 
 
 def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
@@ -118,25 +137,66 @@ def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
                 setattr(module, name, value.to(device))
 
 
-def fill_zero3(model: torch.nn.Module, seed: int) -> None:
+def fill_zero3(model: torch.nn.Module, seed: int, weights: Optional["HFWeights"] = None) -> None:
     """After construction under ``deepspeed.zero.Init``: each rank's flat chunk ``ds_tensor`` of every
-    parameter gets its part of `param_init` (chunk r of ceil(numel / W) elements, padding left as is)."""
+    parameter (chunk r of ceil(numel / W) elements, padding left as is) gets its part of the pretrained
+    ``weights`` (reading only the rows the chunk spans) or of `param_init`."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     std = model.config.initializer_range
     with torch.no_grad():
         for name, p in model.named_parameters():
-            chunk = p.ds_tensor.numel()
-            full = param_init(name, tuple(p.ds_shape), seed, std, p.ds_tensor.device).view(-1)
-            part = full[rank * chunk : (rank + 1) * chunk]
-            p.ds_tensor.view(-1)[: part.numel()].copy_(part)
+            shape, chunk = tuple(p.ds_shape), p.ds_tensor.numel()
+            numel, row = math.prod(shape), math.prod(shape[1:])
+            a, b = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
+            if b <= a:
+                continue
+            if weights is not None:
+                r0, r1 = a // row, -(-b // row)
+                part = weights.read(name, shape, (r0, r1)).reshape(-1)[a - r0 * row : b - r0 * row]
+            else:
+                part = param_init(name, shape, seed, std, p.ds_tensor.device).view(-1)[a:b]
+            p.ds_tensor.view(-1)[: b - a].copy_(part)
 
 
-def build_model(config, seed: int) -> torch.nn.Module:
-    """The whole model in fp32 on the CPU, initialized by `param_init` (tools and tests; training builds
-    on the meta device and materializes each rank's part)."""
-    return materialize(meta_model(config), seed, torch.device("cpu"))
+class HFWeights:
+    """A local Hugging Face checkpoint's weights (``model.safetensors``, or shards listed in
+    ``model.safetensors.index.json``): what ``save_pretrained`` and ``tools/convert_checkpoint.py
+    --export-hf`` write. `read` returns rows of one tensor as fp32, reading only those rows."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                self.file_of = {k: os.path.join(directory, v) for k, v in json.load(f)["weight_map"].items()}
+        elif os.path.isfile(single):
+            from safetensors import safe_open
+
+            with safe_open(single, "pt") as f:
+                self.file_of = {k: single for k in f.keys()}
+        else:
+            raise ValueError(f"--init-from {directory}: no model.safetensors or model.safetensors.index.json")
+        self._open: dict[str, Any] = {}
+
+    def read(self, name: str, shape: tuple[int, ...], rows: tuple[int, int]) -> torch.Tensor:
+        """Rows [r0, r1) of tensor ``name`` (fp32); ValueError naming the file and tensor when it is
+        missing, of another shape, or not floating point."""
+        path = self.file_of.get(name)
+        if path is None:
+            raise ValueError(f"--init-from {self.dir}: no tensor {name!r} (the model needs it, shape {list(shape)})")
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(path, "pt")
+        sl = self._open[path].get_slice(name)
+        if tuple(sl.get_shape()) != shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(sl.get_shape())}, the model's is {list(shape)}")
+        if sl.get_dtype() not in ("F32", "F16", "BF16", "F64"):
+            raise ValueError(f"{path}: tensor {name!r} has dtype {sl.get_dtype()}, expected a floating point type")
+        return sl[rows[0] : rows[1]].float()
 
 
 def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

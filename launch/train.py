@@ -78,6 +78,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file, or a canonical checkpoint; "
       "the run's settings (model, batch, sequence length, schedule, optimizer hyperparameters) come from it unless given")
     a("--activation-checkpointing", action="store_true", help="recompute each decoder layer's activations in backward")
+    a("--init-from", metavar="DIR", default=None, help="start from a local Hugging Face LLaMA checkpoint (config.json + "
+      "safetensors, sharded or not; each rank reads what it holds); its tokenizer too unless --tokenizer is given")
     a("--dist-timeout", type=float, default=600,
       help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)")
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
@@ -196,6 +198,7 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         "steps": args.steps, "warmup_steps": args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
         "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
         "save_dir": args.save_dir, "metrics_file": args.metrics_file, "activation_checkpointing": bool(args.activation_checkpointing),
+        "init_from": args.init_from,
     }
 
 
@@ -224,6 +227,8 @@ def deepspeed_config(ds_cfg: dict, hp: dict, run: dict) -> dict:
 def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any, data.Split]:
     """Everything that can be wrong with the input, checked before any process group work."""
     world = engines.env_world_size()
+    if args.init_from:
+        take_pretrained(args)
     saved = saved_settings(args.resume) if args.resume else {}
     take_saved_settings(args, saved)
     ds_cfg = load_json(args.deepspeed, "--deepspeed") if args.deepspeed else None
@@ -260,6 +265,21 @@ RUN_FLAGS = {"model": "model", "seq_len": "seq_len", "global_batch_size": "globa
              "activation_checkpointing": "activation_checkpointing"}
 HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
             "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
+
+
+def take_pretrained(args: argparse.Namespace) -> None:
+    """--init-from DIR: the model is DIR's config.json, the tokenizer DIR's when it has one (unless
+    --tokenizer says otherwise); UsageError when DIR is no such checkpoint or --model names another."""
+    config = os.path.join(args.init_from, "config.json")
+    if not os.path.isfile(config):
+        raise UsageError(f"--init-from {args.init_from}: no config.json")
+    if not any(os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise UsageError(f"--init-from {args.init_from}: no model.safetensors or model.safetensors.index.json")
+    if "model" in args.explicit and args.model != config:
+        raise UsageError(f"--init-from {args.init_from} brings its own model: drop --model {args.model}")
+    args.model = config
+    if "tokenizer" not in args.explicit and os.path.isfile(os.path.join(args.init_from, "tokenizer_config.json")):
+        args.tokenizer = args.init_from
 
 
 def saved_settings(path: str) -> dict:

@@ -73,3 +73,40 @@ def test_host_memory_grows_by_the_rank_share_not_the_model(tmp_path):
         grown = [b - a for a, b in zip(first["host_rss_before_model_gib"], first["host_rss_model_built_gib"])]
         print(f"{engine}: ranks grew by {[round(g, 3) for g in grown]} GiB; share {share:.3f}, whole model {whole:.3f} GiB")
         assert max(grown) <= share + 0.25, f"{engine}: a rank grew by {max(grown):.2f} GiB (share {share:.2f} GiB)"
+
+
+def _val_loss_at(metrics: Path, step: int) -> float:
+    return next(r["val_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] == step and "val_loss" in r)
+
+
+def test_init_from_a_saved_model_under_another_engine_and_world_size(tmp_path):
+    """A run (FSDP2, W=2) saved at step 3 and exported (--export-hf; and re-saved sharded by transformers'
+    save_pretrained): --init-from it under single, FSDP2 W=3 and ZeRO-3 W=2 starts where it was: the step-0
+    validation loss is the saved run's step-3 one (same windows). A config that does not fit the weights
+    names the file and the tensor."""
+    from transformers import LlamaForCausalLM
+
+    a = tmp_path / "a"
+    _launch("fsdp2", 2, "--model", "tiny", "--steps", "3", "--global-batch-size", "6", "--seq-len", "32", "--eval-every", "3",
+            "--eval-samples", "8", "--dtype", "fp32", "--no-progress", "--metrics-file", str(a / "m.jsonl"), "--save-dir", str(a / "ck"))
+    hf = tmp_path / "hf"
+    run_checked([sys.executable, "tools/convert_checkpoint.py", str(a / "ck" / "step_0000003"), str(tmp_path / "c"), "--export-hf", str(hf)])
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(hf).save_pretrained(sharded, max_shard_size="200KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    want = _val_loss_at(a / "m.jsonl", 3)
+    common = ["--steps", "1", "--global-batch-size", "6", "--seq-len", "32", "--eval-every", "1", "--eval-samples", "8",
+              "--dtype", "fp32", "--no-progress"]
+    for engine, world, src in (("single", 1, hf), ("fsdp2", 3, sharded), ("zero3", 2, sharded)):
+        m = tmp_path / f"{engine}.jsonl"
+        _launch(engine, world, "--init-from", str(src), *common, "--metrics-file", str(m))
+        got = _val_loss_at(m, 0)
+        assert abs(got - want) <= 1e-6 * want, f"{engine} W={world} from {src.name}: step-0 val loss {got} vs {want}"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((hf / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 1}))
+    (bad / "model.safetensors").symlink_to(hf / "model.safetensors")
+    proc = run_checked([sys.executable, "launch/train.py", "--engine", "single", "--init-from", str(bad), *common], check=False)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has shape" in line, proc.stderr[-800:]
