@@ -199,6 +199,12 @@ class HFWeights:
         return sl[rows[0] : rows[1]].float()
 
 
+def build_model(config, seed: int) -> torch.nn.Module:
+    """The whole model in fp32 on the CPU, initialized by `param_init` (tools and tests; training builds
+    on the meta device and materializes each rank's part)."""
+    return materialize(meta_model(config), seed, torch.device("cpu"))
+
+
 def token_losses(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token next-token cross-entropy (B x T, fp32). We shift ourselves: targets = inputs + 1."""
     logits = model(input_ids=inputs, use_cache=False).logits
