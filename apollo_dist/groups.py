@@ -6,6 +6,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .binding import global_shape
+
 # The APOLLO paper's settings (also transformers' optim="apollo_adamw").
 PRESETS: dict[str, dict[str, Any]] = {
     "apollo": {"rank": 256, "proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200},
@@ -14,17 +16,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 LOW_RANK_KEYS = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
 
 
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    """The global shape (DeepSpeed ZeRO-3 params built under zero.Init keep it in ds_shape)."""
-    return tuple(getattr(p, "ds_shape", None) or p.shape)
-
-
 def preset(name: str) -> dict[str, Any]:
     """The low-rank group keys of preset ``name`` ("apollo" or "apollo-mini")."""
     key = name.lower().replace("_", "-")
     if key not in PRESETS:
         raise ValueError(f"unknown APOLLO preset {name!r}: expected one of {sorted(PRESETS)}")
     return dict(PRESETS[key])
+
+
+_preset_keys = preset  # param_groups' argument ``preset`` shadows the function's name
 
 
 def param_groups(
@@ -41,7 +41,7 @@ def param_groups(
     the smaller dimension of a matched weight (the reference then keeps r-wide moments anyway).
     """
     targets = tuple(target_modules)
-    keys = globals()["preset"](preset)
+    keys = _preset_keys(preset)
     unknown = set(overrides) - set(LOW_RANK_KEYS)
     if unknown:
         raise ValueError(f"unknown APOLLO group keys {sorted(unknown)}: expected some of {list(LOW_RANK_KEYS)}")
@@ -51,7 +51,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         module = name.rsplit(".", 1)[0]
-        if len(_shape(p)) == 2 and any(t in module for t in targets):
+        if len(global_shape(p)) == 2 and any(t in module for t in targets):
             low.append(p)
             low_names.append(name)
         else:
@@ -59,7 +59,7 @@ def param_groups(
             rest_names.append(name)
     if not low:
         raise ValueError(f"target_modules {list(targets)} match no 2-D weight of the model")
-    small = [(n, _shape(p)) for n, p in zip(low_names, low) if keys["rank"] > min(_shape(p))]
+    small = [(n, global_shape(p)) for n, p in zip(low_names, low) if keys["rank"] > min(global_shape(p))]
     if small:
         warnings.warn(
             f"APOLLO rank {keys['rank']} exceeds the smaller dimension of {len(small)} weight(s), e.g. "
