@@ -126,9 +126,7 @@ def detect(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> B
     if any(dtensors) and not all(dtensors):
         raise NotImplementedError("APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard")
     _check_same_params(lists, received)
-    if any(dtensors):
-        return dtensor_binding(lists, received)
-    return params_binding(lists, received)
+    return params_binding(lists, received, dtensors=any(dtensors))
 
 
 def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> None:
@@ -156,48 +154,43 @@ def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Rece
                 )
 
 
-def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
-    """Plain tensors: every element is held here (one process, or DDP's replicas)."""
-    units = []
-    for gi, (ts, row) in enumerate(zip(lists, received)):
-        slots = []
-        for p, r in zip(ts, row):
-            if not p.requires_grad:
-                continue
-            if not p.is_contiguous():
-                raise ValueError(f"APOLLO needs contiguous parameters; param {r.position} with shape {tuple(p.shape)} is not")
-            grad = lambda p=p: None if p.grad is None else p.grad.reshape(-1)
-            slots.append(Slot(p, r.position, tuple(p.shape), 0, p.numel(), p.data.view(-1), grad))
-        units.append(Unit(gi, slots))
-    return Binding("params", units, signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
+def _whole_param_slot(p: torch.Tensor, position: int) -> Slot:
+    """Every element is held here (one process, or DDP's replicas)."""
+    if not p.is_contiguous():
+        raise ValueError(f"APOLLO needs contiguous parameters; param {position} with shape {tuple(p.shape)} is not")
+    grad = lambda p=p: None if p.grad is None else p.grad.reshape(-1)
+    return Slot(p, position, tuple(p.shape), 0, p.numel(), p.data.view(-1), grad)
 
 
-def dtensor_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
-    """FSDP2 DTensors (Shard(0) on a 1-D mesh, uneven last shard): each rank a block of whole rows."""
+def _dtensor_slot(p: torch.Tensor, position: int) -> Slot:
+    """An FSDP2 DTensor (Shard(0) on a 1-D mesh, uneven last shard): a block of whole rows."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    units, mesh = [], None
-    for gi, (ts, row) in enumerate(zip(lists, received)):
-        slots = []
-        for p, r in zip(ts, row):
-            if not p.requires_grad:
-                continue
-            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-                raise NotImplementedError(
-                    f"param {r.position}: APOLLO supports FSDP2 DTensors with placements (Shard(0),) on a 1-D mesh, "
-                    f"got {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-                )
-            if mesh is not None and p.device_mesh != mesh:
-                raise NotImplementedError("APOLLO needs every parameter on the same FSDP2 device mesh")
-            mesh = p.device_mesh
-            local = p._local_tensor
-            _, offset = compute_local_shape_and_global_offset(p.shape, mesh, p.placements)
-            start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
-            grad = lambda p=p: None if p.grad is None else p.grad._local_tensor.reshape(-1)
-            slots.append(Slot(p, r.position, tuple(p.shape), start, start + local.numel(), local.view(-1), grad))
-        units.append(Unit(gi, slots))
-    return Binding("params", units, mesh.get_group() if mesh is not None else None, "chunk", mesh,
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"param {position}: APOLLO supports FSDP2 DTensors with placements (Shard(0),) on a 1-D mesh, "
+            f"got {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+        )
+    local = p._local_tensor
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+    grad = lambda p=p: None if p.grad is None else p.grad._local_tensor.reshape(-1)
+    return Slot(p, position, tuple(p.shape), start, start + local.numel(), local.view(-1), grad)
+
+
+def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]], dtensors: bool = False) -> Binding:
+    """The groups hold the params themselves: plain tensors, or FSDP2 DTensors (all on one mesh)."""
+    slot_of = _dtensor_slot if dtensors else _whole_param_slot
+    units = [Unit(gi, [slot_of(p, r.position) for p, r in zip(ts, row) if p.requires_grad])
+             for gi, (ts, row) in enumerate(zip(lists, received))]
+    mesh = None
+    if dtensors:
+        meshes = [s.param.device_mesh for u in units for s in u.slots]
+        if any(m != meshes[0] for m in meshes):
+            raise NotImplementedError("APOLLO needs every parameter on the same FSDP2 device mesh")
+        mesh = meshes[0] if meshes else None
+    return Binding("params", units, mesh.get_group() if mesh is not None else None, "chunk" if dtensors else "position", mesh,
                    signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
 
 

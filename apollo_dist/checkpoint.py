@@ -441,10 +441,6 @@ def _param_names(optimizer: torch.optim.Optimizer, model: Optional[torch.nn.Modu
     return names
 
 
-def _process_group(optimizer) -> Optional[dist.ProcessGroup]:
-    return optimizer.process_group
-
-
 def _verify_shared(ckpt: CanonicalCheckpoint, group: Optional[dist.ProcessGroup]) -> None:
     """SHA-256 of every file, the files split over the ranks; every rank raises the same error."""
     world = dist.get_world_size(group) if group is not None else 1
@@ -497,7 +493,7 @@ def load_canonical(
     ckpt = CanonicalCheckpoint(path)
     optimizer.ensure_bound()
     if verify:
-        _verify_shared(ckpt, _process_group(optimizer))
+        _verify_shared(ckpt, optimizer.process_group)
     index = ckpt.index
     live_device = optimizer.device.type
     if index["generator_device"] != live_device:

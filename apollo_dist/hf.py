@@ -62,10 +62,12 @@ def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
     return out
 
 
-def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> list[dict[str, Any]]:
+def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None,
+                           optim_args: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
     first (split into weight-decay and no-decay groups, same positions), then the targeted ``nn.Linear``
-    weights with the low-rank keys. ``decay_names``: params that get weight decay (default: all)."""
+    weights with the low-rank keys. ``decay_names``: params that get weight decay (default: all);
+    ``optim_args``: `parse_optim_args` of ``args.optim_args`` when the caller has it already."""
     from transformers.trainer_utils import check_target_module_exists
 
     targets = args.optim_target_modules if args.optim_target_modules is not None else ["attn", "mlp"]
@@ -77,7 +79,8 @@ def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[se
     }
     if not target_names:
         raise ValueError(f"optim_target_modules={targets!r} match no nn.Linear of the model")
-    keys = {**HF_DEFAULTS, **{k: v for k, v in parse_optim_args(args.optim_args).items() if k in LOW_RANK_KEYS}}
+    parsed = parse_optim_args(args.optim_args) if optim_args is None else optim_args
+    keys = {**HF_DEFAULTS, **{k: v for k, v in parsed.items() if k in LOW_RANK_KEYS}}
     wd = float(args.weight_decay)
     decay, no_decay, low = [], [], []
     for name, p in model.named_parameters():
@@ -97,11 +100,11 @@ def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[se
 
 def build_optimizer(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> APOLLO:
     """``apollo_dist.APOLLO`` from ``transformers.TrainingArguments`` (see the module docstring)."""
-    extra = {k: v for k, v in parse_optim_args(args.optim_args).items() if k in EXTRA_KEYS}
+    parsed = parse_optim_args(args.optim_args)
     return APOLLO(
-        param_groups_from_args(args, model, decay_names),
+        param_groups_from_args(args, model, decay_names, parsed),
         lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        weight_decay=float(args.weight_decay), **extra,
+        weight_decay=float(args.weight_decay), **{k: v for k, v in parsed.items() if k in EXTRA_KEYS},
     )
 
 
