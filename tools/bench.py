@@ -3,10 +3,12 @@
     python tools/bench.py --models 350m,1b --json bench.json
 
 For each LLaMA size and optimizer it measures: optimizer step time (grads fixed, median of --steps
-steady-state steps, CUDA events; the projection-refresh step separately), the full training step
+steady-state steps, CUDA events; the projection-refresh step separately), the host time of a step
+(wall time of the ``step()`` call from an idle GPU: what the CPU spends issuing it), the full training step
 (forward + backward in bf16 autocast with fp32 params + step) and its tokens/s, peak GPU memory, and
 optimizer state bytes. Prints a markdown table and writes JSON. Ratios are against fused AdamW of
-the same run.
+the same run. ``--profile`` adds a torch.profiler summary of 3 optimizer steps per row: kernel
+launches and kernel time per step, host time per step, the top host-side ops.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from engines import state_bytes  # noqa: E402
 from model import build_model, llama_config  # noqa: E402
 
 VOCAB = 32000  # LLaMA tokenizer size used by the APOLLO paper's configs
+# A small model where the step is bound by the host: 4 layers, grouped-query attention, ~110 M params.
+EXTRA_SIZES = {"4l-gqa": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
+                              num_hidden_layers=4)}
 OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
 
 
@@ -45,6 +50,51 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> 
             g.pop("param_names", None)
         return oracle.oracle_class()(groups, lr=lr)
     return APOLLO(groups, lr=lr, projection_tf32=tf32) if tf32 else APOLLO(groups, lr=lr)
+
+
+def config_of(name: str, seq_len: int):
+    """A paper size (launch/model.py SIZES) or one of EXTRA_SIZES."""
+    if name in EXTRA_SIZES:
+        cfg = llama_config("60m", VOCAB, seq_len)
+        for k, v in EXTRA_SIZES[name].items():
+            setattr(cfg, k, v)
+        return cfg
+    return llama_config(name, VOCAB, seq_len)
+
+
+def host_ms(fn, n: int) -> list[float]:
+    """Wall time of ``fn()`` from an idle GPU to its return (the CPU's share; kernels may still run)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return times
+
+
+def profile_summary(fn, n: int = 3) -> dict:
+    """torch.profiler over ``n`` calls of ``fn``: per call, kernel launches, kernel time (ms), host time
+    of the profiled region (ms), and the 8 host-side ops with the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) * 1e3 / n
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
+    return {
+        "kernel_launches": sum(e.count for e in kernels) / n,
+        "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / n,
+        "host_ms_profiled": host,
+        "top_host_ops": [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 3)) for e in cpu_ops[:8]],
+    }
 
 
 def cuda_ms(fn, n: int) -> list[float]:
@@ -70,7 +120,9 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
     cuda_ms(opt.step, 2)
     steps = cuda_ms(opt.step, args.steps)
     opt_ms = statistics.median(steps)
-    done = 3 + args.steps
+    host = statistics.median(host_ms(opt.step, args.steps))
+    prof = profile_summary(opt.step) if args.profile else None
+    done = 3 + 2 * args.steps + (3 if args.profile else 0)
     if args.refresh:  # run on to step 200, where every APOLLO variant redraws its projections
         for _ in range(200 - done):
             opt.step()
@@ -102,7 +154,7 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
             full_ms, peak = None, "OOM"
     out = {
         "model": model_name, "params": nparams, "optimizer": opt_name, "tf32": bool(args.tf32 and opt_name in ("apollo", "apollo-mini")),
-        "opt_step_ms": opt_ms, "first_step_ms": first, "refresh_step_ms": refresh, "full_step_ms": full_ms,
+        "opt_step_ms": opt_ms, "host_ms": host, "profile": prof, "first_step_ms": first, "refresh_step_ms": refresh, "full_step_ms": full_ms,
         "tokens_per_s": (args.batch * args.seq_len / (full_ms / 1e3)) if full_ms else None,
         "peak_mem_gib": peak, "state_bytes": state_bytes(opt),
     }
@@ -115,8 +167,8 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | optimizer | opt step ms | vs AdamW | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | optimizer | opt step ms | vs AdamW | host ms | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw")
         fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else str(v)
@@ -124,7 +176,7 @@ def table(rows: list[dict]) -> str:
         name = r["optimizer"] + (" (tf32)" if r["tf32"] else "")
         lines.append(
             f"| {r['model']} | {name} | {fmt(r['opt_step_ms'])} | {fmt(r['opt_step_ms'] / base['opt_step_ms'], '{:.2f}x')} | "
-            f"{fmt(r['refresh_step_ms'])} | {fmt(r['full_step_ms'])} | {fmt(full_ratio, '{:.3f}x')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
+            f"{fmt(r['host_ms'])} | {fmt(r['refresh_step_ms'])} | {fmt(r['full_step_ms'])} | {fmt(full_ratio, '{:.3f}x')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
             f"{fmt(r['peak_mem_gib'])} | {r['state_bytes'] / 2**30:.3f} |"
         )
     return "\n".join(lines)
@@ -132,7 +184,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="350m,1b")
+    ap.add_argument("--models", default="60m,130m,350m,1b", help="paper sizes and/or " + ",".join(EXTRA_SIZES))
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps (median reported)")
     ap.add_argument("--full-steps", type=int, default=5, help="timed full training steps")
@@ -142,11 +194,12 @@ def main() -> None:
     ap.add_argument("--tf32", action="store_true", help="also run apollo_dist with TF32 projections")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--refresh", action="store_true", help="also time step 200 (projection refresh)")
+    ap.add_argument("--profile", action="store_true", help="also a torch.profiler summary of 3 optimizer steps per row")
     ap.add_argument("--json", default="bench.json")
     args = ap.parse_args()
     rows = []
     for m in args.models.split(","):
-        model = build_model(llama_config(m, VOCAB, args.seq_len), seed=0).cuda()
+        model = build_model(config_of(m, args.seq_len), seed=0).cuda()
         for o in args.optimizers.split(","):
             variants = [False, True] if (args.tf32 and o in ("apollo", "apollo-mini")) else [False]
             for tf32 in variants:
@@ -162,6 +215,9 @@ def main() -> None:
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta}\n\n{table(rows)}")
+    for r in rows:
+        if r["profile"]:
+            print(r["model"], r["optimizer"], "tf32" if r["tf32"] else "", json.dumps(r["profile"]))
 
 
 if __name__ == "__main__":
