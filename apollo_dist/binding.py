@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .core import Slot
 
 SUPPORTED = (
-    "plain tensors (one process, DDP), FSDP2 DTensors (Shard(0) on a 1-D mesh), DeepSpeed ZeRO-1/2/3 "
+    "plain tensors (one process, DDP), FSDP2 DTensors (FSDP, HSDP, FSDP2 x tensor parallel), DeepSpeed ZeRO-1/2/3 "
     "partitions (deepspeed.initialize or apollo_dist.deepspeed.initialize)"
 )
 
@@ -111,8 +111,9 @@ class Binding:
 
 
 # -- detectors ------------------------------------------------------------------------------------
-def detect(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
-    """The binding for what ``lists`` (each param group's ``params``, in group order) hold now."""
+def detect(lists: list[list[torch.Tensor]], received: list[list[Received]], lowrank: Optional[list[bool]] = None) -> Binding:
+    """The binding for what ``lists`` (each param group's ``params``, in group order) hold now;
+    ``lowrank``: per group, whether it runs APOLLO (picks the process group of FSDP2 DTensors)."""
     alive = [p for row in received for r in row if (p := r.ref()) is not None]
     zero3 = {id(w): w for p in alive if (w := getattr(p, "_z3_optimizer", None)) is not None}
     if zero3:
@@ -126,7 +127,7 @@ def detect(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> B
     if any(dtensors) and not all(dtensors):
         raise NotImplementedError("APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard")
     _check_same_params(lists, received)
-    return params_binding(lists, received, dtensors=any(dtensors))
+    return params_binding(lists, received, dtensors=any(dtensors), lowrank=lowrank)
 
 
 def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> None:
@@ -156,41 +157,146 @@ def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Rece
 
 def _whole_param_slot(p: torch.Tensor, position: int) -> Slot:
     """Every element is held here (one process, or DDP's replicas)."""
+    if hasattr(p, "_apollo_quant"):  # an int8 weight's gradient proxy: its data is a scratch (apollo_dist.quant)
+        from .quant import int8_slot
+
+        return int8_slot(p, position)
     if not p.is_contiguous():
         raise ValueError(f"APOLLO needs contiguous parameters; param {position} with shape {tuple(p.shape)} is not")
     grad = lambda p=p: None if p.grad is None else p.grad.reshape(-1)
     return Slot(p, position, tuple(p.shape), 0, p.numel(), p.data.view(-1), grad)
 
 
+def dtensor_split_dims(p: torch.Tensor, position: int) -> tuple[int, ...]:
+    """The mesh dims that split DTensor ``p`` (the others replicate it). Accepted placements: Replicate(),
+    Shard(0), Shard(1) of a 2-D param (tensor parallel, row-wise), and _StridedShard(0) followed on later
+    mesh dims by Shard(0)s whose sizes multiply to its split factor (FSDP2 over a column-wise TP weight:
+    each rank still holds one contiguous row block). So FSDP (Shard(0),), HSDP (Replicate(), Shard(0)),
+    FSDP2 x TP ((Shard(0), Shard(1)), (_StridedShard(0), Shard(0))) and HSDP x TP. Anything else
+    (Partial, Shard(2), other strided shards) is a NotImplementedError naming the param, its placements
+    and its mesh: APOLLO never steps a layout it has not mapped."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    split = []
+    for i, pl in enumerate(placements):
+        # exact types: _StridedShard must not pass for a Shard, nor the reverse
+        if type(pl) is Replicate:
+            continue
+        if type(pl) is Shard and (pl.dim == 0 or (pl.dim == 1 and p.dim() == 2)):
+            split.append(i)
+            continue
+        later = [j for j in range(i + 1, len(placements)) if type(placements[j]) is Shard and placements[j].dim == 0]
+        if type(pl) is _StridedShard and pl.dim == 0 and later and math.prod(mesh.shape[j] for j in later) == pl.split_factor:
+            split.append(i)
+            continue
+        names = f" {mesh.mesh_dim_names}" if mesh.mesh_dim_names else ""
+        raise NotImplementedError(
+            f"param {position} (shape {tuple(p.shape)}): APOLLO supports DTensor placements Replicate(), Shard(0), "
+            f"Shard(1) of a 2-D param and FSDP2-over-TP's _StridedShard(0) before Shard(0); got {placements} on a "
+            f"{mesh.ndim}-D mesh of shape {tuple(mesh.shape)}{names}"
+        )
+    return tuple(split)
+
+
+def moment_placements(p: torch.Tensor) -> tuple:
+    """Placements of a 2-D DTensor param's channel-major (C x r) moments, on the param's mesh.
+
+    The mesh dims that split the param's channel dim (rows when tall, columns when wide) split the moments
+    the same way, so those channels stay with the ranks that hold them; a dim that splits the other dim
+    (its ranks share the channels they touch) splits each of those channel blocks further — after the
+    channel splits, hence a _StridedShard when it comes first on the mesh. Replicated dims replicate.
+    Owned channels are read from these placements, so DCP reshards the moments like any DTensor."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    m, n = p.shape
+    cd = 0 if m >= n else 1
+    placements, sizes = tuple(p.placements), tuple(p.device_mesh.shape)
+
+    def splits(pl: Any, d: int) -> bool:
+        return type(pl) in (Shard, _StridedShard) and pl.dim == d
+
+    out = []
+    for i, pl in enumerate(placements):
+        if type(pl) is Replicate:
+            out.append(Replicate())
+        elif splits(pl, cd):
+            out.append(Shard(0) if type(pl) is Shard else _StridedShard(0, split_factor=pl.split_factor))
+        else:
+            later = math.prod(sizes[j] for j in range(i + 1, len(placements)) if splits(placements[j], cd))
+            out.append(Shard(0) if later == 1 else _StridedShard(0, split_factor=later))
+    return tuple(out)
+
+
 def _dtensor_slot(p: torch.Tensor, position: int) -> Slot:
-    """An FSDP2 DTensor (Shard(0) on a 1-D mesh, uneven last shard): a block of whole rows."""
-    from torch.distributed.tensor import Shard
+    """An FSDP2 DTensor (`dtensor_split_dims`): a block of whole rows (FSDP, HSDP, column-wise TP: a flat
+    range), or a rectangle when columns are split (row-wise TP); the replicas of a piece hold the same.
+    2-D params carry the channels whose moments this rank keeps (`moment_placements`)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise NotImplementedError(
-            f"param {position}: APOLLO supports FSDP2 DTensors with placements (Shard(0),) on a 1-D mesh, "
-            f"got {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
-        )
+    dtensor_split_dims(p, position)
     local = p._local_tensor
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     grad = lambda p=p: None if p.grad is None else p.grad._local_tensor.reshape(-1)
-    return Slot(p, position, tuple(p.shape), start, start + local.numel(), local.view(-1), grad)
+    owned, block = None, None
+    if p.dim() == 2:
+        C = max(p.shape)
+        oshape, ooff = compute_local_shape_and_global_offset((C, 1), p.device_mesh, moment_placements(p))
+        owned = (ooff[0], ooff[0] + oshape[0]) if oshape[0] else (0, 0)
+        if shape[1] < p.shape[1]:  # columns split (row-wise tensor parallel): a rectangle, not a flat range
+            block = (offset[0], offset[0] + shape[0], offset[1], offset[1] + shape[1])
+    if block is not None:
+        return Slot(p, position, tuple(p.shape), 0, 0, local.view(-1), grad, block=block, owned=owned)
+    start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+    return Slot(p, position, tuple(p.shape), start, start + local.numel(), local.view(-1), grad, owned=owned)
 
 
-def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]], dtensors: bool = False) -> Binding:
-    """The groups hold the params themselves: plain tensors, or FSDP2 DTensors (all on one mesh)."""
+def _dtensor_group(slots: list[Slot], lowrank: list[bool]) -> tuple[Any, Optional[dist.ProcessGroup]]:
+    """(mesh, process group) of APOLLO's collectives over DTensor ``slots``: the ranks that split the
+    low-rank params (the mesh dims every one of them is split over, flattened: FSDP's dim, HSDP's shard
+    dim, FSDP2 x TP's dp and tp dims); replicate dims need none (their gradients were all-reduced, the
+    step is deterministic). Without low-rank params, the dims splitting any param of the largest mesh."""
+    picked = [s for s, low in zip(slots, lowrank) if low and len(s.shape) == 2] or slots
+    if not picked:
+        return None, None
+    mesh = max((s.param.device_mesh for s in picked), key=lambda m: m.ndim)
+    if any(low for low in lowrank) and any(s.param.device_mesh != mesh for s in picked):
+        raise NotImplementedError("APOLLO needs every low-rank (2-D, 'rank' group) parameter on the same device mesh")
+    dims_of = {s.index: dtensor_split_dims(s.param, s.index) for s in picked if s.param.device_mesh == mesh}
+    dims = sorted(set().union(*dims_of.values()))
+    if picked is not slots:
+        for index, ds in dims_of.items():
+            if list(ds) != dims:  # a copy per rank of a replicated dim would be summed as partial R, twice
+                raise NotImplementedError(
+                    f"param {index}: split over mesh dims {list(ds)} of {mesh.mesh_dim_names or tuple(mesh.shape)}, other "
+                    f"low-rank params over {dims}: APOLLO needs every low-rank param split over the same mesh dims"
+                )
+    if not dims:
+        return mesh, None
+    if len(dims) == 1:
+        return mesh, mesh.get_group(dims[0])
+    # one group for several mesh dims: DeviceMesh's flattening (rank order: row-major over the dims)
+    if len(dims) == mesh.ndim:
+        return mesh, mesh._flatten().get_group()
+    if not mesh.mesh_dim_names:
+        raise NotImplementedError(f"APOLLO needs mesh_dim_names on a {mesh.ndim}-D mesh that splits params over dims {dims}")
+    return mesh, mesh[tuple(mesh.mesh_dim_names[d] for d in dims)]._flatten().get_group()
+
+
+def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]], dtensors: bool = False,
+                   lowrank: Optional[list[bool]] = None) -> Binding:
+    """The groups hold the params themselves: plain tensors, or FSDP2 DTensors. ``lowrank``: which
+    groups run APOLLO (they choose the DTensors' process group, `_dtensor_group`)."""
     slot_of = _dtensor_slot if dtensors else _whole_param_slot
     units = [Unit(gi, [slot_of(p, r.position) for p, r in zip(ts, row) if p.requires_grad])
              for gi, (ts, row) in enumerate(zip(lists, received))]
-    mesh = None
+    mesh, group = None, None
     if dtensors:
-        meshes = [s.param.device_mesh for u in units for s in u.slots]
-        if any(m != meshes[0] for m in meshes):
-            raise NotImplementedError("APOLLO needs every parameter on the same FSDP2 device mesh")
-        mesh = meshes[0] if meshes else None
-    return Binding("params", units, mesh.get_group() if mesh is not None else None, "chunk" if dtensors else "position", mesh,
+        flags = lowrank or [False] * len(units)
+        mesh, group = _dtensor_group([s for u in units for s in u.slots], [flags[u.group] for u in units for _ in u.slots])
+    return Binding("params", units, group, "chunk" if dtensors else "position", mesh,
                    signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
 
 

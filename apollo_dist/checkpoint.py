@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from .core import AdamBucket, LowRankBucket
 from .projection import SeedChain
+from .quant import refuse_int8
 
 FORMAT = "apollo_dist.canonical"
 FORMAT_VERSION = 1
@@ -420,6 +421,16 @@ class CanonicalCheckpoint:
         r0, r1 = start // row, -(-end // row)
         return sl[r0:r1].reshape(-1)[start - r0 * row : end - r0 * row]
 
+    def read_held(self, name: str, key: str, slot: Any) -> torch.Tensor:
+        """The elements of ``name/key`` that `Slot` ``slot`` holds, row-major (a flat range, or a block)."""
+        if slot.block is None:
+            return self.read_flat(name, key, slot.start, slot.end)
+        r0, r1, c0, c1 = slot.block
+        if slot.numel == 0:
+            return torch.zeros(0)
+        n = slot.shape[1]
+        return self.read_flat(name, key, r0 * n, r1 * n).view(r1 - r0, n)[:, c0:c1].reshape(-1)
+
     def read_channels(self, name: str, key: str, c0: int, c1: int, tall: bool) -> torch.Tensor:
         """Channels [c0, c1) of a low-rank moment, channel-major ((c1 - c0) x r): rows when tall, columns when wide."""
         sl = self.handle(name).get_slice(f"{name}/{key}")
@@ -492,6 +503,7 @@ def load_canonical(
     """
     ckpt = CanonicalCheckpoint(path)
     optimizer.ensure_bound()
+    refuse_int8(optimizer.slots(), "canonical checkpoints (load_canonical)")
     if verify:
         _verify_shared(ckpt, optimizer.process_group)
     index = ckpt.index
@@ -529,11 +541,11 @@ def load_canonical(
             if rec["group"] != b.group_index:
                 raise CheckpointError(f"{ckpt.path}: param {name} is in group {rec['group']}, in this optimizer in group {b.group_index}")
             with torch.no_grad():
-                s.data.copy_(ckpt.read_flat(name, "weight", s.start, s.end))
+                s.data.copy_(ckpt.read_held(name, "weight", s))
                 _sync_model_param(s.param, s, ckpt, name)
                 if isinstance(b, AdamBucket):
-                    b.exp_avg[i].copy_(ckpt.read_flat(name, "exp_avg", s.start, s.end))
-                    b.exp_avg_sq[i].copy_(ckpt.read_flat(name, "exp_avg_sq", s.start, s.end))
+                    b.exp_avg[i].copy_(ckpt.read_held(name, "exp_avg", s))
+                    b.exp_avg_sq[i].copy_(ckpt.read_held(name, "exp_avg_sq", s))
                 else:
                     lay = b.layouts[i]
                     o0, o1 = lay.owners[b.comm.rank]
@@ -576,6 +588,8 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list["RankState"]) -> dic
         lay = rs.layout["params"].get(idx)
         if lay is None:
             raise CheckpointError(f"{rs.where}: no layout for param {entry.name}")
+        if "block" in lay:  # DeepSpeed and one-process layouts hold flat ranges; blocks come with DCP (global tensors)
+            raise CheckpointError(f"{rs.where}: param {entry.name} is held as a block {lay['block']}: not assembled offline")
         a, b = lay["start"], lay["end"]
         state = rs.state.get(idx, {})
         if b > a:
@@ -656,6 +670,7 @@ class LiveSource:
     checkpoint in between. Sharded runs save natively and convert (tools/convert_checkpoint.py)."""
 
     def __init__(self, optimizer, model: Optional[torch.nn.Module] = None, trainer: Optional[dict[str, Any]] = None):
+        refuse_int8(optimizer.slots(), "canonical checkpoints (LiveSource)")
         sd = optimizer.state_dict()
         if sd["apollo_layout"]["world_size"] != 1:
             raise CheckpointError("LiveSource needs a single-process optimizer: save sharded runs natively and convert them")

@@ -2,7 +2,8 @@
 
 A bucket is one param group. ``LowRankBucket`` runs APOLLO on the group's 2-D weights; ``AdamBucket``
 runs the reference's plain Adam on everything else. Each works on `Slot`s (this rank's contiguous
-flat element range of one parameter), so the same code serves one process, FSDP2 and ZeRO-1/2/3.
+flat element range of one parameter, or a rectangular block of it), so the same code serves one
+process, FSDP2 (FSDP, HSDP, x tensor parallel), ZeRO-1/2/3 and layouts given through ``APOLLO.bind``.
 
 Per step a low-rank bucket does, with the numbers of DESIGN.md §1:
   1. R = G P^T (tall) / P^T G (wide) for the channels this rank touches (kept channel-major, C x r);
@@ -34,7 +35,10 @@ LIMITER_GROWTH = 1.01  # the reference's norm-growth bound per step
 
 @dataclass
 class Slot:
-    """What this rank holds of one parameter: flat row-major elements [start, end) of ``shape``."""
+    """What this rank holds of one parameter: flat row-major elements [start, end) of ``shape``, or,
+    when ``block`` is set, the rectangle rows [r0, r1) x columns [c0, c1) of a 2-D parameter (tensor
+    parallelism splits columns; ``start``/``end`` are then unused and 0). ``data`` and ``grad()`` are
+    the held elements row-major (a block's rows of c1 - c0 elements each)."""
 
     param: torch.Tensor  # the user's parameter object (key of optimizer.state)
     index: int  # position among all params given to the optimizer (initial seed = index + 1)
@@ -43,10 +47,21 @@ class Slot:
     end: int
     data: torch.Tensor  # 1-D view of the held elements (fp32 master weights, updated in place)
     grad: Callable[[], Optional[torch.Tensor]]  # this step's 1-D gradient of the held elements
+    block: Optional[tuple[int, int, int, int]] = None  # (r0, r1, c0, c1) instead of [start, end)
+    owned: Optional[tuple[int, int]] = None  # channels whose moments this rank keeps, where the engine fixes
+    # them (FSDP2: the moments' DTensor placements); None: the optimizer's rule
 
     @property
     def numel(self) -> int:
+        if self.block is not None:
+            r0, r1, c0, c1 = self.block
+            return max(0, r1 - r0) * max(0, c1 - c0)
         return self.end - self.start
+
+    @property
+    def holding(self) -> tuple[int, ...]:
+        """(start, end), or the block (r0, r1, c0, c1): what layout.touched_channels reads."""
+        return self.block if self.block is not None else (self.start, self.end)
 
 
 def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, correct_bias: bool) -> float:
@@ -88,9 +103,10 @@ def segment_sums(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> t
 
 
 class Geometry(NamedTuple):
-    """Where one slot sits: its (m x n) matrix, the whole rows [row0, row0 + rows) its elements span
-    (``off``: its first element inside them; ``aligned``: it starts and ends on row boundaries), the
-    channels it touches [t0, t1) and the channels this rank owns [o0, o1)."""
+    """Where one slot sits: its (m x n) matrix, the rows [row0, row0 + rows) its elements span, each
+    held as ``width`` columns from ``col0`` (a flat range: whole rows, col0 = 0, width = n; ``off``: its
+    first element inside them; ``aligned``: it starts and ends on row boundaries; a block: its
+    rectangle, always aligned), the channels it touches [t0, t1) and the channels this rank owns [o0, o1)."""
 
     m: int
     n: int
@@ -103,6 +119,8 @@ class Geometry(NamedTuple):
     t1: int
     o0: int
     o1: int
+    col0: int
+    width: int
 
 
 class Collectives:
@@ -190,12 +208,17 @@ class LowRankBucket:
         t_param = []
         for i, (s, lay) in enumerate(zip(slots, layouts)):
             m, n = lay.m, lay.n
-            t0, t1 = touched_channels(m, n, s.start, s.end)
+            t0, t1 = touched_channels(m, n, *s.holding)
             o0, o1 = lay.owners[comm.rank]
-            row0 = s.start // n
-            rows = (-(-s.end // n) - row0) if s.end > s.start else 0
-            aligned = s.start % n == 0 and s.end % n == 0
-            self.geom.append(Geometry(m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1))
+            if s.block is not None:
+                r0, r1, c0, c1 = s.block
+                rows = r1 - r0 if s.numel else 0
+                self.geom.append(Geometry(m, n, lay.tall, r0, rows, 0, True, t0, t1, o0, o1, c0, c1 - c0))
+            else:
+                row0 = s.start // n
+                rows = (-(-s.end // n) - row0) if s.end > s.start else 0
+                aligned = s.start % n == 0 and s.end % n == 0
+                self.geom.append(Geometry(m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1, 0, n))
             self.t_off.append(t_off)
             self.o_off.append(o_off)
             t_param.append(torch.full((t1 - t0,), i, dtype=torch.int64))
@@ -213,12 +236,12 @@ class LowRankBucket:
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
-        self.project = MultiProjection([(self.geom[i].rows, self.geom[i].n, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device)
+        self.project = MultiProjection([(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device)
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
         self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]
         self.unaligned = [i for i, g in enumerate(self.geom) if not g.aligned and g.rows > 0]
         self.update = MultiUpdate(
-            [slots[i].data.view(self.geom[i].rows, self.geom[i].n) for i in self.aligned],
+            [slots[i].data.view(self.geom[i].rows, self.geom[i].width) for i in self.aligned],
             [self.geom[i].tall for i in self.aligned],
             [self.t_off[i] for i in self.aligned],
         )
@@ -227,19 +250,23 @@ class LowRankBucket:
     def _refresh_projections(self, epoch: int) -> None:
         """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with."""
         for i, s in enumerate(self.slots):
-            m, n, tall, row0, rows, *_ = self.geom[i]
-            if rows == 0:
+            g = self.geom[i]
+            if g.rows == 0:
                 self.proj[i] = None
                 continue
-            P = random_projection(projection_shape(m, n, self.rank_r), self.rank_r, self.seeds[i](epoch), self.device)
-            # tall: R = G P^T, keep P (r x n); wide: R^T = G^T P, keep P's held rows (rows x r)
-            self.proj[i] = P if tall else P[row0 : row0 + rows].contiguous()
+            P = random_projection(projection_shape(g.m, g.n, self.rank_r), self.rank_r, self.seeds[i](epoch), self.device)
+            # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
+            if g.tall:
+                self.proj[i] = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width].contiguous()
+            else:
+                self.proj[i] = P[g.row0 : g.row0 + g.rows].contiguous()
         self.proj_epoch = epoch
 
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
-        """This rank's gradient as whole rows (rows x n), zeros where it holds nothing."""
+        """This rank's gradient as rows (rows x width: whole rows of a flat range, zeros where it holds
+        nothing; a block's rectangle)."""
         s = self.slots[i]
-        m, n, tall, row0, rows, off, aligned, *_ = self.geom[i]
+        m, n, tall, row0, rows, off, aligned, *_, width = self.geom[i]
         if rows == 0:
             return None
         g = s.grad()
@@ -248,7 +275,7 @@ class LowRankBucket:
         if g.dtype != torch.float32:
             g = g.float()
         if aligned:
-            return g.view(rows, n)
+            return g.view(rows, width)
         padded = torch.zeros(rows * n, device=g.device, dtype=g.dtype)
         padded[off : off + s.numel].copy_(g)
         return padded.view(rows, n)
@@ -340,7 +367,7 @@ class LowRankBucket:
         self.update([grads[i] for i in self.aligned], coef, decay)
         for i in self.unaligned:  # a piece cut mid-row: update its zero-padded rows, keep the held elements
             s, G = self.slots[i], grads[i]
-            m, n, tall, row0, rows, off, aligned, t0, t1, _, _ = self.geom[i]
+            m, n, tall, row0, rows, off, aligned, t0, t1, *_ = self.geom[i]
             block = s.data.new_zeros(rows * n)
             block[off : off + s.numel] = s.data
             scaled_update_eager(block.view(rows, n), G, coef[self.t_off[i] : self.t_off[i] + t1 - t0], tall, decay)

@@ -237,6 +237,10 @@ def initialize(
                                     dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
                                     mesh_param=mesh_param, **({} if distributed_port is None else {"distributed_port": distributed_port}))
     _check_supported(config, mpu, model)
+    if opt.layerwise:
+        from .layerwise import DEEPSPEED_REFUSED
+
+        raise NotImplementedError(DEEPSPEED_REFUSED)
     empty = [i for i, g in enumerate(opt.param_groups) if not g["params"]]
     if empty:
         raise ValueError(f"APOLLO param groups {empty} are empty: DeepSpeed drops empty groups, remove them")

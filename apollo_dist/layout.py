@@ -1,6 +1,7 @@
 """Who holds what: element ranges, channel ownership and the communication plan (DESIGN.md §2).
 
-Every engine gives a rank one contiguous row-major element range [start, end) of each parameter.
+Every engine gives a rank one contiguous row-major element range [start, end) of each parameter (or,
+where columns are split as tensor parallelism does, a rectangular block rows x columns).
 For a low-rank parameter with gradient G (m x n), the *channels* are the rows of G when it is tall
 (m >= n) and the columns when it is wide; each channel has one row of R (channel-major: R is kept
 as C x r, the transpose of the reference's r x n for wide G).
@@ -31,12 +32,20 @@ def num_channels(m: int, n: int) -> int:
     return m if m >= n else n
 
 
-def touched_channels(m: int, n: int, start: int, end: int) -> tuple[int, int]:
-    """The channel range [c0, c1) that elements [start, end) contribute to.
+def touched_channels(m: int, n: int, *holding: int) -> tuple[int, int]:
+    """The channel range [c0, c1) that a holding contributes to: flat elements [start, end), or the
+    block rows [r0, r1) x columns [c0, c1) (four numbers).
 
-    Tall: the rows the range meets. Wide: every column once the rank holds any element (a column
-    sums over all rows, so the partial contributions are dense; zeros where nothing is held).
+    Flat, tall: the rows the range meets. Flat, wide: every column once the rank holds any element (a
+    column sums over all rows, so the partial contributions are dense; zeros where nothing is held).
+    Block: its rows (tall) or its columns (wide).
     """
+    if len(holding) == 4:
+        r0, r1, c0, c1 = holding
+        if r1 <= r0 or c1 <= c0:
+            return (0, 0)
+        return (r0, r1) if m >= n else (c0, c1)
+    start, end = holding
     if end <= start:
         return (0, 0)
     if m >= n:
@@ -44,13 +53,39 @@ def touched_channels(m: int, n: int, start: int, end: int) -> tuple[int, int]:
     return (0, n)
 
 
-def position_owners(m: int, n: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def block_owners(m: int, n: int, blocks: list[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    """Owned channel ranges of a param held as rectangular blocks: the ranks touching the same channel
+    range (tall: the same rows, split by columns; wide: the same columns, split by rows) split it by
+    torch.chunk's rule in rank order, so each owner touches what it owns. The touched ranges must tile
+    [0, C) (a grid of blocks; anything else is a NotImplementedError)."""
+    C = num_channels(m, n)
+    touched = [touched_channels(m, n, *b) for b in blocks]
+    sharing: dict[tuple[int, int], list[int]] = {}
+    for w, t in enumerate(touched):
+        if t[1] > t[0]:
+            sharing.setdefault(t, []).append(w)
+    edges = sorted(sharing)
+    if not edges or [a for a, _ in edges] != [0] + [b for _, b in edges[:-1]] or edges[-1][1] != C:
+        raise NotImplementedError(f"a {m} x {n} param held as blocks {blocks}: the blocks do not form a grid (touched channels {edges})")
+    owners = [(0, 0)] * len(blocks)
+    for (t0, t1), ranks in sharing.items():
+        size = -(-(t1 - t0) // len(ranks))
+        for k, w in enumerate(ranks):
+            owners[w] = (min(t1, t0 + k * size), min(t1, t0 + (k + 1) * size))
+    return owners
+
+
+def position_owners(m: int, n: int, ranges: list[tuple[int, ...]]) -> list[tuple[int, int]]:
     """Owned channel ranges: channel c belongs to whoever holds flat element floor((c + 1/2) numel / C).
 
     For tall G this is the row's middle element (so a row held whole is owned by its holder); for
     wide G it splits the columns in proportion to the elements each rank holds. Ranges must tile
-    [0, numel) in rank order.
+    [0, numel) in rank order. Blocks (four numbers each, every rank): `block_owners`.
     """
+    if any(len(r) == 4 for r in ranges):
+        if not all(len(r) == 4 for r in ranges):
+            raise NotImplementedError(f"a {m} x {n} param held as flat ranges on some ranks and blocks on others: {ranges}")
+        return block_owners(m, n, ranges)
     numel, C = m * n, num_channels(m, n)
 
     def first_channel_at_or_after(pos: int) -> int:
@@ -79,7 +114,7 @@ class ParamLayout:
 
     m: int
     n: int
-    ranges: list[tuple[int, int]]
+    ranges: list[tuple[int, ...]]  # per rank: flat [start, end), or a block (r0, r1, c0, c1)
     owners: list[tuple[int, int]]
 
     @property
@@ -95,8 +130,8 @@ class ParamLayout:
         C = self.channels
         count = torch.zeros(C + 1, dtype=torch.int64)
         toucher = torch.full((C,), -1, dtype=torch.int64)
-        for w, (start, end) in enumerate(self.ranges):
-            c0, c1 = touched_channels(self.m, self.n, start, end)
+        for w, holding in enumerate(self.ranges):
+            c0, c1 = touched_channels(self.m, self.n, *holding)
             count[c0] += 1
             count[c1] -= 1
             toucher[c0:c1] = w

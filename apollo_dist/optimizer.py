@@ -15,8 +15,10 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
+from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor, moment_placements
 from .core import AdamBucket, Collectives, LowRankBucket, Slot
+from .layerwise import LayerwiseUpdates, per_param_binding
+from .quant import refuse_int8
 from .layout import ParamLayout, chunk_owners, matrix_dims, position_owners
 
 GROUP_DEFAULTS = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
@@ -70,6 +72,13 @@ class APOLLO(torch.optim.Optimizer):
     or "ignore" (no check, no host sync). ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
     decoupled and applied after the update.
 
+    ``layerwise=True`` (apollo_dist.layerwise): each parameter is updated inside backward as soon as its
+    gradient is complete (under FSDP2: reduce-scattered), and its gradient is freed at once, so the
+    whole model's gradient is never held; same numbers as the ordinary step. ``step()`` then only
+    checks that every trainable param was updated exactly once since the last step. One process and
+    FSDP2 only (DeepSpeed: an error); no gradient accumulation (an error), no global-norm clipping;
+    ``nonfinite`` defaults to "raise" ("skip" is an error: a half-updated step cannot be skipped).
+
     Whoever drives it: it steps what its param groups hold at each ``step`` — the params themselves
     (one process, DDP), FSDP2 DTensors (also when the lists were re-pointed after construction, as
     accelerate does), or the flat partitions of DeepSpeed ZeRO 1/2/3 (plain ``deepspeed.initialize``
@@ -91,7 +100,8 @@ class APOLLO(torch.optim.Optimizer):
         disable_nl: bool = False,
         no_deprecation_warning: bool = True,
         projection_tf32: bool = False,
-        nonfinite: str = "skip",
+        nonfinite: Optional[str] = None,
+        layerwise: bool = False,
     ):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
         _check_group(-1, {**defaults, "params": []})
@@ -101,8 +111,17 @@ class APOLLO(torch.optim.Optimizer):
         self.scale_front = scale_front
         self.disable_nl = disable_nl
         self.projection_tf32 = projection_tf32
+        if nonfinite is None:
+            nonfinite = "raise" if layerwise else "skip"
         if nonfinite not in ("skip", "raise", "ignore"):
             raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
+        if layerwise and nonfinite == "skip":
+            raise ValueError(
+                "nonfinite='skip' with layerwise=True: a step cannot be skipped once earlier params were updated in the "
+                "same backward; use nonfinite='raise' (the layer-wise default) or 'ignore'"
+            )
+        self.layerwise = bool(layerwise)  # updates run in backward (apollo_dist.layerwise); step() only checks
+        self._layerwise = LayerwiseUpdates(self) if layerwise else None
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
@@ -122,6 +141,8 @@ class APOLLO(torch.optim.Optimizer):
                 for p, r in zip(g["params"], row):
                     if r.trainable:
                         self.state[p]["seed"] = r.position + 1
+            if layerwise:  # the hooks must be on the params before the first backward: bind now
+                self.ensure_bound()
 
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: seeds are the params' positions, fixed at construction."""
@@ -137,7 +158,7 @@ class APOLLO(torch.optim.Optimizer):
         the groups now hold tensors it cannot map, or other tensors than those it has already stepped."""
         lists = [g["params"] for g in self._all_groups()]
         if self._binding is None or not self._binding.accepts(lists):
-            self._install(detect(lists, self._received))
+            self._install(detect(lists, self._received, ["rank" in g for g in self._all_groups()]))
 
     def bind(self, slots: list[Slot], process_group: Optional[dist.ProcessGroup] = None, owners: str = "position") -> None:
         """Tell the optimizer what this rank holds (for adapters of layouts `ensure_bound` does not detect).
@@ -180,10 +201,14 @@ class APOLLO(torch.optim.Optimizer):
                 "Shard or wrap the model (fully_shard, deepspeed.initialize, accelerator.prepare) before the first "
                 "step and before loading optimizer state"
             )
+        if self._layerwise is not None:
+            binding = per_param_binding(binding)  # one bucket per param, each stepped by its param's hook
+        else:
+            refuse_int8((s for u in binding.units for s in u.slots), "APOLLO(layerwise=False)")
         comm = Collectives(binding.process_group)
         slots = [s for u in binding.units for s in u.slots]
         device = slots[0].data.device if slots else torch.device("cpu")
-        ranges = self._all_ranges(slots, comm, device)
+        ranges, owned = self._all_ranges(slots, comm, device)
         buckets, k = [], 0
         for u in binding.units:
             group, n = self._groups[u.group], len(u.slots)
@@ -191,9 +216,12 @@ class APOLLO(torch.optim.Optimizer):
                 buckets.append(AdamBucket(u.group, u.slots))
             else:
                 layouts = []
-                for s, rs in zip(u.slots, ranges[k : k + n]):
+                for s, rs, given in zip(u.slots, ranges[k : k + n], owned[k : k + n]):
                     m, c = matrix_dims(s.shape)
-                    own = chunk_owners(m, c, comm.world) if binding.owners == "chunk" else position_owners(m, c, rs)
+                    if given is not None:  # the engine's layout fixes them (FSDP2: the moments' placements)
+                        own = given
+                    else:
+                        own = chunk_owners(m, c, comm.world) if binding.owners == "chunk" else position_owners(m, c, rs)
                     layouts.append(ParamLayout(m, c, rs, own))
                 buckets.append(LowRankBucket(u.group, u.slots, layouts, group, comm, device))
             k += n
@@ -201,15 +229,24 @@ class APOLLO(torch.optim.Optimizer):
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
         self._world, self._rank, self._device, self._mesh = comm.world, comm.rank, device, binding.mesh
         self._expose_state()
+        if self._layerwise is not None:
+            self._layerwise.attach(buckets)
 
     @staticmethod
-    def _all_ranges(slots: list[Slot], comm: Collectives, device: torch.device) -> list[list[tuple[int, int]]]:
-        """Every rank's element range of every param (one all-gather at bind time)."""
-        mine = torch.tensor([[s.start, s.end] for s in slots], dtype=torch.int64).reshape(-1, 2)
-        if comm.world == 1:
-            return [[tuple(r)] for r in mine.tolist()]
-        every = comm.all_gather(mine.to(device)).view(comm.world, len(slots), 2).cpu()
-        return [[tuple(every[w, k].tolist()) for w in range(comm.world)] for k in range(len(slots))]
+    def _all_ranges(slots: list[Slot], comm: Collectives, device: torch.device) -> tuple[list[list[tuple[int, ...]]], list]:
+        """Every rank's holding of every param ((start, end), or a block (r0, r1, c0, c1)) and, where every
+        rank's slot gives them, owned channels (else None): one all-gather at bind time, of rows
+        [is block, 4 numbers, owned from, owned to (-1: not given)]."""
+        rows = []
+        for s in slots:
+            holding = [1, *s.block] if s.block is not None else [0, s.start, s.end, 0, 0]
+            rows.append(holding + (list(s.owned) if s.owned is not None else [-1, -1]))
+        mine = torch.tensor(rows, dtype=torch.int64).reshape(-1, 7)
+        every = mine.view(1, -1, 7) if comm.world == 1 else comm.all_gather(mine.to(device)).view(comm.world, len(slots), 7).cpu()
+        every = every.tolist()
+        holdings = [[tuple(e[k][1:5]) if e[k][0] else tuple(e[k][1:3]) for e in every] for k in range(len(slots))]
+        owned = [None if any(e[k][5] < 0 for e in every) else [tuple(e[k][5:7]) for e in every] for k in range(len(slots))]
+        return holdings, owned
 
     # -- what this rank holds (public view for checkpoints, tools and tests) --------------------
     @property
@@ -260,16 +297,21 @@ class APOLLO(torch.optim.Optimizer):
 
     def _as_global(self, local: torch.Tensor, s: Slot, channel_shape: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """This rank's piece of a moment as state exposes it: as is, or under FSDP2 a DTensor with the
-        global shape (the param's, or (C, r) channel-major for low-rank moments) so DCP reshards it."""
+        global shape (the param's, or (C, r) channel-major for low-rank moments) so DCP reshards it.
+
+        Plain-Adam state: the param's placements. Low-rank moments: `binding.moment_placements` (FSDP: (Shard(0),),
+        HSDP: (Replicate(), Shard(0)): torch.chunk's blocks over the shard dim, identical on the replicas),
+        from which the binding took the owned channels."""
         if self._mesh is None:
             return local
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import DTensor
 
+        p = s.param
         if channel_shape is None:  # plain-Adam state shaped and sharded like the param
-            p = s.param
-            return DTensor.from_local(local.view(p._local_tensor.shape), self._mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+            return DTensor.from_local(local.view(p._local_tensor.shape), p.device_mesh, p.placements, run_check=False,
+                                      shape=p.shape, stride=p.stride())
         C, r = channel_shape
-        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=(C, r), stride=(r, 1))
+        return DTensor.from_local(local, p.device_mesh, moment_placements(p), run_check=False, shape=(C, r), stride=(r, 1))
 
     # -- stepping -----------------------------------------------------------------------------
     def _hparams(self, gi: int) -> dict:
@@ -292,6 +334,9 @@ class APOLLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._layerwise is not None:  # the updates ran in backward: only check that each param got one
+            self._layerwise.step()
+            return loss
         self._step_buckets(self._active_buckets())
         return loss
 
@@ -303,6 +348,8 @@ class APOLLO(torch.optim.Optimizer):
         if self.nonfinite != "ignore":
             bad = sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device))
             if self._comm.world > 1:
+                # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
+                # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
                 self._comm.all_reduce(bad)
             if bad.item() > 0:  # one host sync per step: the decision gates every write below
                 if self.nonfinite == "raise":
@@ -342,11 +389,14 @@ class APOLLO(torch.optim.Optimizer):
     def layout(self) -> dict[str, Any]:
         """This rank's part of the layout: world size, rank, the projection generator's device type
         (CPU and CUDA draw different P), and per param, keyed like ``state_dict()["state"]``: group,
-        global shape, held flat elements [start, end) and, for low-rank params, owned channels [o0, o1)."""
+        global shape, held flat elements [start, end) (or ``block``: [r0, r1, c0, c1]) and, for low-rank
+        params, owned channels [o0, o1)."""
         params: dict[int, dict[str, Any]] = {}
         for b in self.buckets:
             for i, s in enumerate(b.slots):
                 entry = {"group": b.group_index, "shape": list(s.shape), "start": s.start, "end": s.end}
+                if s.block is not None:
+                    entry["block"] = list(s.block)
                 if isinstance(b, LowRankBucket):
                     entry["owned"] = list(b.layouts[i].owners[self._rank])
                 params[s.index] = entry

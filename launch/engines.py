@@ -30,7 +30,7 @@ CHECKPOINT_FORMAT = "apollo_dist.train/1"
 META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
 # The run's settings a checkpoint records (train.py takes them back on --resume unless a flag says otherwise)
 RUN_KEYS_SAVED = ("model", "seed", "global_batch_size", "seq_len", "dtype", "data", "steps", "warmup_steps", "grad_clip",
-                  "activation_checkpointing")
+                  "activation_checkpointing", "layerwise", "weight_quant")
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -69,6 +69,9 @@ def shutdown() -> None:
 
         sys.stdout.flush()
         sys.stderr.flush()
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()  # Open MPI's mpirun fails a job whose ranks exit without it (mpich does not)
         os._exit(0)
     dist.destroy_process_group()
 
@@ -102,6 +105,17 @@ class Dist:
     world: int
     local_rank: int
     device: torch.device
+    tp: int = 1  # tensor-parallel size (FSDP2 --tp): the tp consecutive ranks of a data shard see the same batch
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's shard of the data (ranks differing only in their tp coordinate share one)."""
+        return self.rank // self.tp
+
+    @property
+    def data_world(self) -> int:
+        """Data-parallel shards: W / tp."""
+        return self.world // self.tp
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (gloo has no AVG)."""
@@ -189,15 +203,18 @@ def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, hp: dict[str, Any]) -> torch.optim.Optimizer:
-    """APOLLO / APOLLO-Mini on ``hp['target_modules']`` (plain Adam elsewhere), or torch AdamW."""
+def build_optimizer(model: torch.nn.Module, hp: dict[str, Any], layerwise: bool = False) -> torch.optim.Optimizer:
+    """APOLLO / APOLLO-Mini on ``hp['target_modules']`` (plain Adam elsewhere), or torch AdamW.
+    ``layerwise``: APOLLO's layer-wise updates (inside backward; apollo_dist.layerwise)."""
     common = {"lr": hp["lr"], "betas": tuple(hp["betas"]), "eps": hp["eps"], "weight_decay": hp["weight_decay"]}
     if hp["optimizer"] == "adamw":
+        if layerwise:
+            raise ValueError("layer-wise updates are APOLLO's (apollo, apollo-mini), not AdamW's")
         return torch.optim.AdamW(model.parameters(), **common)
     low_rank = {k: hp[k] for k in LOW_RANK_KEYS if k in hp}
     groups = param_groups(model, hp["target_modules"], preset=hp["optimizer"], **low_rank)
     common.update({k: hp[k] for k in ("correct_bias", "scale_front", "disable_nl", "projection_tf32") if k in hp})
-    return APOLLO(groups, **common)
+    return APOLLO(groups, **common, **({"layerwise": True} if layerwise else {}))
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -334,8 +351,13 @@ class Engine:
         self.bf16 = run["dtype"] == "bf16"
         # Built on the meta device: shard first (FSDP2), then allocate and initialize only what this rank holds.
         self.model = materialize(self._wrap(model), run["seed"], d.device, pretrained(run))
+        if run.get("weight_quant") == "int8":  # Q-APOLLO: target linears' weights as int8 + group scales
+            from apollo_dist.quant import quantize_model
+
+            quantize_model(self.model, hp["target_modules"])
         self.host_rss_model_gib = host_peak_rss_gib()
-        self.optimizer = build_optimizer(self.model, hp)
+        # (layerwise passed only when on: tools/train_reference.py swaps in a two-argument build_optimizer)
+        self.optimizer = build_optimizer(self.model, hp, layerwise=True) if run.get("layerwise") else build_optimizer(self.model, hp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -347,6 +369,10 @@ class Engine:
     def _sync_grads(self, last: bool) -> None:
         """Whether this micro-batch's backward communicates gradients (FSDP2: only the last)."""
 
+    def _clip_grad_norm(self, max_norm: float) -> None:
+        """Scale the gradients so that their global 2-norm is at most ``max_norm``."""
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Forward/backward every micro-batch, then one optimizer step; this rank's mean loss."""
         total = torch.zeros((), device=self.d.device)
@@ -357,7 +383,7 @@ class Engine:
             (loss / len(micro_batches)).backward()  # mean over the step's micro-batches
             total += loss.detach()
         if self.run["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.run["grad_clip"])
+            self._clip_grad_norm(self.run["grad_clip"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -436,9 +462,33 @@ class Engine:
         os.replace(tmp, os.path.join(path, META_FILE))
 
 
+def llama_tp_plan() -> dict:
+    """Tensor-parallel plan of one transformers LLaMA decoder layer (torchtitan's and transformers'
+    base_model_tp_plan): q/k/v and gate/up column-wise, o and down row-wise; attention reshapes with -1
+    heads, so each rank runs its heads. The embedding and head: `llama_vocab_tp_plan`; norms stay
+    data-parallel only."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    return {**{k: ColwiseParallel() for k in col}, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+
+
+def llama_vocab_tp_plan() -> dict:
+    """Vocab-parallel embedding (row-wise: each rank looks up its rows, the partial outputs are summed) and
+    column-wise head (logits gathered), as torchtitan shards them (without its sequence parallelism)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+
+
 class FSDP2Engine(Engine):
     """FSDP2: ``fully_shard`` per decoder layer and the root; APOLLO reads the DTensor layout itself.
-    bf16 = bf16 compute with fp32 sharded master weights and fp32 gradient reduction."""
+    bf16 = bf16 compute with fp32 sharded master weights and fp32 gradient reduction. ``run["mesh"]``
+    = (R, S) runs HSDP: a 2-D (replicate, shard) mesh, params (Replicate(), Shard(0)). ``run["tp"]`` = T > 1
+    adds tensor parallelism (torchtitan's order): each decoder layer's linears column-/row-wise on a "tp"
+    mesh dim of size T (`llama_tp_plan`, `llama_vocab_tp_plan`), then fully_shard on the data-parallel dims."""
 
     name = "fsdp2"
 
@@ -446,7 +496,29 @@ class FSDP2Engine(Engine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.d.device.type, (self.d.world,))
+        tp = int(self.run.get("tp") or 1)
+        if self.run.get("mesh"):
+            dp_shape, dp_names = tuple(self.run["mesh"]), ("replicate", "shard")
+        else:
+            dp_shape, dp_names = (self.d.world // tp,), ("dp",)
+        if tp > 1:
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            cfg = model.config
+            for what, size in (("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", cfg.num_key_value_heads),
+                               ("intermediate_size", cfg.intermediate_size)):
+                if size % tp:
+                    raise ValueError(f"--tp {tp}: the model's {what} = {size} is not divisible by it")
+            full = init_device_mesh(self.d.device.type, dp_shape + (tp,), mesh_dim_names=dp_names + ("tp",))
+            mesh = full[dp_names]
+            if not cfg.tie_word_embeddings:  # vocab-parallel embedding and head (a tied pair would need one plan)
+                parallelize_module(model, full["tp"], llama_vocab_tp_plan())
+            for layer in model.model.layers:
+                parallelize_module(layer, full["tp"], llama_tp_plan())
+        elif self.run.get("mesh"):  # fully_shard infers HSDP from a 2-D mesh
+            mesh = init_device_mesh(self.d.device.type, dp_shape, mesh_dim_names=dp_names)
+        else:
+            mesh = init_device_mesh(self.d.device.type, (self.d.world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -454,6 +526,27 @@ class FSDP2Engine(Engine):
 
     def _autocast(self):
         return contextlib.nullcontext()  # the mixed-precision policy casts
+
+    def describe(self) -> str:
+        tp = f" x TP {self.run['tp']}" if (self.run.get("tp") or 1) > 1 else ""
+        if self.run.get("mesh"):
+            r, s = self.run["mesh"]
+            return f"fsdp2 HSDP {r}x{s} (replicate x shard){tp}, {self.run['dtype']}"
+        return f"fsdp2{tp}, {self.run['dtype']}"
+
+    def _clip_grad_norm(self, max_norm: float) -> None:
+        """torch's clipping, or with --tp (params on two meshes: the tensor-parallel ones on (dp, tp), the
+        norms on dp, which torch's total norm cannot stack) each gradient's norm made whole first; the same
+        coefficient, max_norm / (norm + 1e-6) capped at 1 (one host sync per step)."""
+        if (self.run.get("tp") or 1) == 1:
+            return super()._clip_grad_norm(max_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+        total = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]).norm()
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
 
     def _sync_grads(self, last: bool) -> None:
         self.model.set_requires_gradient_sync(last)  # reduce-scatter once per step, not per micro-batch

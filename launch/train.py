@@ -51,6 +51,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a = p.add_argument
     a("--engine", choices=["auto", "single", "fsdp2", "deepspeed"], default="auto", help="see the module doc")
     a("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON (implies --engine deepspeed)")
+    a("--mesh", metavar="RxS", default=None, help="FSDP2 as HSDP: R replicas x S shards (R x S = W / tp); state is sharded "
+      "over S, APOLLO communicates within a shard group only (default: 1xW, plain FSDP)")
+    a("--tp", type=int, default=1, help="FSDP2 x tensor parallel of this size (torchtitan's plan: each decoder layer's "
+      "q/k/v/gate/up column-wise, o/down row-wise); the tp ranks of a data shard see the same batch")
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by launchers; LOCAL_RANK wins
     a("--model", default="tiny", help="tiny|60m|130m|350m|1b|7b or a LlamaConfig JSON")
     a("--data", default=data.DEFAULT_CORPUS, help="text file, directory of .txt/.jsonl, tarball, or uint16 .bin")
@@ -78,8 +82,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file, or a canonical checkpoint; "
       "the run's settings (model, batch, sequence length, schedule, optimizer hyperparameters) come from it unless given")
     a("--activation-checkpointing", action="store_true", help="recompute each decoder layer's activations in backward")
+    a("--layerwise", action="store_true", help="layer-wise APOLLO: each weight is updated inside backward as soon as its "
+      "gradient is complete, and the gradient freed (saves the model's gradient memory); single and fsdp2 engines, "
+      "no gradient accumulation, no --grad-clip (its default becomes 0)")
+    a("--weight-quant", choices=["none", "int8"], default="none", help="int8: Q-APOLLO, the target linears' weights stored "
+      "as int8 with one scale per 128 inputs, updated with stochastic rounding (needs --layerwise, --engine single; "
+      "give it again with --resume)")
     a("--init-from", metavar="DIR", default=None, help="start from a local Hugging Face LLaMA checkpoint (config.json + "
       "safetensors, sharded or not; each rank reads what it holds); its tokenizer too unless --tokenizer is given")
+    a("--probe-micro-batches", metavar="LIST", default=None, help="benchmark mode: run --steps steps at each "
+      "micro-batch size of the increasing LIST (e.g. 1,2,4,8) in turn, in this one process (global batch = W x size, no "
+      "accumulation, no eval or checkpoints), logging each step's tokens/s and peak memory with its size; the job ends "
+      "at the first out-of-memory (tools/bench_dist.py --max-batch reads the rows)")
     a("--dist-timeout", type=float, default=600,
       help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)")
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
@@ -167,6 +181,9 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         raise UsageError("--engine deepspeed needs --deepspeed CONFIG (e.g. ds_configs/apollo.json)")
     if engine == "single" and world > 1:
         raise UsageError(f"--engine single runs one process, but the launcher started {world}: use fsdp2 or deepspeed")
+    tp = check_tp(args, engine, world)
+    dp = world // tp  # data-parallel ranks: each tp group of ranks sees one shard of the batch
+    mesh = parse_mesh(args.mesh, engine, dp, tp) if args.mesh else None
     ds = ds_cfg or {}
 
     def from_json(key: str) -> Optional[int]:
@@ -176,12 +193,13 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
     global_batch = args.global_batch_size or from_json("train_batch_size")
     micro = args.micro_batch_size or from_json("train_micro_batch_size_per_gpu")
     if global_batch is None and micro is not None:
-        global_batch = micro * world * (from_json("gradient_accumulation_steps") or 1)
+        global_batch = micro * dp * (from_json("gradient_accumulation_steps") or 1)
     global_batch = global_batch or 32
-    micro = micro or max(1, global_batch // world)
-    if global_batch % (world * micro):
+    micro = micro or max(1, global_batch // dp)
+    if global_batch % (dp * micro):
         raise UsageError(
-            f"--global-batch-size {global_batch} is not divisible by W x micro-batch = {world} x {micro} = {world * micro}"
+            f"--global-batch-size {global_batch} is not divisible by {'W' if tp == 1 else 'W / tp'} x micro-batch = "
+            f"{dp} x {micro} = {dp * micro}"
         )
     if args.steps < 1 or args.seq_len < 1:
         raise UsageError("--steps and --seq-len must be >= 1")
@@ -192,14 +210,62 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
 
     dtype = args.dtype or ("bf16" if (bf16_json if args.deepspeed else torch.cuda.is_available()) else "fp32")
     grad_clip = args.grad_clip if args.grad_clip is not None else float(defaults.get("gradient_clipping", 1.0))  # DeepSpeed's default
+    if args.layerwise:
+        grad_clip = check_layerwise(args, engine, global_batch // (dp * micro))
+    if args.weight_quant == "int8" and not (args.layerwise and engine == "single"):
+        raise UsageError(f"--weight-quant int8 needs --layerwise and --engine single (int8 weights are updated in "
+                         f"backward, in one process), this run has engine {engine}{'' if args.layerwise else ', no --layerwise'}")
     return {
         "engine": engine, "world": world, "global_batch_size": global_batch, "micro_batch_size": micro,
-        "grad_accum": global_batch // (world * micro), "dtype": dtype, "grad_clip": grad_clip,
+        "grad_accum": global_batch // (dp * micro), "dtype": dtype, "grad_clip": grad_clip,
         "steps": args.steps, "warmup_steps": args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
         "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
         "save_dir": args.save_dir, "metrics_file": args.metrics_file, "activation_checkpointing": bool(args.activation_checkpointing),
-        "init_from": args.init_from,
+        "init_from": args.init_from, "mesh": mesh, "tp": tp, "layerwise": bool(args.layerwise),
+        "weight_quant": args.weight_quant,
     }
+
+
+def check_layerwise(args: argparse.Namespace, engine: str, grad_accum: int) -> float:
+    """--layerwise: UsageError for what cannot hold when each weight is updated inside backward; returns
+    the gradient clipping (0: off, the default under --layerwise)."""
+    if engine == "deepspeed":
+        raise UsageError("--layerwise does not run under DeepSpeed (ZeRO owns the gradients): use --engine single or fsdp2")
+    if grad_accum > 1:
+        raise UsageError(f"--layerwise needs gradient accumulation 1 (each update runs in backward), this run has {grad_accum}: "
+                         "raise --micro-batch-size to global batch / W")
+    if args.grad_clip:  # given, or from a resumed checkpoint
+        raise UsageError(f"--layerwise cannot clip by the global gradient norm (no update may wait for every gradient): "
+                         f"--grad-clip {args.grad_clip:g} must be 0")
+    return 0.0
+
+
+def check_tp(args: argparse.Namespace, engine: str, world: int) -> int:
+    """``--tp T``: T, after the checks that need no model (fsdp2 only, T divides W, no --init-from)."""
+    tp = args.tp
+    if tp == 1:
+        return 1
+    if tp < 1 or world % tp:
+        raise UsageError(f"--tp {tp}: must be >= 1 and divide W = {world}")
+    if engine != "fsdp2":
+        raise UsageError(f"--tp {tp} runs FSDP2 x tensor parallel, this run's engine is {engine}: use --engine fsdp2")
+    if args.init_from:
+        raise UsageError(f"--tp {tp} with --init-from: reading a pretrained checkpoint's column blocks is not supported")
+    return tp
+
+
+def parse_mesh(text: str, engine: str, world: int, tp: int = 1) -> tuple[int, int]:
+    """``--mesh RxS``: (replicas, shards) of FSDP2's data-parallel mesh; UsageError unless R x S = W / tp under fsdp2."""
+    if engine != "fsdp2":
+        raise UsageError(f"--mesh {text} shapes FSDP2's device mesh, this run's engine is {engine}: use --engine fsdp2")
+    try:
+        r, s = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--mesh {text}: expected RxS (replicas x shards), e.g. 2x4") from None
+    if r < 1 or s < 1 or r * s != world:
+        started = f"the launcher started W = {world} ranks" if tp == 1 else f"W / tp = {world} data-parallel ranks"
+        raise UsageError(f"--mesh {text}: R x S = {r * s}, {started}; they must be equal")
+    return r, s
 
 
 def deepspeed_config(ds_cfg: dict, hp: dict, run: dict) -> dict:
@@ -240,6 +306,8 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
     run = resolve_run(args, ds_cfg, defaults, world)
     hp = resolve_hparams(args, defaults)
     hp.update({k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()})  # betas, eps, targets...
+    if run["layerwise"] and hp["optimizer"] == "adamw":
+        raise UsageError("--layerwise is layer-wise APOLLO: use --optimizer apollo or apollo-mini")
     model_name = os.path.basename(args.model).removesuffix(".json")
     run["metrics_file"] = run["metrics_file"] or os.path.join("runs", f"{run['engine']}-{model_name}-{hp['optimizer']}", "metrics.jsonl")
     from apollo_dist.checkpoint import is_canonical
@@ -262,7 +330,7 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
 # hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
 RUN_FLAGS = {"model": "model", "seq_len": "seq_len", "global_batch_size": "global_batch_size", "seed": "seed", "data": "data",
              "steps": "steps", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "dtype": "dtype",
-             "activation_checkpointing": "activation_checkpointing"}
+             "activation_checkpointing": "activation_checkpointing", "layerwise": "layerwise", "weight_quant": "weight_quant"}
 HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
             "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
 
@@ -310,7 +378,8 @@ def check_same_model_and_optimizer(path: str, meta: dict, run: dict, hp: dict) -
     (its state would not load, or would load into the wrong shapes). Canonical checkpoints are checked
     param by param by load_canonical."""
     saved = meta.get("hparams") or {}
-    pairs = [("model", meta.get("model"), run["model"]), ("optimizer", saved.get("optimizer"), hp["optimizer"])]
+    pairs = [("model", meta.get("model"), run["model"]), ("optimizer", saved.get("optimizer"), hp["optimizer"]),
+             ("weight_quant", meta.get("weight_quant"), run["weight_quant"])]  # int8 weights are in the checkpoint
     if hp["optimizer"] != "adamw":
         pairs += [(k, saved.get(k), hp.get(k)) for k in ("rank", "scale_type", "scale", "update_proj_gap", "target_modules")]
     for key, was, now in pairs:
@@ -370,7 +439,7 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if key not in ("step", "wall_time") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     tag = "val/loss" if key == "val_loss" else f"train/{key}"
                     self.tb.add_scalar(tag, value, global_step=row["step"])
             self.tb.flush()  # as current as the JSON lines when the job dies
@@ -398,7 +467,7 @@ def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: in
 
     d = engine.d
     acc = torch.zeros(2, device=d.device, dtype=torch.float64)
-    for x, y, w in data.val_micro_batches(split, run["seq_len"], n_samples, d.rank, d.world, run["micro_batch_size"], d.device):
+    for x, y, w in data.val_micro_batches(split, run["seq_len"], n_samples, d.data_rank, d.data_world, run["micro_batch_size"], d.device):
         losses = engine.token_losses(x, y)
         acc[0] += (losses.sum(1).double() * w).sum()
         acc[1] += w.double().sum() * y.shape[1]
@@ -406,10 +475,52 @@ def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: in
     return float(acc[0] / acc[1])
 
 
+def probe_sizes(text: str) -> list[int]:
+    """--probe-micro-batches: positive, strictly increasing sizes (a later size is only reached if the
+    earlier ones fit)."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--probe-micro-batches {text}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise UsageError(f"--probe-micro-batches {text}: sizes must be positive and increasing")
+    return sizes
+
+
+def probe_micro_batches(engine, split, run: dict, d, sizes: list[int], metrics: "Metrics", first: dict) -> None:
+    """Run ``run['steps']`` steps at each micro-batch size in turn on the one built model and optimizer
+    (start-up paid once); rows carry ``micro_batch`` and the peak memory of that size alone. An
+    out-of-memory error ends the job (the rows so far are written): the largest size with rows fits.
+    ``first``: extra keys of the first row (the host memory of start-up)."""
+    import torch
+
+    step = 0
+    for mb in sizes:
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(d.device)
+        for _ in range(run["steps"]):
+            step += 1
+            t0 = time.perf_counter()
+            batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, mb * d.data_world, d.data_rank, d.data_world,
+                                               mb, d.device)
+            loss = float(d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world)
+            dt = time.perf_counter() - t0
+            metrics.log({"step": step, "micro_batch": mb, "loss": loss, "tokens_per_s": mb * d.data_world * run["seq_len"] / dt,
+                         "peak_mem_gib": peak_mem_gib(d.device), "wall_time": time.time(),
+                         **({**first, "optimizer_state_bytes_per_rank": d.all_gather_int(engine.optimizer_state_bytes())} if step == 1 else {})})
+        if d.rank == 0:
+            print(f"micro-batch {mb}: fits ({run['steps']} steps, peak {peak_mem_gib(d.device):.2f} GiB)", flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run, hp, ds_cfg, tokenizer, split = validate(args)
+        sizes = probe_sizes(args.probe_micro_batches) if args.probe_micro_batches else None
+        if sizes and run["grad_accum"] != 1:
+            raise UsageError(f"--probe-micro-batches: runs without gradient accumulation, but the batch settings give "
+                             f"{run['grad_accum']} micro-batches per step (pass --global-batch-size W x --micro-batch-size)")
     except (UsageError, data.DataError) as e:
         if engines.env_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -430,6 +541,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ds_logger.setLevel(logging.WARNING)
     try:
         d = engines.init_distributed(run["engine"], args.dist_timeout)
+        d.tp = run["tp"]  # tp-adjacent ranks share a data shard (the mesh's last dim is tp)
     except engines.TooManyRanks as e:
         if engines.env_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -459,6 +571,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
         return 2
     rss_init = engine.host_rss_model_gib  # this rank's host memory once its part of the model exists
+    n_int8 = sum(b.numel() for n, b in engine.model.named_buffers() if n.endswith("weight_int8"))
     is_main = d.rank == 0
     metrics = Metrics(run["metrics_file"], start, is_main, args.tensorboard)
     tokens_per_step = run["global_batch_size"] * run["seq_len"]
@@ -469,10 +582,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run['seq_len']}\n"
             f"  data: {args.data}: {fmt_count(len(split.train))} train / {fmt_count(len(split.val))} val tokens, "
             f"{type(tokenizer).__name__}\n"
-            f"  batch: global {run['global_batch_size']} = W {d.world} x micro {run['micro_batch_size']} x accumulation "
+            f"  batch: global {run['global_batch_size']} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run['micro_batch_size']} x accumulation "
             f"{run['grad_accum']} ({tokens_per_step} tokens/step)\n"
             f"  optimizer: {describe_hparams(hp, run)}\n"
-            f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
+            + (f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
+               f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
+               f"layer's stay alive)\n" if run["layerwise"] else "")
+            + (f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
+               f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n" if n_int8 else "")
+            + f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
             + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else ""),
             flush=True,
         )
@@ -484,8 +602,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"step {step}: val_loss {val:.4f}", flush=True)
         return val
 
+    host_rss = {"host_rss_before_model_gib": d.all_gather_float(rss_before), "host_rss_model_built_gib": d.all_gather_float(rss_init)}
+    if sizes:
+        probe_micro_batches(engine, split, run, d, sizes, metrics, host_rss)
+        metrics.close()
+        engines.shutdown()
+        return 0
     if start == 0:
-        first = {"step": 0, "host_rss_before_model_gib": d.all_gather_float(rss_before), "host_rss_model_built_gib": d.all_gather_float(rss_init)}
+        first = {"step": 0, **host_rss}
         log_eval(0, first)
         metrics.log(first)
     bar = tqdm(total=run["steps"], initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
@@ -494,12 +618,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         t0 = time.perf_counter()
         lr = engine.lr()
         batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, run["global_batch_size"],
-                                           d.rank, d.world, run["micro_batch_size"], d.device)
+                                           d.data_rank, d.data_world, run["micro_batch_size"], d.device)
         loss = d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world
         loss = float(loss)  # waits for the step: the timing below is real
         dt = time.perf_counter() - t0
         seen += 1
-        row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "peak_mem_gib": peak_mem_gib(d.device)}
+        row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "peak_mem_gib": peak_mem_gib(d.device),
+               "wall_time": time.time()}  # seconds since the epoch: launch-to-step times (tools/bench_dist.py)
         if step == start + 1:
             per_rank = d.all_gather_int(engine.optimizer_state_bytes())
             row["optimizer_state_bytes_per_rank"] = per_rank

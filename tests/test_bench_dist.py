@@ -28,21 +28,39 @@ def test_engines_and_optimizers_table(tmp_path, corpus):
     assert "| zero3 | apollo-mini | 2 | 2 |" in proc.stdout and "1.000x" in proc.stdout
 
 
-def test_max_batch_search_doubles_then_bisects(monkeypatch):
-    """The largest micro-batch that fits, found with few launches (out of memory above 5 here)."""
-    tried = []
+def test_max_batch_ladder_in_one_launch(monkeypatch):
+    """The sizes tried grow by at most 1.5x; one launch tries them all; the largest size with all its
+    steps logged is the answer, and its rows are the ones timed (out of memory above 5 here)."""
+    assert bench_dist.ladder(20) == [1, 2, 3, 4, 6, 8, 12, 16]
+    calls = []
 
-    def fake_run(engine, optimizer, mb, steps, args, workdir):
-        tried.append(mb)
-        return None if mb > 5 else {"rows": [], "command": ""}
+    def fake_run(engine, optimizer, mb, steps, args, workdir, probe=None):
+        calls.append(probe)
+        rows = [{"step": i, "micro_batch": s, "loss": 1.0, "tokens_per_s": 10.0 * s, "peak_mem_gib": s}
+                for s in probe if s <= 5 for i in range(steps)]
+        rows.append({"step": 99, "micro_batch": 6, "loss": 1.0, "tokens_per_s": 1.0, "peak_mem_gib": 6})  # died in step 2
+        return {"rows": rows, "command": "", "launched": 0.0}
 
     monkeypatch.setattr(bench_dist, "run_once", fake_run)
-    args = argparse.Namespace(max_batch_limit=256, search_steps=2)
-    mb, run = bench_dist.max_micro_batch("zero3", "adamw", args, "/tmp")
-    assert mb == 5 and run is not None
-    assert tried == [1, 2, 4, 8, 6, 5]
-    tried.clear()
-    assert bench_dist.max_micro_batch("zero3", "adamw", argparse.Namespace(max_batch_limit=3, search_steps=2), "/tmp")[0] == 2
+    mb, run = bench_dist.max_micro_batch("zero3", "adamw", argparse.Namespace(max_batch_limit=256, search_steps=2), "/tmp")
+    assert len(calls) == 1 and calls[0][:6] == [1, 2, 3, 4, 6, 8] and calls[0][-1] == 256
+    assert mb == 4 and [r["micro_batch"] for r in run["rows"]] == [4, 4] and run["all_rows"][0]["micro_batch"] == 1
+
+
+def test_probe_mode_of_the_job(tmp_path, corpus):
+    """launch/train.py --probe-micro-batches runs each size in turn in one process and logs rows with
+    the size, tokens/s and a wall time (tools/bench_dist.py --max-batch reads them)."""
+    metrics = tmp_path / "m.jsonl"
+    run_checked([sys.executable, "launch/train.py", "--engine", "single", "--model", "tiny", "--steps", "2", "--seq-len", "32",
+                 "--micro-batch-size", "1", "--global-batch-size", "1", "--probe-micro-batches", "1,3",
+                 "--activation-checkpointing", "--metrics-file", str(metrics), "--no-progress"], timeout=300)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(r["step"], r["micro_batch"]) for r in rows] == [(1, 1), (2, 1), (3, 3), (4, 3)]
+    assert all(r["tokens_per_s"] > 0 and r["wall_time"] > 1e9 for r in rows)
+    assert rows[0]["host_rss_model_built_gib"][0] > 0 and rows[0]["optimizer_state_bytes_per_rank"][0] > 0
+    proc = run_checked([sys.executable, "launch/train.py", "--engine", "single", "--model", "tiny", "--probe-micro-batches", "2,2",
+                        "--global-batch-size", "1", "--micro-batch-size", "1"], check=False)
+    assert proc.returncode == 2 and "--probe-micro-batches 2,2" in proc.stderr
 
 
 def test_bad_arguments_name_the_value():

@@ -7,8 +7,10 @@ fused AdamW, APOLLO and APOLLO-Mini, on the same W GPUs in one run.
 Each (engine, optimizer) is one launch of launch/train.py (deepspeed / torchrun, the launch scripts'
 commands) on random-order corpus batches of --seq-len tokens. From its metrics it reports: the full
 training step (median over the steps after --warmup), tokens/s, peak GPU memory of rank 0 and the
-optimizer state bytes of every rank. ``--max-batch``: the largest micro-batch that runs (doubling, then
-bisection, each try a short run; a try fails on out-of-memory) and the tokens/s at it. Prints a markdown
+optimizer state bytes of every rank. ``--max-batch``: the largest micro-batch that runs and the tokens/s at
+it, from one launch per (engine, optimizer) that tries the sizes of a ladder (1, 2, 3, 4, 6, 8, 12, ...: steps
+of at most 1.5x) in turn until one runs out of memory (launch/train.py --probe-micro-batches): start-up is paid
+once, not once per try. Prints a markdown
 table (ratios against AdamW under the same engine) and writes JSON. Without CUDA it runs on CPU (gloo),
 which is how the tests check it.
 """
@@ -62,8 +64,10 @@ def derived_config(engine: str, tf32: bool, workdir: str) -> str | None:
     return path
 
 
-def run_once(engine: str, optimizer: str, micro_batch: int, steps: int, args, workdir: str) -> dict | None:
-    """One training launch; its metrics rows, or None if it ran out of memory."""
+def run_once(engine: str, optimizer: str, micro_batch: int, steps: int, args, workdir: str,
+             probe: list[int] | None = None) -> dict | None:
+    """One training launch; its metrics rows, or None if it ran out of memory. With ``probe`` (sizes), the
+    launch tries each in turn and out-of-memory ends it: the rows written until then are returned."""
     tf32 = optimizer.endswith("(tf32)")
     opt = optimizer.replace(" (tf32)", "")
     metrics = os.path.join(workdir, f"{engine}_{opt}{'_tf32' if tf32 else ''}_mb{micro_batch}.jsonl")
@@ -76,59 +80,69 @@ def run_once(engine: str, optimizer: str, micro_batch: int, steps: int, args, wo
     ]
     if args.data:
         cmd += ["--data", args.data]
+    if probe:
+        cmd += ["--probe-micro-batches", ",".join(map(str, probe))]
+    if args.activation_checkpointing:
+        cmd += ["--activation-checkpointing"]
+    launched = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         if any(m in out for m in OOM_MARKERS):
-            return None
+            return {"rows": read_metrics(metrics), "command": " ".join(cmd), "launched": launched} if probe and os.path.exists(metrics) else None
         raise LaunchError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
-    return {"rows": read_metrics(metrics), "command": " ".join(cmd)}
+    return {"rows": read_metrics(metrics), "command": " ".join(cmd), "launched": launched}
 
 
 def summarize(engine: str, optimizer: str, micro_batch: int, run: dict, warmup: int, world: int, seq_len: int) -> dict:
     steps = [r for r in run["rows"] if "tokens_per_s" in r]
     timed = steps[warmup:] or steps[-1:]
+    # step 1 of the launch (a --max-batch search times the rows of one size, not the first ones)
+    first = next((r for r in run.get("all_rows", run["rows"]) if "tokens_per_s" in r), {})
     tok_s = statistics.median(r["tokens_per_s"] for r in timed)
-    state = next((r["optimizer_state_bytes_per_rank"] for r in steps if "optimizer_state_bytes_per_rank" in r), None)
+    state = next((r["optimizer_state_bytes_per_rank"] for r in run.get("all_rows", steps) if "optimizer_state_bytes_per_rank" in r), None)
     return {
         "engine": engine, "optimizer": optimizer, "world": world, "micro_batch": micro_batch,
         "full_step_ms": 1e3 * micro_batch * world * seq_len / tok_s, "tokens_per_s": tok_s,
         "peak_mem_gib_rank0": max(r["peak_mem_gib"] for r in steps), "state_bytes_per_rank": state,
         "final_loss": steps[-1]["loss"], "command": run["command"],
+        # launch to the end of the first step (start-up: processes, model built, optimizer, first step)
+        "launch_to_first_step_s": first["wall_time"] - run["launched"] if "wall_time" in first else None,
+        "host_rss_model_built_gib": first.get("host_rss_model_built_gib"),
     }
 
 
+def ladder(limit: int) -> list[int]:
+    """Micro-batch sizes to try, increasing by at most 1.5x: 1, 2, 3, 4, 6, 8, 12, 16, ... <= limit."""
+    sizes, k = [], 1
+    while k <= limit:
+        sizes += [k] + ([3 * k // 2] if k > 1 and 3 * k // 2 <= limit else [])
+        k *= 2
+    return sizes
+
+
 def max_micro_batch(engine: str, optimizer: str, args, workdir: str) -> tuple[int, dict | None]:
-    """Largest micro-batch <= --max-batch-limit that runs --search-steps steps: doubling, then bisection."""
-    ok, ok_run, bad, mb = 0, None, None, 1
-    while mb <= args.max_batch_limit:
-        run = run_once(engine, optimizer, mb, args.search_steps, args, workdir)
-        if run is None:
-            bad = mb
-            break
-        ok, ok_run, mb = mb, run, mb * 2
-    if bad is None:
-        return ok, ok_run
-    while bad - ok > 1:
-        mid = (ok + bad) // 2
-        run = run_once(engine, optimizer, mid, args.search_steps, args, workdir)
-        if run is None:
-            bad = mid
-        else:
-            ok, ok_run = mid, run
-    return ok, ok_run
+    """Largest micro-batch of the ladder (<= --max-batch-limit) that runs --search-steps steps, found by one
+    launch that tries them in turn; its rows are those of that size. (0, None) if even 1 does not fit."""
+    run = run_once(engine, optimizer, 1, args.search_steps, args, workdir, probe=ladder(args.max_batch_limit))
+    done = [r for r in (run or {"rows": []})["rows"] if "micro_batch" in r]
+    fits = [mb for mb in sorted({r["micro_batch"] for r in done}) if sum(r["micro_batch"] == mb for r in done) == args.search_steps]
+    if not fits:
+        return 0, None
+    return fits[-1], {**run, "rows": [r for r in done if r["micro_batch"] == fits[-1]], "all_rows": done}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| engine | optimizer | W | micro-batch | full step ms | vs AdamW | tokens/s | vs AdamW | peak GiB (rank 0) | state MiB per rank |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | optimizer | W | micro-batch | full step ms | vs AdamW | tokens/s | vs AdamW | peak GiB (rank 0) | state MiB per rank | launch to step 1 s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["engine"] == r["engine"] and b["optimizer"] == "adamw"), None)
         step_ratio = f"{r['full_step_ms'] / base['full_step_ms']:.3f}x" if base else "-"
         tok_ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         state = ", ".join(f"{b / 2**20:.1f}" for b in r["state_bytes_per_rank"] or [])
         lines.append(f"| {r['engine']} | {r['optimizer']} | {r['world']} | {r['micro_batch']} | {r['full_step_ms']:.1f} | {step_ratio} | "
-                     f"{r['tokens_per_s']:.0f} | {tok_ratio} | {r['peak_mem_gib_rank0']:.2f} | {state} |")
+                     f"{r['tokens_per_s']:.0f} | {tok_ratio} | {r['peak_mem_gib_rank0']:.2f} | {state} | "
+                     + (f"{r['launch_to_first_step_s']:.1f} |" if r.get("launch_to_first_step_s") is not None else "- |"))
     return "\n".join(lines)
 
 
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
     ap.add_argument("--max-batch", action="store_true", help="search the largest micro-batch per optimizer instead")
     ap.add_argument("--max-batch-limit", type=int, default=256)
-    ap.add_argument("--search-steps", type=int, default=4)
+    ap.add_argument("--search-steps", type=int, default=4, help="steps at each size (--warmup of them left out of the times)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="launch/train.py --activation-checkpointing")
     ap.add_argument("--data", default=None, help="launch/train.py --data (default: the bundled corpus)")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per launch")
     ap.add_argument("--json", default="bench_dist.json")
@@ -168,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
                     if run is None:
                         print(f"{engine} {opt}: even micro-batch 1 runs out of memory", flush=True)
                         continue
-                    run = run_once(engine, opt, mb, args.steps, args, workdir) or run  # timed at full length
                 else:
                     mb, run = args.micro_batch, run_once(engine, opt, args.micro_batch, args.steps, args, workdir)
                     if run is None:

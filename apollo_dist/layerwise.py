@@ -1,0 +1,147 @@
+"""Layer-wise APOLLO: each parameter is updated inside backward, as soon as its gradient is complete.
+
+``APOLLO(..., layerwise=True)`` registers ``Tensor.register_post_accumulate_grad_hook`` on every
+trainable parameter it is bound to (the params themselves in one process; under FSDP2 the sharded
+DTensors, whose hooks FSDP2 calls itself right after the reduce-scatter writes their sharded gradient,
+see torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py ``foreach_reduce``). The hook runs the
+ordinary step of that one parameter (the same core functions: seeds, projection refreshes, limiter,
+bias correction, decay) and drops its gradient (``p.grad = None``), so at most a layer's gradients are
+alive at any time instead of the whole model's. ``optimizer.step()`` then only checks that every
+trainable parameter was updated exactly once since the previous step.
+
+Each parameter is its own unit (bucket): a param's update needs nothing but its own gradient, and its
+hook is the first moment that gradient is complete. Per-param buckets compute what the group-wide
+buckets compute (all of APOLLO's reductions are per parameter), so the weights match the ordinary
+step. Under FSDP2 a low-rank param's shared channels cost its own collectives inside backward; every
+rank runs the hooks in the same order (FSDP2's per-group reduce order), so the collectives match.
+
+What cannot hold in this mode, and is refused:
+- gradient accumulation over several backwards (the update already ran at the first one): a second
+  gradient for a param before ``step()`` is a RuntimeError;
+- global-norm clipping (needs every gradient before any update): not detectable here, since grads are
+  None when a clipper runs; launch/train.py refuses ``--grad-clip`` > 0 with ``--layerwise``;
+- DeepSpeed ZeRO (ZeRO owns and partitions the gradients; no per-parameter hook after its reduction):
+  an error at ``apollo_dist.deepspeed.initialize``, or at the first hook under plain ``deepspeed.initialize``;
+- ``nonfinite="skip"``: a step cannot be skipped once earlier params were updated in the same backward
+  (and skipping only the bad params would desynchronize step counts); layer-wise defaults to "raise".
+"""
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .binding import Binding, Unit
+from .quant import int8_module
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .optimizer import APOLLO
+
+DEEPSPEED_REFUSED = (
+    "layer-wise APOLLO (layerwise=True) does not run under DeepSpeed ZeRO: ZeRO reduces and partitions the "
+    "gradients itself and offers no per-parameter hook after its reduction; use layerwise=False, or FSDP2 "
+    "(fully_shard) / one process for layer-wise updates"
+)
+
+
+def per_param_binding(binding: Binding) -> Binding:
+    """The same binding with one unit per parameter (so one bucket per parameter), for layer-wise updates.
+
+    Only bindings on the params themselves (plain tensors, FSDP2 DTensors) have a hook that fires when a
+    parameter's gradient is complete; DeepSpeed's flat partitions ("flat") and adapters' ``bind`` layouts
+    ("explicit") are refused with a ValueError naming the binding."""
+    if binding.kind == "flat":
+        raise ValueError(DEEPSPEED_REFUSED)
+    if binding.kind != "params":
+        raise ValueError(
+            f"layer-wise APOLLO needs the param groups to hold the parameters themselves (one process, DDP, FSDP2); "
+            f"got a {binding.kind!r} binding (APOLLO.bind): its gradients have no per-parameter hook"
+        )
+    units = [Unit(u.group, [s]) for u in binding.units for s in u.slots]
+    return Binding(binding.kind, units, binding.process_group, binding.owners, binding.mesh,
+                   signature=binding.signature, held=binding.held)
+
+
+class LayerwiseUpdates:
+    """The hooks of one layer-wise APOLLO and the bookkeeping of which params were updated this step.
+
+    Created by ``APOLLO(layerwise=True)``; ``attach`` is called at every (re)binding with the new
+    per-param buckets, ``step`` by ``APOLLO.step``."""
+
+    def __init__(self, optimizer: "APOLLO"):
+        self._optimizer = weakref.ref(optimizer)  # the hooks live on the params: don't keep the optimizer alive
+        self._handles: list[Any] = []
+        self._bucket_of: dict[int, Any] = {}  # id(param) -> its bucket
+        self._done: set[int] = set()  # positions of the params updated since the last step()
+        self._checked = False  # the binding was checked in this step (on the first hook)
+
+    def attach(self, buckets: list) -> None:
+        """Hook every bucket's parameter (one slot per bucket); hooks of an earlier binding are removed."""
+        for h in self._handles:
+            h.remove()
+        self._bucket_of = {id(b.slots[0].param): b for b in buckets}
+        self._handles = [b.slots[0].param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets]
+        self._done.clear()
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        """``param``'s gradient is complete (and, under FSDP2, reduce-scattered): update it, free it."""
+        opt = self._optimizer()
+        if opt is None:  # the optimizer is gone; its hooks stay on the params but do nothing
+            return
+        if not self._checked:  # once per step: the groups still hold what the hooks are on (DeepSpeed re-points them)
+            self._checked = True
+            opt.ensure_bound()
+        bucket = self._bucket_of.get(id(param))
+        if bucket is None:
+            raise RuntimeError(
+                f"layer-wise APOLLO: a gradient arrived for a tensor of shape {tuple(param.shape)} that the optimizer's "
+                "param groups no longer hold (they were re-pointed after the hooks were registered): call "
+                "optimizer.ensure_bound() after an engine re-points the param groups, before the first backward"
+            )
+        s = bucket.slots[0]
+        if s.index in self._done:
+            raise RuntimeError(
+                f"layer-wise APOLLO: param {s.index} (shape {s.shape}) got a second gradient before optimizer.step(): "
+                "gradient accumulation over several backward passes cannot work layer-wise (each update runs as soon "
+                "as the gradient is complete); call optimizer.step() after every backward, or use layerwise=False"
+            )
+        int8 = int8_module(param)
+        try:
+            with torch.no_grad():
+                if int8 is not None:  # Q-APOLLO: update the dequantized weight, then re-quantize it
+                    int8.load_scratch()
+                opt._step_buckets([bucket])
+                if int8 is not None:
+                    int8.store_scratch(s.index + 1, int(bucket.step_count))
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"layer-wise APOLLO: non-finite gradient in param {s.index} (shape {s.shape}) at step "
+                f"{int(bucket.step_count) + 1}; params updated earlier in this backward keep their update, this one "
+                f"and later ones were not updated ({e})"
+            ) from None
+        self._done.add(s.index)
+        param.grad = None  # the point of layer-wise updates: this gradient's memory goes back now
+
+    def step(self) -> None:
+        """``optimizer.step()`` in layer-wise mode: check that every trainable param was updated exactly
+        once since the previous step (the updates themselves ran in backward); RuntimeError naming the
+        params that were not."""
+        opt = self._optimizer()
+        opt.ensure_bound()  # re-pointed groups re-bind here (and re-hook); their params were not updated
+        self._checked = False
+        done, self._done = self._done, set()
+        missing = [s for b in opt._buckets for s in b.slots if s.index not in done]
+        if not missing:
+            return
+        if len(missing) == sum(len(b.slots) for b in opt._buckets):
+            raise RuntimeError(
+                "layer-wise APOLLO: optimizer.step() found no parameter updated since the last step: run backward "
+                "before step() (the updates run inside backward); if an engine re-pointed the param groups (accelerate), "
+                "call optimizer.ensure_bound() after it did, before the first backward"
+            )
+        raise RuntimeError(
+            f"layer-wise APOLLO: {len(missing)} trainable params got no gradient in backward and were not updated, "
+            f"at positions {[s.index for s in missing][:8]} (shapes {[s.shape for s in missing][:4]}): freeze them "
+            "(requires_grad=False) or use layerwise=False, where a missing gradient counts as zero"
+        )

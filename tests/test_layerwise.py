@@ -1,0 +1,174 @@
+"""Layer-wise APOLLO (updates inside backward, gradients freed at once) against the ordinary step."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import oracle
+from apollo_dist import APOLLO
+from apollo_dist.binding import Binding
+from apollo_dist.layerwise import per_param_binding
+from spawn import report, torchrun
+
+WORKER = "tests/workers/layerwise_fsdp2.py"
+
+
+def _train(preset: str, layerwise: bool, steps: int = 30, probe: bool = False):
+    """TinyNet after ``steps`` (gap 7: four projection refreshes; weight decay and an lr schedule on),
+    and the most gradient elements alive at once (a probe hook that runs before the optimizer's)."""
+    model = oracle.make_model(0)
+    params = list(model.parameters())
+    live = [0]
+
+    def count(_p=None):
+        live[0] = max(live[0], sum(q.numel() for q in params if q.grad is not None))
+
+    if probe:
+        for p in params:  # registered before the optimizer's hook, so it runs first
+            p.register_post_accumulate_grad_hook(count)
+    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.1 * t))
+    for t in range(steps):
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        if probe and not layerwise:
+            count()  # the ordinary step: every gradient is alive when it runs
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model, live[0]
+
+
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_single_process_matches_ordinary_step_and_never_holds_the_full_gradient(preset):
+    """30 steps: parameters within 1e-5 (relative) of the ordinary step's; while backward runs at most
+    one parameter's gradient is alive (the ordinary step holds all of them)."""
+    ref, ordinary_live = _train(preset, layerwise=False, probe=True)
+    ours, live = _train(preset, layerwise=True, probe=True)
+    total = sum(p.numel() for p in ours.parameters())
+    assert oracle.max_rel_diff(ours, ref) < 1e-5
+    assert ordinary_live == total
+    assert live <= max(p.numel() for p in ours.parameters()) < total
+    assert all(p.grad is None for p in ours.parameters())
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_matches_ordinary_step_and_never_holds_the_full_gradient(tmp_path, world):
+    """fully_shard per block and root, gloo: both presets, 30 steps, within 1e-4 of the ordinary step
+    under FSDP2; on every rank the sharded gradients alive at once stay below the rank's total."""
+    out = tmp_path / "r.json"
+    torchrun(WORKER, world, "--out", str(out))
+    r = report(out)
+    for preset in ("apollo", "apollo-mini"):
+        assert r["max_rel_diff"][preset] < 1e-4, r
+        assert r["ordinary_grad_numel"][preset] == r["total_numel"]
+        assert all(live < total for live, total in zip(r["live_grad_numel"][preset], r["total_numel"])), r
+
+
+def test_state_dict_is_the_ordinary_one_and_resumes_exactly():
+    """Layer-wise for 10 steps, its state_dict into a fresh layer-wise optimizer and into an ordinary one,
+    10 more steps (the step driven by a closure): both equal 20 uninterrupted ordinary steps."""
+    ref, _ = _train("apollo", layerwise=False, steps=20)
+    for second in (True, False):
+        model = oracle.make_model(0)
+        opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.1 * t))
+        for t in range(20):
+            if t == 10:
+                sd, sched_sd = opt.state_dict(), sched.state_dict()
+                opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=second)
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.1 * t))
+                opt.load_state_dict(sd)  # after the scheduler's set-up, which writes the groups' lr
+                sched.load_state_dict(sched_sd)
+            opt.step(lambda t=t: oracle.loss_fn(model, *oracle.batch(t)).backward())
+            sched.step()
+            opt.zero_grad()
+        assert oracle.max_rel_diff(model, ref) < 1e-5
+
+
+def test_gradient_accumulation_is_an_error():
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    oracle.loss_fn(model, *oracle.batch(0)).backward()
+    with pytest.raises(RuntimeError, match=r"param \d+ \(shape .*\) got a second gradient before optimizer.step\(\)"):
+        oracle.loss_fn(model, *oracle.batch(1)).backward()
+
+
+def test_step_checks_every_param_was_updated_once():
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    with pytest.raises(RuntimeError, match="no parameter updated since the last step: run backward before step"):
+        opt.step()
+    # the head gets no gradient (a loss over the blocks' output only): it was not updated
+    model.blocks[1](model.blocks[0](model.embed(oracle.batch(0)[0]))).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"1 trainable params got no gradient .* positions \[9\] \(shapes \[\(37, 11\)\]\)"):
+        opt.step()
+    opt.zero_grad()  # harmless: the gradients are already gone
+
+
+def test_nonfinite_gradient_raises_in_backward_and_skip_is_refused():
+    model = oracle.make_model(0)
+    with pytest.raises(ValueError, match="nonfinite='skip' with layerwise=True"):
+        APOLLO(oracle.groups(model, "apollo"), layerwise=True, nonfinite="skip")
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    model.blocks[0].mlp["up"].weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in param \d+ \(shape \(23, 11\)\) at step 1"):
+        oracle.loss_fn(model, *oracle.batch(0)).backward()
+
+
+def test_layouts_without_a_per_parameter_hook_are_refused():
+    """DeepSpeed's flat partitions and adapters' explicit bindings: clear errors (at the binding, and in
+    apollo_dist.deepspeed.initialize before DeepSpeed starts)."""
+    with pytest.raises(ValueError, match="does not run under DeepSpeed ZeRO"):
+        per_param_binding(Binding("flat", []))
+    with pytest.raises(ValueError, match="'explicit' binding"):
+        per_param_binding(Binding("explicit", []))
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), layerwise=True)
+    with pytest.raises(ValueError, match="'explicit' binding"):
+        opt.bind(opt.slots())
+    from apollo_dist.deepspeed import initialize
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}}
+    with pytest.raises(NotImplementedError, match="does not run under DeepSpeed ZeRO"):
+        initialize(model=model, optimizer=opt, config=config)
+
+
+@pytest.mark.parametrize(
+    "flags, world, message",
+    [
+        (["--deepspeed", "ds_configs/apollo.json"], 2, "--layerwise does not run under DeepSpeed"),
+        (["--grad-clip", "1.0"], 1, "--grad-clip 1 must be 0"),
+        (["--global-batch-size", "8", "--micro-batch-size", "2"], 2, "needs gradient accumulation 1 .* this run has 2"),
+    ],
+)
+def test_train_py_refuses_what_layerwise_cannot_do(flags, world, message):
+    """launch/train.py --layerwise: one-line UsageErrors before any process group; clipping defaults to 0."""
+    import train  # launch/ is on sys.path (spawn)
+
+    flags = [os.path.join(train.ROOT, f) if f.endswith(".json") else f for f in flags]
+    args = train.parse_args(["--layerwise", *flags])
+    cfg = train.load_json(args.deepspeed, "--deepspeed") if args.deepspeed else None
+    with pytest.raises(train.UsageError, match=message):
+        train.resolve_run(args, cfg, train.defaults_config(args, cfg), world)
+    args = train.parse_args(["--layerwise", "--global-batch-size", "8", "--micro-batch-size", "4"])
+    run = train.resolve_run(args, None, train.defaults_config(args, None), 2)
+    assert run["layerwise"] and run["grad_clip"] == 0.0 and run["grad_accum"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_cuda_layerwise_matches_ordinary_step(preset):
+    """On CUDA (per-param buckets through the Triton kernels): the ordinary step's parameters to < 1e-5."""
+    def run(layerwise: bool) -> torch.nn.Module:
+        model = oracle.make_model(0).cuda()
+        opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise)
+        for t in range(30):
+            x, y = (v.cuda() for v in oracle.batch(t))
+            oracle.loss_fn(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    assert oracle.max_rel_diff(run(True), run(False)) < 1e-5

@@ -1,0 +1,84 @@
+"""Worker (torchrun, gloo on CPU): layer-wise APOLLO under FSDP2 vs the ordinary step under FSDP2.
+
+For each preset, two copies of the same TinyNet are fully_shard-ed (each block, then the root); one is
+trained by APOLLO's ordinary step, the other by APOLLO(layerwise=True), whose updates run in the hooks
+FSDP2 calls after each reduce-scatter. A probe hook registered before the optimizer's (so it runs first)
+records the elements of sharded gradients alive on this rank whenever a gradient completes.
+Rank 0 writes a JSON report: max relative difference per preset, live and total gradient elements per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
+import oracle  # noqa: E402
+from engines import shutdown  # noqa: E402
+from apollo_dist import APOLLO  # noqa: E402
+
+
+def sharded_model() -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = oracle.make_model(0)
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def train(preset: str, steps: int, rank: int, world: int, layerwise: bool) -> tuple[dict, int, int]:
+    """Full parameters after ``steps``, and (max live, total) sharded-gradient elements on this rank."""
+    model = sharded_model()
+    params = list(model.parameters())
+    live = [0]
+
+    def probe(_p):
+        live[0] = max(live[0], sum(q.grad._local_tensor.numel() for q in params if q.grad is not None))
+
+    for p in params:  # before the optimizer's hooks: sees the gradient that just completed
+        p.register_post_accumulate_grad_hook(probe)
+    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise)
+    for t in range(steps):
+        x, y = oracle.batch(t)
+        oracle.loss_fn(model, x[rank::world], y[rank::world]).backward()
+        if not layerwise:
+            probe(None)  # the ordinary step: every gradient is alive when it runs
+        opt.step()
+        opt.zero_grad()
+    full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+    return full, live[0], sum(p._local_tensor.numel() for p in params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    report = {"world": world, "max_rel_diff": {}, "max_abs_diff": {}, "live_grad_numel": {}, "ordinary_grad_numel": {}, "total_numel": 0}
+    for preset in ("apollo", "apollo-mini"):
+        ref, ordinary_live, total = train(preset, args.steps, rank, world, layerwise=False)
+        ours, live, _ = train(preset, args.steps, rank, world, layerwise=True)
+        report["max_rel_diff"][preset] = max(float((ours[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.items())
+        report["max_abs_diff"][preset] = max(float((ours[n] - q).abs().max()) for n, q in ref.items())
+        every = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(every, torch.tensor([live, ordinary_live, total]))
+        report["live_grad_numel"][preset] = [int(e[0]) for e in every]
+        report["ordinary_grad_numel"][preset] = [int(e[1]) for e in every]
+        report["total_numel"] = [int(e[2]) for e in every]
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
