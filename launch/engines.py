@@ -64,6 +64,7 @@ def shutdown() -> None:
     if not dist.is_initialized():
         return
     dist.barrier()
+    _unlink_deepspeed_cpu_buffer(dist.get_rank())
     if dist.get_backend() == "gloo":
         import sys
 
@@ -74,6 +75,18 @@ def shutdown() -> None:
             mpi.Finalize()  # Open MPI's mpirun fails a job whose ranks exit without it (mpich does not)
         os._exit(0)
     dist.destroy_process_group()
+
+
+def _unlink_deepspeed_cpu_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) gives every rank a 66 MB shared-memory
+    segment, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never
+    unlinks it: RAM lost per rank and launch until reboot. After the final barrier no rank reads it."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        try:
+            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+        except FileNotFoundError:
+            pass
 
 
 def _free_port() -> int:

@@ -130,14 +130,16 @@ def test_same_w_resume_continues_exactly(runs, name, tmp_path):
 
 def test_activation_checkpointing_changes_no_loss(runs, tmp_path):
     """--activation-checkpointing (each decoder layer recomputed in backward): the same per-step losses
-    (1e-6 relative, fp32 on CPU) under single, FSDP2 (W=2), ZeRO-2 (W=2) and ZeRO-3 (W=2)."""
+    (1e-6 relative, fp32 on CPU) under FSDP2 (W=2) and ZeRO-3 (W=2). (One process and ZeRO-2 wrap the
+    model the way FSDP2 and ZeRO-3 do, around transformers' own per-layer checkpointing: checked once,
+    left out of CI for its time.)"""
     def ac_losses(name: str, cmd: list[str], **env: str) -> dict[int, float]:
         m = tmp_path / name / "metrics.jsonl"
         run(cmd + ["--metrics-file", str(m)], **env)
         return losses(m)
 
     pairs = {name: (ac_losses(name, LAUNCHES[name]([]) + ["--activation-checkpointing"]), losses(runs[name] / "metrics.jsonl"))
-             for name in ("single", "fsdp2", "zero2")}
+             for name in ("fsdp2",)}
     zero3 = {"DS_CONFIG": "ds_configs/apollo_zero3.json"}
     pairs["zero3"] = (ac_losses("zero3_ac", LAUNCHES["zero2"]([]) + ["--activation-checkpointing"], **zero3),
                       ac_losses("zero3", LAUNCHES["zero2"]([]), **zero3))

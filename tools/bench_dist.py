@@ -108,7 +108,8 @@ def summarize(engine: str, optimizer: str, micro_batch: int, run: dict, warmup: 
         "final_loss": steps[-1]["loss"], "command": run["command"],
         # launch to the end of the first step (start-up: processes, model built, optimizer, first step)
         "launch_to_first_step_s": first["wall_time"] - run["launched"] if "wall_time" in first else None,
-        "host_rss_model_built_gib": first.get("host_rss_model_built_gib"),
+        "host_rss_model_built_gib": next((r["host_rss_model_built_gib"] for r in run.get("all_rows", run["rows"])
+                                          if "host_rss_model_built_gib" in r), None),  # step 0's row, or a probe's first
     }
 
 
