@@ -45,10 +45,14 @@ class CollectiveCounter:
 
             def wrapped(*a, _fn=fn, **k):
                 self.count += 1
+                self.seen(k)
                 return _fn(*a, **k)
 
             setattr(dist, name, wrapped)
         return self
+
+    def seen(self, kwargs: dict) -> None:
+        """Each counted call's keyword arguments (subclasses look at more than the count)."""
 
     def __exit__(self, *exc):
         for name, fn in self.saved.items():

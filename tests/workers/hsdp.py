@@ -44,18 +44,8 @@ class GroupCounter(CollectiveCounter):
         super().__init__()
         self.group, self.elsewhere = group, 0
 
-    def __enter__(self):
-        for name in self.NAMES:
-            fn = getattr(dist, name)
-            self.saved[name] = fn
-
-            def wrapped(*a, _fn=fn, **k):
-                self.count += 1
-                self.elsewhere += ranks_of(k.get("group")) != ranks_of(self.group)
-                return _fn(*a, **k)
-
-            setattr(dist, name, wrapped)
-        return self
+    def seen(self, kwargs: dict) -> None:
+        self.elsewhere += ranks_of(kwargs.get("group")) != ranks_of(self.group)
 
 
 def dcp_state(model, opt) -> dict:
