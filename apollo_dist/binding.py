@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .core import Slot
+from .quant import int8_module, int8_slot
 
 SUPPORTED = (
     "plain tensors (one process, DDP), FSDP2 DTensors (FSDP, HSDP, FSDP2 x tensor parallel), DeepSpeed ZeRO-1/2/3 "
@@ -157,9 +158,7 @@ def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Rece
 
 def _whole_param_slot(p: torch.Tensor, position: int) -> Slot:
     """Every element is held here (one process, or DDP's replicas)."""
-    if hasattr(p, "_apollo_quant"):  # an int8 weight's gradient proxy: its data is a scratch (apollo_dist.quant)
-        from .quant import int8_slot
-
+    if int8_module(p) is not None:  # an int8 weight's gradient proxy: its data is a scratch (apollo_dist.quant)
         return int8_slot(p, position)
     if not p.is_contiguous():
         raise ValueError(f"APOLLO needs contiguous parameters; param {position} with shape {tuple(p.shape)} is not")

@@ -120,8 +120,7 @@ class APOLLO(torch.optim.Optimizer):
                 "nonfinite='skip' with layerwise=True: a step cannot be skipped once earlier params were updated in the "
                 "same backward; use nonfinite='raise' (the layer-wise default) or 'ignore'"
             )
-        self.layerwise = bool(layerwise)  # updates run in backward (apollo_dist.layerwise); step() only checks
-        self._layerwise = LayerwiseUpdates(self) if layerwise else None
+        self._layerwise = LayerwiseUpdates(self) if layerwise else None  # updates run in backward; step() only checks
         self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
@@ -143,6 +142,11 @@ class APOLLO(torch.optim.Optimizer):
                         self.state[p]["seed"] = r.position + 1
             if layerwise:  # the hooks must be on the params before the first backward: bind now
                 self.ensure_bound()
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether updates run inside backward (``layerwise=True``, apollo_dist.layerwise)."""
+        return self._layerwise is not None
 
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: seeds are the params' positions, fixed at construction."""

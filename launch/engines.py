@@ -227,7 +227,7 @@ def build_optimizer(model: torch.nn.Module, hp: dict[str, Any], layerwise: bool 
     low_rank = {k: hp[k] for k in LOW_RANK_KEYS if k in hp}
     groups = param_groups(model, hp["target_modules"], preset=hp["optimizer"], **low_rank)
     common.update({k: hp[k] for k in ("correct_bias", "scale_front", "disable_nl", "projection_tf32") if k in hp})
-    return APOLLO(groups, **common, **({"layerwise": True} if layerwise else {}))
+    return APOLLO(groups, **common, layerwise=layerwise)
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float = 0.1) -> Callable[[int], float]:
@@ -369,8 +369,7 @@ class Engine:
 
             quantize_model(self.model, hp["target_modules"])
         self.host_rss_model_gib = host_peak_rss_gib()
-        # (layerwise passed only when on: tools/train_reference.py swaps in a two-argument build_optimizer)
-        self.optimizer = build_optimizer(self.model, hp, layerwise=True) if run.get("layerwise") else build_optimizer(self.model, hp)
+        self.optimizer = build_optimizer(self.model, hp, layerwise=bool(run.get("layerwise")))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -475,6 +475,18 @@ def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: in
     return float(acc[0] / acc[1])
 
 
+def timed_step(engine, split, run: dict, d, step: int, micro: int, global_batch: int) -> dict:
+    """Training step ``step`` (its batches, forward/backward per micro-batch of ``micro`` sequences, the
+    update) and its metrics row: mean loss over ranks, tokens/s, peak memory, and ``wall_time`` (seconds
+    since the epoch: launch-to-step times, tools/bench_dist.py)."""
+    t0 = time.perf_counter()
+    batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, global_batch, d.data_rank, d.data_world, micro, d.device)
+    loss = float(d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world)  # waits for the step: the time is real
+    dt = time.perf_counter() - t0
+    return {"step": step, "loss": loss, "tokens_per_s": global_batch * run["seq_len"] / dt, "peak_mem_gib": peak_mem_gib(d.device),
+            "wall_time": time.time()}
+
+
 def probe_sizes(text: str) -> list[int]:
     """--probe-micro-batches: positive, strictly increasing sizes (a later size is only reached if the
     earlier ones fit)."""
@@ -501,14 +513,10 @@ def probe_micro_batches(engine, split, run: dict, d, sizes: list[int], metrics: 
             torch.cuda.reset_peak_memory_stats(d.device)
         for _ in range(run["steps"]):
             step += 1
-            t0 = time.perf_counter()
-            batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, mb * d.data_world, d.data_rank, d.data_world,
-                                               mb, d.device)
-            loss = float(d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world)
-            dt = time.perf_counter() - t0
-            metrics.log({"step": step, "micro_batch": mb, "loss": loss, "tokens_per_s": mb * d.data_world * run["seq_len"] / dt,
-                         "peak_mem_gib": peak_mem_gib(d.device), "wall_time": time.time(),
-                         **({**first, "optimizer_state_bytes_per_rank": d.all_gather_int(engine.optimizer_state_bytes())} if step == 1 else {})})
+            row = {**timed_step(engine, split, run, d, step, mb, mb * d.data_world), "micro_batch": mb}
+            if step == 1:
+                row.update(first, optimizer_state_bytes_per_rank=d.all_gather_int(engine.optimizer_state_bytes()))
+            metrics.log(row)
         if d.rank == 0:
             print(f"micro-batch {mb}: fits ({run['steps']} steps, peak {peak_mem_gib(d.device):.2f} GiB)", flush=True)
 
@@ -615,16 +623,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     bar = tqdm(total=run["steps"], initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
     t_start, seen, val = time.perf_counter(), 0, None
     for step in range(start + 1, run["steps"] + 1):
-        t0 = time.perf_counter()
         lr = engine.lr()
-        batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, run["global_batch_size"],
-                                           d.data_rank, d.data_world, run["micro_batch_size"], d.device)
-        loss = d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world
-        loss = float(loss)  # waits for the step: the timing below is real
-        dt = time.perf_counter() - t0
+        row = {**timed_step(engine, split, run, d, step, run["micro_batch_size"], run["global_batch_size"]), "lr": lr}
+        loss = row["loss"]
         seen += 1
-        row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / dt, "peak_mem_gib": peak_mem_gib(d.device),
-               "wall_time": time.time()}  # seconds since the epoch: launch-to-step times (tools/bench_dist.py)
         if step == start + 1:
             per_rank = d.all_gather_int(engine.optimizer_state_bytes())
             row["optimizer_state_bytes_per_rank"] = per_rank

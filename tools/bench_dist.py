@@ -88,9 +88,10 @@ def run_once(engine: str, optimizer: str, micro_batch: int, steps: int, args, wo
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        if any(m in out for m in OOM_MARKERS):
-            return {"rows": read_metrics(metrics), "command": " ".join(cmd), "launched": launched} if probe and os.path.exists(metrics) else None
-        raise LaunchError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
+        if not any(m in out for m in OOM_MARKERS):
+            raise LaunchError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
+        if not (probe and os.path.exists(metrics)):  # a probe's rows until the OOM are its result
+            return None
     return {"rows": read_metrics(metrics), "command": " ".join(cmd), "launched": launched}
 
 

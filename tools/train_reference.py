@@ -23,8 +23,10 @@ from apollo_dist import APOLLO  # noqa: E402
 _build = engines.build_optimizer
 
 
-def build_reference(model, hp):
+def build_reference(model, hp, layerwise: bool = False):
     """The same groups and hyperparameters as train.py's APOLLO, stepped by apollo-torch."""
+    if layerwise:
+        raise SystemExit("train_reference.py: apollo-torch has no layer-wise updates here (leave out --layerwise)")
     opt = _build(model, hp)
     if not isinstance(opt, APOLLO):
         return opt
