@@ -79,7 +79,7 @@ class _Int8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, proxy, q, scale, bias, group_size):
         ctx.save_for_backward(x, q, scale)
         ctx.has_bias, ctx.group_size = bias is not None, group_size
-        return nn.functional.linear(x, dequantize_groupwise(q, scale, group_size), bias)
+        return nn.functional.linear(x, dequantize_groupwise(q, scale, group_size, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -110,7 +110,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
         w = linear.weight
-        self.weight = nn.Parameter(torch.zeros((), device=w.device).expand(w.shape), requires_grad=w.requires_grad)
+        self.weight = nn.Parameter(torch.zeros((), device=w.device, dtype=w.dtype).expand(w.shape), requires_grad=w.requires_grad)
         self.weight._apollo_quant = weakref.ref(self)  # how the binding and the hooks find the int8 storage
         self.bias = linear.bias
         self._scratch = scratch  # fp32 (out, in), shared by the model's weights of this shape: APOLLO updates it

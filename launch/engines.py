@@ -30,7 +30,7 @@ CHECKPOINT_FORMAT = "apollo_dist.train/1"
 META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
 # The run's settings a checkpoint records (train.py takes them back on --resume unless a flag says otherwise)
 RUN_KEYS_SAVED = ("model", "seed", "global_batch_size", "seq_len", "dtype", "data", "steps", "warmup_steps", "grad_clip",
-                  "activation_checkpointing", "layerwise", "weight_quant")
+                  "activation_checkpointing", "layerwise", "weight_quant", "param_dtype")
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -362,6 +362,9 @@ class Engine:
     def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist):
         self.d, self.hp, self.run = d, hp, run
         self.bf16 = run["dtype"] == "bf16"
+        if run.get("param_dtype", "fp32") == "bf16":  # still on the meta device: no fp32 copy is ever allocated
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)  # parameters only: the rotary frequencies stay fp32
         # Built on the meta device: shard first (FSDP2), then allocate and initialize only what this rank holds.
         self.model = materialize(self._wrap(model), run["seed"], d.device, pretrained(run))
         if run.get("weight_quant") == "int8":  # Q-APOLLO: target linears' weights as int8 + group scales
@@ -418,7 +421,8 @@ class Engine:
         return state_bytes(self.optimizer)
 
     def describe(self) -> str:
-        return f"{self.name}, {self.run['dtype']}"
+        params = ", bf16 parameters" if self.run.get("param_dtype") == "bf16" else ""
+        return f"{self.name}, {self.run['dtype']}{params}"
 
     # -- checkpoint hooks ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> str:

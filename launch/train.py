@@ -75,6 +75,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--seq-len", type=int, default=256)
     a("--seed", type=int, default=0)
     a("--dtype", choices=["fp32", "bf16"], default=None, help="default: the JSON's bf16 flag, else bf16 on GPU, fp32 on CPU")
+    a("--param-dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: the model's parameters themselves in bf16, "
+      "no fp32 copy (pure bf16 training, as the APOLLO paper's one-GPU 7B runs); --engine single only (FSDP2 and "
+      "DeepSpeed keep fp32 master weights and compute in bf16 with --dtype bf16)")
     a("--eval-every", type=int, default=50)
     a("--eval-samples", type=int, default=64, help="validation windows per evaluation")
     a("--save-dir", default=None)
@@ -212,6 +215,9 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
     grad_clip = args.grad_clip if args.grad_clip is not None else float(defaults.get("gradient_clipping", 1.0))  # DeepSpeed's default
     if args.layerwise:
         grad_clip = check_layerwise(args, engine, global_batch // (dp * micro))
+    if args.param_dtype != "fp32" and engine != "single":
+        raise UsageError(f"--param-dtype {args.param_dtype} runs in one process (--engine single), this run's engine is "
+                         f"{engine}: its master weights stay fp32, use --dtype bf16 for bf16 compute")
     if args.weight_quant == "int8" and not (args.layerwise and engine == "single"):
         raise UsageError(f"--weight-quant int8 needs --layerwise and --engine single (int8 weights are updated in "
                          f"backward, in one process), this run has engine {engine}{'' if args.layerwise else ', no --layerwise'}")
@@ -222,7 +228,7 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
         "save_dir": args.save_dir, "metrics_file": args.metrics_file, "activation_checkpointing": bool(args.activation_checkpointing),
         "init_from": args.init_from, "mesh": mesh, "tp": tp, "layerwise": bool(args.layerwise),
-        "weight_quant": args.weight_quant,
+        "weight_quant": args.weight_quant, "param_dtype": args.param_dtype,
     }
 
 
@@ -330,7 +336,8 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
 # hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
 RUN_FLAGS = {"model": "model", "seq_len": "seq_len", "global_batch_size": "global_batch_size", "seed": "seed", "data": "data",
              "steps": "steps", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "dtype": "dtype",
-             "activation_checkpointing": "activation_checkpointing", "layerwise": "layerwise", "weight_quant": "weight_quant"}
+             "activation_checkpointing": "activation_checkpointing", "layerwise": "layerwise", "weight_quant": "weight_quant",
+             "param_dtype": "param_dtype"}
 HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
             "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
 

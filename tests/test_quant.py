@@ -140,9 +140,19 @@ def test_train_py_int8_needs_layerwise_in_one_process(flags, world):
         train.resolve_run(args, None, train.defaults_config(args, None), world)
 
 
-def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus):
-    """A --layerwise --weight-quant int8 job resumed with --resume alone continues exactly (the int8 and
-    layer-wise settings come from the checkpoint); resuming it as fp32 weights is a one-line error."""
+def test_train_py_bf16_parameters_run_in_one_process_only():
+    import train
+
+    args = train.parse_args(["--param-dtype", "bf16", "--engine", "fsdp2", "--global-batch-size", "4"])
+    with pytest.raises(train.UsageError, match="--param-dtype bf16 runs in one process .* engine is fsdp2"):
+        train.resolve_run(args, None, train.defaults_config(args, None), 2)
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus, param_dtype):
+    """A --layerwise --weight-quant int8 job resumed with --resume alone continues exactly (the int8,
+    layer-wise and parameter-dtype settings come from the checkpoint); resuming it as float weights is a
+    one-line error. bf16 parameters: the paper's pure-bf16 one-GPU setting."""
     import json
     import sys
 
@@ -151,11 +161,14 @@ def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus):
     flags = ["launch/train.py", "--engine", "single", "--model", "tiny", "--steps", "4", "--global-batch-size", "2",
              "--seq-len", "32", "--rank", "8", "--eval-every", "100", "--eval-samples", "2", "--dtype", "fp32", "--no-progress"]
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
-    run_checked([sys.executable, *flags, "--layerwise", "--weight-quant", "int8", "--metrics-file", str(whole),
+    run_checked([sys.executable, *flags, "--layerwise", "--weight-quant", "int8", "--param-dtype", param_dtype, "--metrics-file", str(whole),
                  "--save-dir", str(tmp_path / "ckpt"), "--save-every", "2"], timeout=300)
     step2 = str(tmp_path / "ckpt" / "step_0000002")
     run_checked([sys.executable, "launch/train.py", "--no-progress", "--metrics-file", str(resumed), "--resume", step2], timeout=300)
     loss = lambda p: {r["step"]: r["loss"] for r in map(json.loads, p.read_text().splitlines()) if "loss" in r}  # noqa: E731
     assert loss(resumed) == {s: v for s, v in loss(whole).items() if s > 2}
+    saved = torch.load(tmp_path / "ckpt" / "step_0000004" / "state.pt", map_location="cpu", weights_only=True)["model"]
+    assert saved["model.norm.weight"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[param_dtype]  # no fp32 copy
+    assert json.loads((tmp_path / "ckpt" / "step_0000004" / "trainer.json").read_text())["param_dtype"] == param_dtype
     proc = run_checked([sys.executable, "launch/train.py", "--resume", step2, "--weight-quant", "none", "--layerwise"], check=False)
     assert proc.returncode == 2 and "the checkpoint has weight_quant 'int8', this run weight_quant 'none'" in proc.stderr
