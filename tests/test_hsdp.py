@@ -127,21 +127,32 @@ def test_canonical_checkpoint_loads_into_hsdp(hsdp):
     assert r["max_rel_diff"] < TOL and r["replicas_equal"]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
+def _meshes(world: int) -> list[str]:
+    """Every R x S = world ("2x2", "1x4", "4x1" for 4; "1x1" for 1)."""
+    return [f"{r}x{world // r}" for r in range(1, world + 1) if world % r == 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
 def test_hsdp_nccl_matches_oracle(tmp_path):
-    """The same launch on 4 GPUs with NCCL (projections from the CUDA generator, the Triton kernels):
-    every mesh and preset within 1e-4 of the oracle on CUDA, collectives on the shard group only, the
-    DCP and canonical resumes too."""
-    out = tmp_path / "r.json"
-    torchrun("tests/workers/hsdp.py", 4, "--meshes", ",".join(MESHES), "--presets", ",".join(PRESETS),
-             "--dcp-resume", "2x2:1x4", "--nan-step", "5", "--device", "cuda", "--out", str(out), DS_ACCELERATOR="cuda")
+    """The same launch with NCCL on the GPUs this machine has (4 used when there are 4 or more; on one
+    GPU the 1x1 meshes: NCCL, the CUDA generator's projections and the Triton kernels through the 2-D
+    mesh code): every mesh and preset within 1e-4 of the oracle on CUDA, collectives on the shard group
+    only, the DCP and canonical resumes and the non-finite skip too."""
+    world = 4 if torch.cuda.device_count() >= 4 else min(torch.cuda.device_count(), 2)
+    meshes, out = _meshes(world), tmp_path / "r.json"
+    torchrun("tests/workers/hsdp.py", world, "--meshes", ",".join(meshes), "--presets", ",".join(PRESETS),
+             "--dcp-resume", f"{meshes[0]}:{meshes[-1]}", "--nan-step", "5", "--nan-rank", str(world - 1),
+             "--tp-meshes", ",".join(meshes), "--tp-resume", f"{meshes[0]}:{meshes[-1]}",
+             "--device", "cuda", "--out", str(out), DS_ACCELERATOR="cuda")
     r = report(out)
+    assert {f"{m}/{p}" for m in meshes for p in PRESETS} | {f"tp{m}/{p}" for m in meshes for p in PRESETS} <= set(r)
     for key, v in r.items():
-        if key != "deep":
+        if key not in ("deep", "deep-tp"):
             assert v["max_rel_diff"] < TOL and v["replicas_equal"], (key, v["max_rel_diff"])
             assert not any(v["collectives_elsewhere"])
             S = v["shard_size"]
             assert max(v["state_bytes"]) <= v["ref_state_bytes"] / S + _one_channel_per_param_bytes(v)
+    assert r[f"{meshes[0]}:nan/apollo"]["skipped_per_rank"] == [1] * world
 
 
 # -- the training job: --mesh, DCP, canonical, other engines ----------------------------------------
