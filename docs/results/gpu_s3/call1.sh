@@ -13,7 +13,7 @@ M="--engine single --model 7b --seq-len 256 --global-batch-size 1 --micro-batch-
 for row in "adamw:--optimizer adamw" "mini:--optimizer apollo-mini" "mini_layerwise:--optimizer apollo-mini --layerwise" \
            "apollo_layerwise:--optimizer apollo --layerwise" "qmini_layerwise:--optimizer apollo-mini --layerwise --weight-quant int8"; do
   name=${row%%:*}; flags=${row#*:}
-  /usr/bin/time -v python3 launch/train.py $M $flags --metrics-file "$OUT/mem7b_$name.jsonl" > "$OUT/mem7b_$name.log" 2>&1
+  python3 launch/train.py $M $flags --metrics-file "$OUT/mem7b_$name.jsonl" > "$OUT/mem7b_$name.log" 2>&1
   echo "$name rc=$?" >> "$OUT/mem7b_done.txt"
 done
 wait
