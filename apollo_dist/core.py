@@ -5,25 +5,40 @@ runs the reference's plain Adam on everything else. Each works on `Slot`s (this 
 flat element range of one parameter, or a rectangular block of it), so the same code serves one
 process, FSDP2 (FSDP, HSDP, x tensor parallel), ZeRO-1/2/3 and layouts given through ``APOLLO.bind``.
 
-Per step a low-rank bucket does, with the numbers of DESIGN.md §1:
-  1. R = G P^T (tall) / P^T G (wide) for the channels this rank touches (kept channel-major, C x r);
-  2. one reduce-scatter sends partial R of shared channels to their owner;
-  3. the owner runs Adam on R and computes the scaling factor of each channel (3);
-  4. one all-gather returns shared factors, one all-reduce gives per-param norms (3, 5);
-  5. every rank scales its raw gradient elements, applies the limiter and the update (4-6).
+A step is ``prepare`` (step 1), then ``finish`` (steps 2-6), each step one method of LowRankBucket
+(DESIGN.md §1's numbers in brackets):
+  1. ``prepare``: R = G P^T (tall) / P^T G (wide) for the channels this rank touches (kept channel-major, C x r) [1];
+  2. ``_owned_R``: one reduce-scatter sends partial R of shared channels to their owner;
+  3. ``_adam``: the owner runs Adam on R and computes the scaling factor of each channel [2, 3];
+  4. ``_scaling_factors``: one all-gather returns shared factors, one all-reduce gives per-param norms [3, 5];
+  5. ``_limiter``: the norm-growth limiter, per param [5];
+  6. ``_update``: every rank scales its raw gradient elements and applies the update and the decay [4, 6].
+
+Glossary (one low-rank bucket; "rank" alone always means a process):
+  r            the projection rank (the param-group key "rank", as in the reference's API)
+  m x n, tall  a weight's gradient G; tall when m >= n (wide otherwise)
+  C, channel   the rows of G (tall) or its columns (wide); R, N and the moments are kept C x r
+  touched      channels of which this rank holds gradient elements; owned: channels whose moments it keeps
+  T_R, T_g     partial R and partial ||G_c||^2 of the touched channels (scratch, touched x r / touched)
+  R, R_g       full R and ||G_c||^2 of the owned channels (after the reduce-scatter)
+  n_sq, r_sq   ||N_c||^2, ||R_c||^2 of the owned channels
+  s_own        scaling factor of each owned channel; s_touch: of each touched channel (after the all-gather)
+  q            ``limiter_norm``: the limiter's previous ||U|| per param (< 0: none yet)
+  t            ``step_count``: optimizer steps taken by the group (0 before the first update)
 """
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .kernels import MultiAdam, MultiProjection, MultiUpdate, channel_adam_, scaled_update_eager
-from .layout import ParamLayout, build_comm_plan, matrix_dims, touched_channels
+from .layout import ParamLayout, build_comm_plan, touched_channels
 from .projection import SeedChain, projection_shape, random_projection
 
 # torch 2.13 renames these collectives (*_single); the old names work on every version we support.
@@ -50,6 +65,9 @@ class Slot:
     block: Optional[tuple[int, int, int, int]] = None  # (r0, r1, c0, c1) instead of [start, end)
     owned: Optional[tuple[int, int]] = None  # channels whose moments this rank keeps, where the engine fixes
     # them (FSDP2: the moments' DTensor placements); None: the optimizer's rule
+    model_copy: Optional[Callable[[], torch.Tensor]] = None  # where the engine keeps the model's own copy
+    # of the held elements apart from ``data`` (ZeRO-3: the param's partition), flat; None: it keeps none,
+    # or the whole param on every rank (ZeRO-1/2) — what a checkpoint load must update besides ``data``
 
     @property
     def numel(self) -> int:
@@ -102,25 +120,39 @@ def segment_sums(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> t
     return torch.nn.functional.pad(per_chunk, (0, 1))[:, segments].sum(dim=-1)
 
 
-class Geometry(NamedTuple):
-    """Where one slot sits: its (m x n) matrix, the rows [row0, row0 + rows) its elements span, each
-    held as ``width`` columns from ``col0`` (a flat range: whole rows, col0 = 0, width = n; ``off``: its
-    first element inside them; ``aligned``: it starts and ends on row boundaries; a block: its
-    rectangle, always aligned), the channels it touches [t0, t1) and the channels this rank owns [o0, o1)."""
+@dataclass(frozen=True)
+class Geometry:
+    """Where one slot sits in its (m x n) matrix."""
 
     m: int
     n: int
     tall: bool
-    row0: int
+    row0: int  # the rows [row0, row0 + rows) its elements span,
     rows: int
-    off: int
-    aligned: bool
-    t0: int
-    t1: int
-    o0: int
-    o1: int
-    col0: int
+    col0: int  # each held as ``width`` columns from col0 (a flat range: whole rows, col0 = 0, width = n)
     width: int
+    off: int  # a flat range: its first element inside those rows
+    aligned: bool  # it starts and ends on row boundaries (a block: always)
+    t0: int  # the channels it touches [t0, t1)
+    t1: int
+    o0: int  # the channels this rank owns [o0, o1)
+    o1: int
+
+
+def slot_geometry(s: Slot, lay: ParamLayout, rank: int) -> Geometry:
+    """The `Geometry` of slot ``s`` of a low-rank param laid out as ``lay``, on process ``rank``."""
+    m, n = lay.m, lay.n
+    t0, t1 = touched_channels(m, n, *s.holding)
+    o0, o1 = lay.owners[rank]
+    if s.block is not None:
+        r0, r1, c0, c1 = s.block
+        rows = r1 - r0 if s.numel else 0
+        return Geometry(m, n, lay.tall, row0=r0, rows=rows, col0=c0, width=c1 - c0, off=0, aligned=True, t0=t0, t1=t1, o0=o0, o1=o1)
+    row0 = s.start // n
+    rows = (-(-s.end // n) - row0) if s.end > s.start else 0
+    aligned = s.start % n == 0 and s.end % n == 0
+    return Geometry(m, n, lay.tall, row0=row0, rows=rows, col0=0, width=n, off=s.start - row0 * n, aligned=aligned,
+                    t0=t0, t1=t1, o0=o0, o1=o1)
 
 
 class Collectives:
@@ -157,20 +189,25 @@ class AdamBucket:
         self.adam = MultiAdam([s.data for s in slots], torch.zeros(numel, device=device), torch.zeros(numel, device=device))
         self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
+        self._grads: Optional[list[torch.Tensor]] = None
 
     def prepare(self, group: dict) -> None:
         """Fetch this step's gradients."""
-        self.grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
+        self._grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (a 0-dim tensor) if a gradient ``prepare`` fetched holds inf/NaN, else 0.0 (one extra read)."""
-        if not self.grads:
+        if not self._grads:
             return torch.zeros(())
-        return (~torch.isfinite(torch.stack(torch._foreach_norm(self.grads)).sum())).float()
+        return (~torch.isfinite(torch.stack(torch._foreach_norm(self._grads)).sum())).float()
+
+    def discard(self) -> None:
+        """Drop what ``prepare`` fetched without updating anything (a skipped step)."""
+        self._grads = None
 
     def finish(self, group: dict) -> None:
         """The update with the gradients ``prepare`` fetched."""
-        grads, self.grads = self.grads, None
+        grads, self._grads = self._grads, None
         if not self.slots:
             return
         b1, b2 = group["betas"]
@@ -196,42 +233,27 @@ class LowRankBucket:
         self.layouts = layouts
         self.comm = comm
         self.device = device
-        self.rank_r = int(group["rank"])
+        self.r = r = int(group["rank"])
         self.plan = build_comm_plan(layouts, comm.rank, comm.world, device)
         self.seeds = [SeedChain(s.index + 1) for s in slots]
         self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
         self.proj_epoch = -1
+        self._grads: Optional[list[Optional[torch.Tensor]]] = None
 
-        # Per-slot geometry: touched channels (rows of T), owned channels (rows of O), padded rows of G.
-        self.t_off, self.o_off, self.geom = [], [], []
-        t_off = o_off = 0
-        t_param = []
-        for i, (s, lay) in enumerate(zip(slots, layouts)):
-            m, n = lay.m, lay.n
-            t0, t1 = touched_channels(m, n, *s.holding)
-            o0, o1 = lay.owners[comm.rank]
-            if s.block is not None:
-                r0, r1, c0, c1 = s.block
-                rows = r1 - r0 if s.numel else 0
-                self.geom.append(Geometry(m, n, lay.tall, r0, rows, 0, True, t0, t1, o0, o1, c0, c1 - c0))
-            else:
-                row0 = s.start // n
-                rows = (-(-s.end // n) - row0) if s.end > s.start else 0
-                aligned = s.start % n == 0 and s.end % n == 0
-                self.geom.append(Geometry(m, n, lay.tall, row0, rows, s.start - row0 * n, aligned, t0, t1, o0, o1, 0, n))
-            self.t_off.append(t_off)
-            self.o_off.append(o_off)
-            t_param.append(torch.full((t1 - t0,), i, dtype=torch.int64))
-            t_off += t1 - t0
-            o_off += o1 - o0
-        self.t_param = torch.cat(t_param).to(device) if slots else torch.zeros(0, dtype=torch.int64, device=device)
+        # Per slot: its geometry, its first row of T (touched channels) and of O (owned channels).
+        self.geom = [slot_geometry(s, lay, comm.rank) for s, lay in zip(slots, layouts)]
+        touched = [g.t1 - g.t0 for g in self.geom]
+        owned = [g.o1 - g.o0 for g in self.geom]
+        self.t_off = list(itertools.accumulate(touched, initial=0))[:-1]
+        self.o_off = list(itertools.accumulate(owned, initial=0))[:-1]
+        # the slot of each touched channel: per-param coefficients expand to per-channel ones
+        self.t_param = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(touched, dtype=torch.int64)).to(device)
         # owned channels of each slot are consecutive: per-param sums are segment sums
-        self.o_segments = segment_index([g.o1 - g.o0 for g in self.geom], device)
-        r = self.rank_r
-        self.T_R = torch.zeros(t_off, r, device=device)  # partial R of touched channels (scratch)
-        self.T_g = torch.zeros(t_off, device=device)  # partial ||G_c||^2 of touched channels (scratch)
-        self.exp_avg = torch.zeros(o_off, r, device=device)  # moments of owned channels (state)
-        self.exp_avg_sq = torch.zeros(o_off, r, device=device)
+        self.o_segments = segment_index(owned, device)
+        self.T_R = torch.zeros(sum(touched), r, device=device)  # partial R of touched channels (scratch)
+        self.T_g = torch.zeros(sum(touched), device=device)  # partial ||G_c||^2 of touched channels (scratch)
+        self.exp_avg = torch.zeros(sum(owned), r, device=device)  # moments of owned channels (state)
+        self.exp_avg_sq = torch.zeros(sum(owned), r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
@@ -246,6 +268,16 @@ class LowRankBucket:
             [self.t_off[i] for i in self.aligned],
         )
 
+    # -- state --------------------------------------------------------------------------------
+    def owned_rows(self, i: int) -> slice:
+        """The rows of ``exp_avg`` / ``exp_avg_sq`` holding slot ``i``'s owned channels."""
+        g = self.geom[i]
+        return slice(self.o_off[i], self.o_off[i] + g.o1 - g.o0)
+
+    def reset_projections(self) -> None:
+        """Regenerate every P at the next step (from the seeds, which a checkpoint load may have replaced)."""
+        self.proj_epoch = -1
+
     # -- projections --------------------------------------------------------------------------
     def _refresh_projections(self, epoch: int) -> None:
         """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with."""
@@ -254,7 +286,7 @@ class LowRankBucket:
             if g.rows == 0:
                 self.proj[i] = None
                 continue
-            P = random_projection(projection_shape(g.m, g.n, self.rank_r), self.rank_r, self.seeds[i](epoch), self.device)
+            P = random_projection(projection_shape(g.m, g.n, self.r), self.r, self.seeds[i](epoch), self.device)
             # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
             if g.tall:
                 self.proj[i] = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width].contiguous()
@@ -265,20 +297,19 @@ class LowRankBucket:
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
         """This rank's gradient as rows (rows x width: whole rows of a flat range, zeros where it holds
         nothing; a block's rectangle)."""
-        s = self.slots[i]
-        m, n, tall, row0, rows, off, aligned, *_, width = self.geom[i]
-        if rows == 0:
+        s, g = self.slots[i], self.geom[i]
+        if g.rows == 0:
             return None
-        g = s.grad()
-        if g is None:
-            g = torch.zeros_like(s.data)
-        if g.dtype != torch.float32:
-            g = g.float()
-        if aligned:
-            return g.view(rows, width)
-        padded = torch.zeros(rows * n, device=g.device, dtype=g.dtype)
-        padded[off : off + s.numel].copy_(g)
-        return padded.view(rows, n)
+        G = s.grad()
+        if G is None:
+            G = torch.zeros_like(s.data)
+        # Kept in its own dtype: a bf16 gradient is read as fp32 weight by weight where the step computes
+        # (no fp32 copy of the whole bucket's gradients, 4 B per element, lives through the step).
+        if g.aligned:
+            return G.view(g.rows, g.width)
+        padded = torch.zeros(g.rows * g.n, device=G.device, dtype=G.dtype)
+        padded[g.off : g.off + s.numel].copy_(G)
+        return padded.view(g.rows, g.n)
 
     # -- the step -----------------------------------------------------------------------------
     def prepare(self, group: dict) -> None:
@@ -287,7 +318,7 @@ class LowRankBucket:
         epoch = t // int(group["update_proj_gap"])
         if epoch != self.proj_epoch:
             self._refresh_projections(epoch)
-        self.grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
+        self._grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
         self.project([grads[i] for i in self.active], [self.proj[i] for i in self.active], self.T_R, self.T_g,
                      tf32=group.get("projection_tf32", False))
 
@@ -295,13 +326,30 @@ class LowRankBucket:
         """1.0 (a 0-dim tensor) if this rank's gradient has an inf/NaN (then some ||G_c||^2 has), else 0.0."""
         return (~torch.isfinite(self.T_g.sum())).float()
 
+    def discard(self) -> None:
+        """Drop what ``prepare`` fetched without updating anything (a skipped step)."""
+        self._grads = None
+
     def finish(self, group: dict) -> None:
         """Steps 2-6 with what ``prepare`` computed."""
-        r, plan, comm = self.rank_r, self.plan, self.comm
-        grads, self.grads = self.grads, None
+        grads, self._grads = self._grads, None
         t = int(self.step_count)
+        R, R_g = self._owned_R()  # 2
+        self.step_count += 1
+        t += 1
+        channel = group["scale_type"] == "channel"
+        s_own, norms = self._adam(R, R_g, group, channel)  # 3
+        s, u_sq = self._scaling_factors(s_own, norms, channel)  # 4
+        limiter = self._limiter(u_sq, group)  # 5
+        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
+        coef_param = step_size * math.sqrt(group["scale"]) / limiter
+        coef = s * coef_param[self.t_param] if channel else (s * coef_param)[self.t_param]  # per touched channel
+        self._update(grads, coef, -group["lr"] * group["weight_decay"])  # 6
 
-        # 2. R of owned channels: local ones copied, shared ones reduce-scattered from their touchers.
+    def _owned_R(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """2. R and ||G_c||^2 of the owned channels: local ones copied, shared ones reduce-scattered from
+        their touchers."""
+        r, plan, comm = self.r, self.plan, self.comm
         if plan.identity:
             R, R_g = self.T_R, self.T_g
         else:
@@ -317,58 +365,61 @@ class LowRankBucket:
             k = len(plan.recv_dst)
             R[plan.recv_dst] = recv[:k, :r]
             R_g[plan.recv_dst] = recv[:k, r]
+        return R, R_g
 
-        # 3. Adam on R (owned channels), normalized gradient N, scaling factor per channel.
+    def _adam(self, R: torch.Tensor, R_g: torch.Tensor, group: dict, channel: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """3. Adam on R (owned channels), the normalized gradient N, the scaling factor per owned channel.
+
+        Returns (s_own, or None for scale_type "tensor"; this rank's per-param sums over its owned channels
+        of ||N_c||^2, ||R_c||^2 and s_c^2 ||G_c||^2 (channel) or ||G_c||^2 (tensor), a 3 x params tensor)."""
         b1, b2 = group["betas"]
-        self.step_count += 1
-        t += 1
         n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"])
-        channel = group["scale_type"] == "channel"
-        if channel:
-            s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS)
-        # per param: sum ||N_c||^2, sum ||R_c||^2, sum s_c^2 ||G_c||^2 (channel) or sum ||G_c||^2 (tensor)
-        stats = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
+        s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS) if channel else None
+        norms = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
+        return s_own, norms
 
-        # 4. Shared factors back to every toucher; per-param norms summed over ranks.
+    def _scaling_factors(self, s_own: Optional[torch.Tensor], norms: torch.Tensor, channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """4. Shared factors back to every toucher; per-param norms summed over ranks.
+
+        Returns (s: per touched channel (channel) or per param (tensor); ||U||^2 per param, before the
+        scale and the limiter)."""
+        plan, comm = self.plan, self.comm
         if comm.world > 1:
-            comm.all_reduce(stats)
+            comm.all_reduce(norms)
             if channel and plan.seg > 0:
                 mine = s_own.new_zeros(plan.seg)
                 mine[: len(plan.recv_dst)] = s_own[plan.recv_dst]
                 s_shared = comm.all_gather(mine)
-        if channel:
-            if plan.identity:
-                s_touch = s_own
-            else:
-                s_touch = s_own.new_zeros(len(self.T_g))
-                s_touch[plan.local_src] = s_own[plan.local_dst]
-                if len(plan.send_src):
-                    s_touch[plan.send_src] = s_shared[plan.send_dst]
-            u_sq = stats[2]
+        n_sq, r_sq, u_or_g_sq = norms
+        if not channel:  # one factor per param: ||N|| / ||R||
+            s_param = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS)
+            return s_param, s_param.square() * u_or_g_sq
+        if plan.identity:
+            s_touch = s_own
         else:
-            s_param = stats[0].sqrt() / (stats[1].sqrt() + NORM_EPS)
-            u_sq = s_param.square() * stats[2]
+            s_touch = s_own.new_zeros(len(self.T_g))
+            s_touch[plan.local_src] = s_own[plan.local_dst]
+            if len(plan.send_src):
+                s_touch[plan.send_src] = s_shared[plan.send_dst]
+        return s_touch, u_or_g_sq
 
-        # 5. Norm-growth limiter, per parameter (vectorized over the bucket).
-        sqrt_scale = math.sqrt(group["scale"])
-        u_norm = u_sq.sqrt() * (sqrt_scale if group["scale_front"] else 1.0)
+    def _limiter(self, u_sq: torch.Tensor, group: dict) -> torch.Tensor:
+        """5. The norm-growth limiter per parameter (vectorized over the bucket); updates q."""
+        u_norm = u_sq.sqrt() * (math.sqrt(group["scale"]) if group["scale_front"] else 1.0)
         if group["disable_nl"]:
-            limiter = torch.ones_like(u_norm)
-        else:
-            q = self.limiter_norm
-            limiter = torch.where(q >= 0, torch.clamp_min(u_norm / (q + NORM_EPS), LIMITER_GROWTH) / LIMITER_GROWTH, 1.0)
-            self.limiter_norm.copy_(u_norm / limiter)
-        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
-        coef_param = step_size * sqrt_scale / limiter
-        coef = s_touch * coef_param[self.t_param] if channel else (s_param * coef_param)[self.t_param]
+            return torch.ones_like(u_norm)
+        q = self.limiter_norm
+        limiter = torch.where(q >= 0, torch.clamp_min(u_norm / (q + NORM_EPS), LIMITER_GROWTH) / LIMITER_GROWTH, 1.0)
+        self.limiter_norm.copy_(u_norm / limiter)
+        return limiter
 
-        # 6. p -= step_size * U; then decoupled weight decay (one fused pass on GPU).
-        decay = -group["lr"] * group["weight_decay"]
+    def _update(self, grads: list[Optional[torch.Tensor]], coef: torch.Tensor, decay: float) -> None:
+        """6. p -= G * coef (coef = step_size * s * sqrt(scale) / limiter per touched channel); then the
+        decoupled weight decay p *= 1 + decay (one fused pass on GPU)."""
         self.update([grads[i] for i in self.aligned], coef, decay)
         for i in self.unaligned:  # a piece cut mid-row: update its zero-padded rows, keep the held elements
-            s, G = self.slots[i], grads[i]
-            m, n, tall, row0, rows, off, aligned, t0, t1, *_ = self.geom[i]
-            block = s.data.new_zeros(rows * n)
-            block[off : off + s.numel] = s.data
-            scaled_update_eager(block.view(rows, n), G, coef[self.t_off[i] : self.t_off[i] + t1 - t0], tall, decay)
-            s.data.copy_(block[off : off + s.numel])
+            s, G, g = self.slots[i], grads[i], self.geom[i]
+            block = s.data.new_zeros(g.rows * g.n)
+            block[g.off : g.off + s.numel] = s.data
+            scaled_update_eager(block.view(g.rows, g.n), G, coef[self.t_off[i] : self.t_off[i] + g.t1 - g.t0], g.tall, decay)
+            s.data.copy_(block[g.off : g.off + s.numel])

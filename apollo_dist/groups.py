@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import torch
 
@@ -13,7 +13,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "apollo": {"rank": 256, "proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200},
     "apollo-mini": {"rank": 1, "proj": "random", "proj_type": "std", "scale_type": "tensor", "scale": 128.0, "update_proj_gap": 200},
 }
+# The keys of a low-rank group beyond Adam's (the param-group API and the on-disk name: "rank" is the
+# projection rank r). Each changes what the optimizer computes from the same state ("structural"): a
+# checkpoint or state dict must agree with the optimizer on them.
 LOW_RANK_KEYS = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
+# The ones with a choice (proj and proj_type support one value each): what flags set and resumes compare.
+TUNABLE_LOW_RANK_KEYS = ("rank", "scale_type", "scale", "update_proj_gap")
+# Per-group keys APOLLO.state_dict adds that describe the run, not the group (this run's win on load).
+RUN_KEYS = ("generator_device", "scale_front", "disable_nl")
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ its weights (a table of pointers, multi-tensor-apply style), so the step's CPU c
 with the number of weights:
 
 - ``MultiProjection``: R = G P^T (tall) / G^T P (wide) and ||G_c||^2 of every channel, one read of G
-  (rank 1 in exact fp32; rank > 1 when TF32 is asked for, else cuBLAS per weight).
+  (r = 1 in exact fp32; r > 1 when TF32 is asked for, else cuBLAS per weight).
 - ``channel_adam_``: Adam on the rows of R, and ||N_c||^2, ||R_c||^2 per channel, one pass.
 - ``MultiUpdate``: p <- (p - G * c) * (1 - lr * wd), c one coefficient per channel, one pass (12 B/elem).
 - ``MultiAdam``: the reference's plain Adam on the other parameters, one pass (28 B/elem).
@@ -16,7 +16,7 @@ with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how th
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -87,7 +87,9 @@ class _matmul_precision:
 
 
 def project_eager(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Tensor, g_out: torch.Tensor) -> None:
-    """One (rows x n) gradient: R_out = G P^T (tall, P: r x n) or G^T P (wide, P: rows x r); g_out = ||G_c||^2."""
+    """One (rows x n) gradient: R_out = G P^T (tall, P: r x n) or G^T P (wide, P: rows x r); g_out = ||G_c||^2
+    (in fp32 whatever G's dtype)."""
+    G = G.float()  # a no-op for fp32 G; a bf16 G is read as fp32 one weight at a time
     if tall:
         torch.matmul(G, P.t(), out=R_out)
     else:
@@ -149,9 +151,9 @@ class MultiProjection:
     first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``).
     """
 
-    def __init__(self, slots: Sequence[tuple[int, int, bool, int]], rank: int, device: torch.device):
-        self.slots, self.rank = list(slots), rank
-        self.r_pad = 1 if rank == 1 else max(16, _pow2(rank))
+    def __init__(self, slots: Sequence[tuple[int, int, bool, int]], r: int, device: torch.device):
+        self.slots, self.r = list(slots), r
+        self.r_pad = 1 if r == 1 else max(16, _pow2(r))
         # Tiles measured best on an H100 for LLaMA-1b's gradients (BENCHMARKS.md §1): r = 1, 64 x 32, 1.8 ms;
         # r = 256 TF32, 128 x 32, 5.1 ms (cuBLAS per weight, TF32: 10.0 ms)
         self.block_c = 64 if self.r_pad == 1 else max(16, min(128, 32768 // self.r_pad))
@@ -176,7 +178,7 @@ class MultiProjection:
             return
         _project_kernel[(len(self.job_slot),)](
             self.g_ptrs(grads), self.p_ptrs(projs), self.rows_t, self.n_t, self.tall_t, self.out_t,
-            self.job_slot, self.job_c0, T_R, T_g, self.rank,
+            self.job_slot, self.job_c0, T_R, T_g, self.r,
             BLOCK_C=self.block_c, BLOCK_K=self.block_k, R_PAD=self.r_pad, INTERPRETED=INTERPRET, K_MAX=self.k_max if INTERPRET else 0,
             num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4, num_stages=3,
         )

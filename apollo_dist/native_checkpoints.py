@@ -35,11 +35,16 @@ from .checkpoint import (
     meta_from_state_dicts,
 )
 
-TRAINER_FILE = "trainer.json"  # launch/train.py's per-step metadata (step, lr schedule, run flags)
+# What a training script may leave in a native checkpoint's step directory for the conversion to carry
+# over (launch/train.py writes it): a JSON object with "step" (the data position), "scheduler" (the lr
+# scheduler's state dict), "world_size" and "format" (the script's own tag, dropped); every other key
+# is kept, opaque, as the canonical trainer state's "run". Absent: no trainer state but what the engine saved.
+TRAINER_FILE = "trainer.json"
 _DS_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def _trainer_json(step_dir: Path) -> dict[str, Any]:
+    """The `TRAINER_FILE` of ``step_dir``, or {} when there is none."""
     path = step_dir / TRAINER_FILE
     if not path.is_file():
         return {}
@@ -48,7 +53,7 @@ def _trainer_json(step_dir: Path) -> dict[str, Any]:
 
 
 def _trainer_state(run: dict[str, Any], step: Optional[int], scheduler: Any) -> dict[str, Any]:
-    """The canonical trainer state: data position, lr schedule state, and the run's flags."""
+    """The canonical trainer state: data position, lr schedule state, and the run's other keys."""
     run = {k: v for k, v in run.items() if k not in ("format", "step", "scheduler")}
     return {"step": step, "scheduler": jsonable(scheduler) if scheduler is not None else None, "run": jsonable(run)}
 
@@ -136,7 +141,7 @@ class DeepSpeedSource:
         names = self._names(apollo_sd)
         run = _trainer_json(self.dir)
         step = model_states.get("step", run.get("step", model_states.get("global_steps")))
-        # The lr schedule: DeepSpeed's when it stepped one, else the training script's (trainer.json).
+        # The lr schedule: DeepSpeed's when it stepped one, else the training script's (TRAINER_FILE).
         sched = model_states.get("lr_scheduler")
         trainer = _trainer_state(run, step, sched if sched is not None else run.get("scheduler"))
         source = {"engine": f"deepspeed-zero{self.stage}", "path": str(self.dir)}
@@ -228,7 +233,7 @@ def is_dcp_dir(path: Path) -> bool:
 
 class DCPSource:
     """A torch.distributed.checkpoint directory holding ``get_state_dict(model, APOLLO)`` as
-    ``{"model": ..., "optim": ...}`` (launch/train.py's FSDP2 checkpoints; other top-level names are
+    ``{"model": ..., "optim": ...}`` (e.g. launch/train.py's FSDP2 checkpoints; other top-level names are
     found by their shape), read one tensor at a time without a process group."""
 
     def __init__(self, path: Path):

@@ -8,18 +8,17 @@ over itself with `bind`.
 """
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor, moment_placements
-from .core import AdamBucket, Collectives, LowRankBucket, Slot
+from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
+from .buckets import Bucket, build_buckets, exposed_state
+from .core import Collectives, LowRankBucket, Slot
+from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS
 from .layerwise import LayerwiseUpdates, per_param_binding
 from .quant import refuse_int8
-from .layout import ParamLayout, chunk_owners, matrix_dims, position_owners
 
 GROUP_DEFAULTS = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
 SCALE_TYPES = ("channel", "tensor")
@@ -57,6 +56,20 @@ def _check_group(i: int, group: dict) -> None:
         shape = global_shape(p)
         if len(shape) != 2:
             raise ValueError(f"{where}: a group with 'rank' holds only 2-D weights, but param {j} has shape {shape}")
+
+
+def _nonfinite_policy(nonfinite: Optional[str], layerwise: bool) -> str:
+    """The ``nonfinite`` argument checked, or its default ("raise" layer-wise, else "skip")."""
+    if nonfinite is None:
+        return "raise" if layerwise else "skip"
+    if nonfinite not in ("skip", "raise", "ignore"):
+        raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
+    if layerwise and nonfinite == "skip":
+        raise ValueError(
+            "nonfinite='skip' with layerwise=True: a step cannot be skipped once earlier params were updated in the "
+            "same backward; use nonfinite='raise' (the layer-wise default) or 'ignore'"
+        )
+    return nonfinite
 
 
 class APOLLO(torch.optim.Optimizer):
@@ -111,17 +124,8 @@ class APOLLO(torch.optim.Optimizer):
         self.scale_front = scale_front
         self.disable_nl = disable_nl
         self.projection_tf32 = projection_tf32
-        if nonfinite is None:
-            nonfinite = "raise" if layerwise else "skip"
-        if nonfinite not in ("skip", "raise", "ignore"):
-            raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
-        if layerwise and nonfinite == "skip":
-            raise ValueError(
-                "nonfinite='skip' with layerwise=True: a step cannot be skipped once earlier params were updated in the "
-                "same backward; use nonfinite='raise' (the layer-wise default) or 'ignore'"
-            )
+        self.nonfinite = _nonfinite_policy(nonfinite, layerwise)
         self._layerwise = LayerwiseUpdates(self) if layerwise else None  # updates run in backward; step() only checks
-        self.nonfinite = nonfinite
         self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
         # while stepping, but keep the dicts) and the params as received, by position, held weakly.
@@ -129,10 +133,9 @@ class APOLLO(torch.optim.Optimizer):
         self._group_index = {id(g): i for i, g in enumerate(self._groups)}
         self._received: list[list[Received]] = Received.of(self._groups)
         self._binding: Optional[Binding] = None
-        self._buckets: list[Union[AdamBucket, LowRankBucket]] = []
+        self._buckets: list[Bucket] = []
         self._comm = Collectives(None)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
-        self._mesh = None
         if any(is_dtensor(p) for g in self._groups for p in g["params"]):
             self.ensure_bound()  # built after fully_shard: state exists from the start (DCP checkpoints at step 0)
         else:  # seeds now, the rest at binding: a non-empty state keeps DCP from a zero-gradient "init" step
@@ -209,52 +212,17 @@ class APOLLO(torch.optim.Optimizer):
             binding = per_param_binding(binding)  # one bucket per param, each stepped by its param's hook
         else:
             refuse_int8((s for u in binding.units for s in u.slots), "APOLLO(layerwise=False)")
-        comm = Collectives(binding.process_group)
-        slots = [s for u in binding.units for s in u.slots]
-        device = slots[0].data.device if slots else torch.device("cpu")
-        ranges, owned = self._all_ranges(slots, comm, device)
-        buckets, k = [], 0
-        for u in binding.units:
-            group, n = self._groups[u.group], len(u.slots)
-            if "rank" not in group:
-                buckets.append(AdamBucket(u.group, u.slots))
-            else:
-                layouts = []
-                for s, rs, given in zip(u.slots, ranges[k : k + n], owned[k : k + n]):
-                    m, c = matrix_dims(s.shape)
-                    if given is not None:  # the engine's layout fixes them (FSDP2: the moments' placements)
-                        own = given
-                    else:
-                        own = chunk_owners(m, c, comm.world) if binding.owners == "chunk" else position_owners(m, c, rs)
-                    layouts.append(ParamLayout(m, c, rs, own))
-                buckets.append(LowRankBucket(u.group, u.slots, layouts, group, comm, device))
-            k += n
+        buckets, comm, device = build_buckets(binding, self._groups)
         self._binding, self._buckets, self._comm = binding, buckets, comm
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
-        self._world, self._rank, self._device, self._mesh = comm.world, comm.rank, device, binding.mesh
-        self._expose_state()
+        self._world, self._rank, self._device = comm.world, comm.rank, device
+        self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
         if self._layerwise is not None:
             self._layerwise.attach(buckets)
 
-    @staticmethod
-    def _all_ranges(slots: list[Slot], comm: Collectives, device: torch.device) -> tuple[list[list[tuple[int, ...]]], list]:
-        """Every rank's holding of every param ((start, end), or a block (r0, r1, c0, c1)) and, where every
-        rank's slot gives them, owned channels (else None): one all-gather at bind time, of rows
-        [is block, 4 numbers, owned from, owned to (-1: not given)]."""
-        rows = []
-        for s in slots:
-            holding = [1, *s.block] if s.block is not None else [0, s.start, s.end, 0, 0]
-            rows.append(holding + (list(s.owned) if s.owned is not None else [-1, -1]))
-        mine = torch.tensor(rows, dtype=torch.int64).reshape(-1, 7)
-        every = mine.view(1, -1, 7) if comm.world == 1 else comm.all_gather(mine.to(device)).view(comm.world, len(slots), 7).cpu()
-        every = every.tolist()
-        holdings = [[tuple(e[k][1:5]) if e[k][0] else tuple(e[k][1:3]) for e in every] for k in range(len(slots))]
-        owned = [None if any(e[k][5] < 0 for e in every) else [tuple(e[k][5:7]) for e in every] for k in range(len(slots))]
-        return holdings, owned
-
     # -- what this rank holds (public view for checkpoints, tools and tests) --------------------
     @property
-    def buckets(self) -> list[Union[AdamBucket, LowRankBucket]]:
+    def buckets(self) -> list[Bucket]:
         """The bound buckets (binding first if needed): one per param group, or per ZeRO-3 sub-group."""
         self.ensure_bound()
         return self._buckets
@@ -279,43 +247,6 @@ class APOLLO(torch.optim.Optimizer):
     def steps_taken(self) -> int:
         """Optimizer steps applied so far (skipped non-finite steps not counted)."""
         return int(self.buckets[-1].step_count) if self.buckets else 0
-
-    def _expose_state(self) -> None:
-        """``self.state[param]`` over the buckets' buffers, for the params bound now (DTensors under
-        FSDP2, so DCP reshards them); entries of params no longer bound are dropped."""
-        self.state = defaultdict(dict)
-        for b in self._buckets:
-            for i, s in enumerate(b.slots):
-                st = self.state[s.param]
-                st["seed"] = b.seeds[i].seeds[0] if isinstance(b, LowRankBucket) else s.index + 1
-                st["step"] = b.step_count
-                if isinstance(b, LowRankBucket):
-                    o0, o1 = b.geom[i].o0, b.geom[i].o1
-                    rows = slice(b.o_off[i], b.o_off[i] + o1 - o0)
-                    st["exp_avg"] = self._as_global(b.exp_avg[rows], s, (b.layouts[i].channels, b.rank_r))
-                    st["exp_avg_sq"] = self._as_global(b.exp_avg_sq[rows], s, (b.layouts[i].channels, b.rank_r))
-                    st["limiter_norm"] = b.limiter_norm[i : i + 1]
-                else:
-                    st["exp_avg"] = self._as_global(b.exp_avg[i], s)
-                    st["exp_avg_sq"] = self._as_global(b.exp_avg_sq[i], s)
-
-    def _as_global(self, local: torch.Tensor, s: Slot, channel_shape: Optional[tuple[int, int]] = None) -> torch.Tensor:
-        """This rank's piece of a moment as state exposes it: as is, or under FSDP2 a DTensor with the
-        global shape (the param's, or (C, r) channel-major for low-rank moments) so DCP reshards it.
-
-        Plain-Adam state: the param's placements. Low-rank moments: `binding.moment_placements` (FSDP: (Shard(0),),
-        HSDP: (Replicate(), Shard(0)): torch.chunk's blocks over the shard dim, identical on the replicas),
-        from which the binding took the owned channels."""
-        if self._mesh is None:
-            return local
-        from torch.distributed.tensor import DTensor
-
-        p = s.param
-        if channel_shape is None:  # plain-Adam state shaped and sharded like the param
-            return DTensor.from_local(local.view(p._local_tensor.shape), p.device_mesh, p.placements, run_check=False,
-                                      shape=p.shape, stride=p.stride())
-        C, r = channel_shape
-        return DTensor.from_local(local, p.device_mesh, moment_placements(p), run_check=False, shape=(C, r), stride=(r, 1))
 
     # -- stepping -----------------------------------------------------------------------------
     def _hparams(self, gi: int) -> dict:
@@ -363,7 +294,7 @@ class APOLLO(torch.optim.Optimizer):
                     )
                 self.skipped_steps += 1
                 for b in buckets:
-                    b.grads = None
+                    b.discard()
                 return False
         for b, hp in zip(buckets, hparams):
             b.finish(hp)
@@ -417,36 +348,45 @@ class APOLLO(torch.optim.Optimizer):
                 f"another partition layout than this run's (world size {self._world}, rank {self._rank}): convert it "
                 "with tools/convert_checkpoint.py and load it with apollo_dist.checkpoint.load_canonical"
             )
-        saved_groups = state_dict["param_groups"]
+        position = self._load_groups(state_dict["param_groups"])
+        slot_at = {s.index: s for s in self.slots()}
+        for pid, saved_state in state_dict["state"].items():
+            s = slot_at.get(position.get(pid, -1))
+            if s is None:
+                raise ValueError(f"optimizer state names param id {pid}, which this optimizer does not train")
+            _load_param_state(pid, self.state[s.param], saved_state)
+
+    def _load_groups(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
+        """Check the saved groups against these and take their hyperparameters (not the run-level keys);
+        returns saved param id -> position."""
         if len(saved_groups) != len(self._groups):
             raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self._groups)}")
         position = {}
         for gi, (mine, row, saved) in enumerate(zip(self._groups, self._received, saved_groups)):
             if len(row) != len(saved["params"]):
                 raise ValueError(f"param group {gi}: state has {len(saved['params'])} params, optimizer has {len(row)}")
-            for key in ("rank", "scale_type", "update_proj_gap", "scale"):
+            for key in TUNABLE_LOW_RANK_KEYS:
                 if mine.get(key) != saved.get(key):
                     raise ValueError(f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}")
             position.update(zip(saved["params"], (r.position for r in row)))
             for k, v in saved.items():
-                if k not in ("params", "param_names", "generator_device", "scale_front", "disable_nl"):  # run-level: this run's
+                if k not in ("params", "param_names") + RUN_KEYS:  # run-level: this run's
                     mine[k] = v
-        slot_at = {s.index: s for s in self.slots()}
-        for pid, saved_state in state_dict["state"].items():
-            s = slot_at.get(position.get(pid, -1))
-            if s is None:
-                raise ValueError(f"optimizer state names param id {pid}, which this optimizer does not train")
-            live = self.state[s.param]
-            for k, v in saved_state.items():
-                if k == "seed":
-                    if int(v) != live["seed"]:
-                        raise ValueError(f"param {pid}: saved seed {v} differs from {live['seed']} (params in another order?)")
-                    continue
-                if k not in live:
-                    raise ValueError(f"param {pid}: unknown optimizer state key {k!r}")
-                dst, src = live[k], v
-                dst_l = dst._local_tensor if is_dtensor(dst) else dst
-                src_l = src._local_tensor if is_dtensor(src) else torch.as_tensor(src)
-                if dst_l.shape != src_l.shape and dst_l.numel() != src_l.numel():
-                    raise ValueError(f"param {pid}: state {k!r} has shape {tuple(src_l.shape)}, expected {tuple(dst_l.shape)}")
-                dst_l.copy_(src_l.reshape(dst_l.shape))
+        return position
+
+
+def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Copy one param's saved state into its live buffers (the seed is checked, not copied)."""
+    for k, v in saved.items():
+        if k == "seed":
+            if int(v) != live["seed"]:
+                raise ValueError(f"param {pid}: saved seed {v} differs from {live['seed']} (params in another order?)")
+            continue
+        if k not in live:
+            raise ValueError(f"param {pid}: unknown optimizer state key {k!r}")
+        dst, src = live[k], v
+        dst_l = dst._local_tensor if is_dtensor(dst) else dst
+        src_l = src._local_tensor if is_dtensor(src) else torch.as_tensor(src)
+        if dst_l.shape != src_l.shape and dst_l.numel() != src_l.numel():
+            raise ValueError(f"param {pid}: state {k!r} has shape {tuple(src_l.shape)}, expected {tuple(dst_l.shape)}")
+        dst_l.copy_(src_l.reshape(dst_l.shape))

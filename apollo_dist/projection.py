@@ -32,12 +32,12 @@ class SeedChain:
         return self.seeds[epoch]
 
 
-def projection_shape(m: int, n: int, rank: int) -> tuple[int, int]:
+def projection_shape(m: int, n: int, r: int) -> tuple[int, int]:
     """Shape of P for an m x n gradient: (r, n) when tall or square, (m, r) when wide."""
-    return (rank, n) if m >= n else (m, rank)
+    return (r, n) if m >= n else (m, r)
 
 
-def random_projection(shape: tuple[int, int], rank: int, seed: int, device: torch.device) -> torch.Tensor:
-    """P = randn(shape) / sqrt(rank), fp32, drawn on ``device``'s generator (CPU and CUDA differ)."""
+def random_projection(shape: tuple[int, int], r: int, seed: int, device: torch.device) -> torch.Tensor:
+    """P = randn(shape) / sqrt(r), fp32, drawn on ``device``'s generator (CPU and CUDA differ)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(r)

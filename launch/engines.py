@@ -14,104 +14,25 @@ import math
 import os
 import shutil
 import signal
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.groups import LOW_RANK_KEYS
-from model import HFWeights, fill_zero3, materialize, token_losses
+from apollo_dist.native_checkpoints import TRAINER_FILE
+from apollo_dist.runtime import free_port, host_peak_rss_gib, state_bytes, unwrap
+from launch.config import OptimizerConfig, RunConfig
+from launch.model import HFWeights, fill_zero3, materialize, token_losses
 
 CHECKPOINT_FORMAT = "apollo_dist.train/1"
-META_FILE = "trainer.json"  # written last: a step directory without it is incomplete
-# The run's settings a checkpoint records (train.py takes them back on --resume unless a flag says otherwise)
-RUN_KEYS_SAVED = ("model", "seed", "global_batch_size", "seq_len", "dtype", "data", "steps", "warmup_steps", "grad_clip",
-                  "activation_checkpointing", "layerwise", "weight_quant", "param_dtype")
-MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
-MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+META_FILE = TRAINER_FILE  # written last: a step directory without it is incomplete
 
 
-# -- processes ----------------------------------------------------------------------------------
-def launched_by_mpi() -> bool:
-    """True under mpirun / mpiexec (and not under torchrun or the deepspeed launcher)."""
-    return "RANK" not in os.environ and any(v in os.environ for v in MPI_RANK_VARS)
-
-
-def env_rank() -> int:
-    """This process's global rank as the launcher's environment tells it (0 without a launcher)."""
-    for v in ("RANK",) + MPI_RANK_VARS:
-        if v in os.environ:
-            return int(os.environ[v])
-    return 0
-
-
-def env_world_size() -> int:
-    """World size from the launcher's environment, read before any process group exists."""
-    for v in ("WORLD_SIZE",) + MPI_SIZE_VARS:
-        if v in os.environ:
-            return int(os.environ[v])
-    return 1
-
-
-def shutdown() -> None:
-    """End a distributed run: wait for every rank, then tear the process group down. Under gloo this
-    leaves without destructors (exit code 0): torch 2.13's gloo teardown sometimes aborts ("terminate
-    called without an active exception") after all work is done, which would fail a finished job."""
-    if not dist.is_initialized():
-        return
-    dist.barrier()
-    _unlink_deepspeed_cpu_buffer(dist.get_rank())
-    if dist.get_backend() == "gloo":
-        import sys
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        mpi = sys.modules.get("mpi4py.MPI")
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-            mpi.Finalize()  # Open MPI's mpirun fails a job whose ranks exit without it (mpich does not)
-        os._exit(0)
-    dist.destroy_process_group()
-
-
-def _unlink_deepspeed_cpu_buffer(rank: int) -> None:
-    """DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) gives every rank a 66 MB shared-memory
-    segment, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never
-    unlinks it: RAM lost per rank and launch until reboot. After the final barrier no rank reads it."""
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if addr and port:
-        try:
-            os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
-        except FileNotFoundError:
-            pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mpi_discovery() -> None:
-    """Under mpirun: set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from MPI.COMM_WORLD,
-    so that torch.distributed's env:// rendezvous (and DeepSpeed's) works as under torchrun."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank, world = comm.Get_rank(), comm.Get_size()
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    one_node = node.Get_size() == world
-    # One node: loopback always works. Several: rank 0's address as its hostname resolves.
-    addr = "127.0.0.1" if one_node else socket.gethostbyname(socket.gethostname())
-    addr, port = comm.bcast((addr, _free_port()) if rank == 0 else None, root=0)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(node.Get_rank()))
-    os.environ.setdefault("MASTER_ADDR", addr)
-    os.environ.setdefault("MASTER_PORT", str(port))
-
-
+# -- processes (the launcher environment, shutdown: apollo_dist.runtime) ---------------------
 @dataclass
 class Dist:
     rank: int
@@ -155,16 +76,9 @@ class Dist:
             dist.barrier()
 
 
-def pretrained(run: dict) -> Optional[HFWeights]:
+def pretrained(run: RunConfig) -> Optional[HFWeights]:
     """The --init-from checkpoint's weights, or None (random init from the seed)."""
-    return HFWeights(run["init_from"]) if run.get("init_from") else None
-
-
-def host_peak_rss_gib() -> float:
-    """This process's peak resident set size so far (GiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return HFWeights(run.init_from) if run.init_from else None
 
 
 class TooManyRanks(ValueError):
@@ -204,7 +118,7 @@ def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
     if engine != "single":
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(k, v)  # plain `python train.py --engine fsdp2|deepspeed`: a world of one
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if engine == "deepspeed":
         import deepspeed
 
@@ -216,17 +130,18 @@ def init_distributed(engine: str, timeout_s: float = 600) -> Dist:
 
 
 # -- optimizer and schedule ---------------------------------------------------------------------
-def build_optimizer(model: torch.nn.Module, hp: dict[str, Any], layerwise: bool = False) -> torch.optim.Optimizer:
-    """APOLLO / APOLLO-Mini on ``hp['target_modules']`` (plain Adam elsewhere), or torch AdamW.
+def build_optimizer(model: torch.nn.Module, hp: OptimizerConfig, layerwise: bool = False) -> torch.optim.Optimizer:
+    """APOLLO / APOLLO-Mini on ``hp.target_modules`` (plain Adam elsewhere), or torch AdamW.
     ``layerwise``: APOLLO's layer-wise updates (inside backward; apollo_dist.layerwise)."""
-    common = {"lr": hp["lr"], "betas": tuple(hp["betas"]), "eps": hp["eps"], "weight_decay": hp["weight_decay"]}
-    if hp["optimizer"] == "adamw":
+    common = {"lr": hp.lr, "betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay}
+    if hp.optimizer == "adamw":
         if layerwise:
             raise ValueError("layer-wise updates are APOLLO's (apollo, apollo-mini), not AdamW's")
         return torch.optim.AdamW(model.parameters(), **common)
-    low_rank = {k: hp[k] for k in LOW_RANK_KEYS if k in hp}
-    groups = param_groups(model, hp["target_modules"], preset=hp["optimizer"], **low_rank)
-    common.update({k: hp[k] for k in ("correct_bias", "scale_front", "disable_nl", "projection_tf32") if k in hp})
+    given = hp.to_dict()
+    low_rank = {k: given[k] for k in LOW_RANK_KEYS if k in given}
+    groups = param_groups(model, hp.target_modules, preset=hp.optimizer, **low_rank)
+    common.update({k: given[k] for k in ("correct_bias", "scale_front", "disable_nl", "projection_tf32") if k in given})
     return APOLLO(groups, **common, layerwise=layerwise)
 
 
@@ -241,26 +156,6 @@ def cosine_schedule(warmup: int, total: int, min_ratio: float = 0.1) -> Callable
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside DeepSpeed's ZeRO wrapper (or ``optimizer`` itself)."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def state_bytes(optimizer: Any) -> int:
-    """Bytes of optimizer state tensors this rank holds (each storage counted once; DTensors' local part)."""
-    optimizer = unwrap(optimizer)
-    storages: dict[int, int] = {}
-    for state in optimizer.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                v = getattr(v, "_local_tensor", v)
-                s = v.untyped_storage()
-                storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
 
 
 # -- checkpoint directories ---------------------------------------------------------------------
@@ -359,21 +254,21 @@ class Engine:
 
     name = "single"
 
-    def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist):
+    def __init__(self, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist):
         self.d, self.hp, self.run = d, hp, run
-        self.bf16 = run["dtype"] == "bf16"
-        if run.get("param_dtype", "fp32") == "bf16":  # still on the meta device: no fp32 copy is ever allocated
+        self.bf16 = run.dtype == "bf16"
+        if run.param_dtype == "bf16":  # still on the meta device: no fp32 copy is ever allocated
             for p in model.parameters():
                 p.data = p.data.to(torch.bfloat16)  # parameters only: the rotary frequencies stay fp32
         # Built on the meta device: shard first (FSDP2), then allocate and initialize only what this rank holds.
-        self.model = materialize(self._wrap(model), run["seed"], d.device, pretrained(run))
-        if run.get("weight_quant") == "int8":  # Q-APOLLO: target linears' weights as int8 + group scales
+        self.model = materialize(self._wrap(model), run.seed, d.device, pretrained(run))
+        if run.weight_quant == "int8":  # Q-APOLLO: target linears' weights as int8 + group scales
             from apollo_dist.quant import quantize_model
 
-            quantize_model(self.model, hp["target_modules"])
+            quantize_model(self.model, hp.target_modules)
         self.host_rss_model_gib = host_peak_rss_gib()
-        self.optimizer = build_optimizer(self.model, hp, layerwise=bool(run.get("layerwise")))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run["warmup_steps"], run["steps"]))
+        self.optimizer = build_optimizer(self.model, hp, layerwise=bool(run.layerwise))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(run.warmup_steps, run.steps))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -397,8 +292,8 @@ class Engine:
                 loss = token_losses(self.model, x, y).mean()
             (loss / len(micro_batches)).backward()  # mean over the step's micro-batches
             total += loss.detach()
-        if self.run["grad_clip"] > 0:
-            self._clip_grad_norm(self.run["grad_clip"])
+        if self.run.grad_clip > 0:
+            self._clip_grad_norm(self.run.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -421,8 +316,8 @@ class Engine:
         return state_bytes(self.optimizer)
 
     def describe(self) -> str:
-        params = ", bf16 parameters" if self.run.get("param_dtype") == "bf16" else ""
-        return f"{self.name}, {self.run['dtype']}{params}"
+        params = ", bf16 parameters" if self.run.param_dtype == "bf16" else ""
+        return f"{self.name}, {self.run.dtype}{params}"
 
     # -- checkpoint hooks ---------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> str:
@@ -430,7 +325,7 @@ class Engine:
 
         A step directory holding a complete checkpoint already is not written over: every rank writes
         into its sibling step_N.new, then rank 0 swaps it in (see aside_tags); `latest` follows the swap."""
-        root, tag = self.run["save_dir"], step_tag(step)
+        root, tag = self.run.save_dir, step_tag(step)
         final = os.path.join(root, tag)
         rewrite = int(_prepare_step_dir(root, tag)) if self.d.rank == 0 else 0
         rewrite = self.d.all_gather_int(rewrite)[0]  # rank 0's answer; no rank writes before its clean-up
@@ -469,8 +364,8 @@ class Engine:
     def _write_meta(self, path: str, step: int) -> None:
         meta = {
             "format": CHECKPOINT_FORMAT, "step": step, "engine": self.name, "world_size": self.d.world,
-            "scheduler": self.scheduler.state_dict(), "hparams": self.hp,
-            **{k: self.run[k] for k in RUN_KEYS_SAVED},
+            "scheduler": self.scheduler.state_dict(), "hparams": self.hp.to_dict(),
+            **self.run.saved(),  # RunConfig's saved fields (RUN_KEYS_SAVED)
         }
         tmp = os.path.join(path, META_FILE + ".tmp")
         with open(tmp, "w") as f:
@@ -501,8 +396,8 @@ def llama_vocab_tp_plan() -> dict:
 
 class FSDP2Engine(Engine):
     """FSDP2: ``fully_shard`` per decoder layer and the root; APOLLO reads the DTensor layout itself.
-    bf16 = bf16 compute with fp32 sharded master weights and fp32 gradient reduction. ``run["mesh"]``
-    = (R, S) runs HSDP: a 2-D (replicate, shard) mesh, params (Replicate(), Shard(0)). ``run["tp"]`` = T > 1
+    bf16 = bf16 compute with fp32 sharded master weights and fp32 gradient reduction. ``run.mesh``
+    = (R, S) runs HSDP: a 2-D (replicate, shard) mesh, params (Replicate(), Shard(0)). ``run.tp`` = T > 1
     adds tensor parallelism (torchtitan's order): each decoder layer's linears column-/row-wise on a "tp"
     mesh dim of size T (`llama_tp_plan`, `llama_vocab_tp_plan`), then fully_shard on the data-parallel dims."""
 
@@ -512,9 +407,9 @@ class FSDP2Engine(Engine):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        tp = int(self.run.get("tp") or 1)
-        if self.run.get("mesh"):
-            dp_shape, dp_names = tuple(self.run["mesh"]), ("replicate", "shard")
+        tp = self.run.tp
+        if self.run.mesh:
+            dp_shape, dp_names = tuple(self.run.mesh), ("replicate", "shard")
         else:
             dp_shape, dp_names = (self.d.world // tp,), ("dp",)
         if tp > 1:
@@ -531,7 +426,7 @@ class FSDP2Engine(Engine):
                 parallelize_module(model, full["tp"], llama_vocab_tp_plan())
             for layer in model.model.layers:
                 parallelize_module(layer, full["tp"], llama_tp_plan())
-        elif self.run.get("mesh"):  # fully_shard infers HSDP from a 2-D mesh
+        elif self.run.mesh:  # fully_shard infers HSDP from a 2-D mesh
             mesh = init_device_mesh(self.d.device.type, dp_shape, mesh_dim_names=dp_names)
         else:
             mesh = init_device_mesh(self.d.device.type, (self.d.world,))
@@ -544,17 +439,17 @@ class FSDP2Engine(Engine):
         return contextlib.nullcontext()  # the mixed-precision policy casts
 
     def describe(self) -> str:
-        tp = f" x TP {self.run['tp']}" if (self.run.get("tp") or 1) > 1 else ""
-        if self.run.get("mesh"):
-            r, s = self.run["mesh"]
-            return f"fsdp2 HSDP {r}x{s} (replicate x shard){tp}, {self.run['dtype']}"
-        return f"fsdp2{tp}, {self.run['dtype']}"
+        tp = f" x TP {self.run.tp}" if self.run.tp > 1 else ""
+        if self.run.mesh:
+            r, s = self.run.mesh
+            return f"fsdp2 HSDP {r}x{s} (replicate x shard){tp}, {self.run.dtype}"
+        return f"fsdp2{tp}, {self.run.dtype}"
 
     def _clip_grad_norm(self, max_norm: float) -> None:
         """torch's clipping, or with --tp (params on two meshes: the tensor-parallel ones on (dp, tp), the
         norms on dp, which torch's total norm cannot stack) each gradient's norm made whole first; the same
         coefficient, max_norm / (norm + 1e-6) capped at 1 (one host sync per step)."""
-        if (self.run.get("tp") or 1) == 1:
+        if self.run.tp == 1:
             return super()._clip_grad_norm(max_norm)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norms = [torch.linalg.vector_norm(g) for g in grads]
@@ -590,11 +485,11 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, hp: dict[str, Any], run: dict[str, Any], d: Dist, ds_config: dict):
+    def __init__(self, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist, ds_config: dict):
         from apollo_dist.deepspeed import initialize  # plain deepspeed.initialize when the config has no APOLLO
 
         self.d, self.hp, self.run = d, hp, run
-        self.bf16 = run["dtype"] == "bf16"
+        self.bf16 = run.dtype == "bf16"
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
             # Each rank allocates only its partitions: construction under zero.Init, then each partition filled.
             import deepspeed
@@ -602,16 +497,16 @@ class DeepSpeedEngine(Engine):
 
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = LlamaForCausalLM(model.config)
-            fill_zero3(model, run["seed"], pretrained(run))
+            fill_zero3(model, run.seed, pretrained(run))
         else:  # ZeRO-1/2 keep a replica of the (low-precision) weights on every rank anyway
-            model = materialize(model, run["seed"], d.device, pretrained(run))
+            model = materialize(model, run.seed, d.device, pretrained(run))
         self.host_rss_model_gib = host_peak_rss_gib()
-        client = build_optimizer(model, hp) if hp["optimizer"] == "adamw" else None
+        client = build_optimizer(model, hp) if hp.optimizer == "adamw" else None
         self.model, self.optimizer, _, _ = initialize(model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config)
         # The schedule is built here, after initialize, on the optimizer DeepSpeed steps, and stepped by
         # train_step: torch's LRScheduler wraps optimizer.step when it is built, and a scheduler handed
         # to initialize would wrap APOLLO's step before the adapter specializes it for ZeRO.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(unwrap(self.optimizer), cosine_schedule(run["warmup_steps"], run["steps"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(unwrap(self.optimizer), cosine_schedule(run.warmup_steps, run.steps))
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         total = torch.zeros((), device=self.d.device)
@@ -627,7 +522,7 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()  # DeepSpeed casts (bf16 config)
 
     def describe(self) -> str:
-        return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run['dtype']}"
+        return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run.dtype}"
 
     def _save_native(self, path: str) -> None:
         root, tag = os.path.split(path)
@@ -642,7 +537,7 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")
 
 
-def make_engine(name: str, model: torch.nn.Module, hp: dict, run: dict, d: Dist, ds_config: Optional[dict]) -> Engine:
+def make_engine(name: str, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist, ds_config: Optional[dict]) -> Engine:
     if name == "deepspeed":
         return DeepSpeedEngine(model, hp, run, d, ds_config)
     return (FSDP2Engine if name == "fsdp2" else Engine)(model, hp, run, d)

@@ -27,18 +27,16 @@ import time
 import warnings
 from typing import Any, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # launch/ (when run by a launcher)
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo (apollo_dist)
-
-import data  # noqa: E402
-import engines  # noqa: E402
-from model import check_model_arg  # noqa: E402
+from apollo_dist import runtime
+from apollo_dist.groups import LOW_RANK_KEYS, TUNABLE_LOW_RANK_KEYS
+from launch import data, engines
+from launch.config import RUN_KEYS_SAVED, OptimizerConfig, RunConfig
+from launch.model import check_model_arg
 
 ROOT = data.ROOT
 DEFAULT_CONFIGS = {"apollo": "ds_configs/apollo.json", "apollo-mini": "ds_configs/apollo_mini.json", "adamw": "ds_configs/apollo.json"}
 OPTIMIZER_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini": "apollo-mini", "adamw": "adamw", "adam": "adamw"}
 COMMON_KEYS = ("lr", "betas", "eps", "weight_decay")
-LOW_RANK_KEYS = ("rank", "scale_type", "scale", "update_proj_gap")
 FALLBACK = {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "target_modules": ["attn", "mlp"]}
 
 
@@ -145,11 +143,10 @@ def defaults_config(args: argparse.Namespace, ds_cfg: Optional[dict]) -> Optiona
     return {**default, **(ds_cfg or {})}  # a --deepspeed JSON without an optimizer block keeps its own keys
 
 
-def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[str, Any]:
+def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> OptimizerConfig:
     """Optimizer hyperparameters: fallback < preset < the defaults JSON's optimizer block < explicit flags."""
     from apollo_dist import preset
     from apollo_dist.deepspeed import OPTIMIZER_KEYS, PARAM_KEYS  # the keys the DeepSpeed adapter accepts
-    from apollo_dist.groups import LOW_RANK_KEYS as GROUP_KEYS
 
     json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
     unknown = sorted(set(params) - set(PARAM_KEYS)) if json_name in ("apollo", "apollo-mini") else []
@@ -159,21 +156,21 @@ def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> dict[
     name = args.optimizer or json_name or "apollo"
     hp: dict[str, Any] = {"optimizer": name, **FALLBACK}
     if name != "adamw":
-        hp.update({k: v for k, v in preset(name).items() if k in LOW_RANK_KEYS})
+        hp.update({k: v for k, v in preset(name).items() if k in TUNABLE_LOW_RANK_KEYS})
     for k, v in params.items():
         # Low-rank keys of another optimizer's block (e.g. APOLLO's rank 256 for --optimizer apollo-mini) don't apply.
         if k in COMMON_KEYS or k == "target_modules":
             hp[k] = v
-        elif name != "adamw" and json_name == name and (k in OPTIMIZER_KEYS or k in GROUP_KEYS):
+        elif name != "adamw" and json_name == name and (k in OPTIMIZER_KEYS or k in LOW_RANK_KEYS):
             hp[k] = v  # e.g. scale_front, disable_nl, projection_tf32, proj_type: passed on, never dropped
     flags = {"lr": args.lr, "weight_decay": args.weight_decay}
     if name != "adamw":
         flags.update(rank=args.rank, scale=args.scale, scale_type=args.scale_type, update_proj_gap=args.update_proj_gap)
     hp.update({k: v for k, v in flags.items() if v is not None})
-    return hp
+    return OptimizerConfig.from_dict(hp)
 
 
-def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict, world: int) -> dict[str, Any]:
+def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict, world: int) -> RunConfig:
     """Engine, batch geometry, dtype, schedule and output paths; UsageError on inconsistent input."""
     engine = args.engine
     if engine == "auto":
@@ -221,15 +218,15 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
     if args.weight_quant == "int8" and not (args.layerwise and engine == "single"):
         raise UsageError(f"--weight-quant int8 needs --layerwise and --engine single (int8 weights are updated in "
                          f"backward, in one process), this run has engine {engine}{'' if args.layerwise else ', no --layerwise'}")
-    return {
-        "engine": engine, "world": world, "global_batch_size": global_batch, "micro_batch_size": micro,
-        "grad_accum": global_batch // (dp * micro), "dtype": dtype, "grad_clip": grad_clip,
-        "steps": args.steps, "warmup_steps": args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
-        "seq_len": args.seq_len, "seed": args.seed, "model": args.model, "data": args.data,
-        "save_dir": args.save_dir, "metrics_file": args.metrics_file, "activation_checkpointing": bool(args.activation_checkpointing),
-        "init_from": args.init_from, "mesh": mesh, "tp": tp, "layerwise": bool(args.layerwise),
-        "weight_quant": args.weight_quant, "param_dtype": args.param_dtype,
-    }
+    return RunConfig(
+        engine=engine, world=world, global_batch_size=global_batch, micro_batch_size=micro,
+        grad_accum=global_batch // (dp * micro), dtype=dtype, grad_clip=grad_clip,
+        steps=args.steps, warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+        seq_len=args.seq_len, seed=args.seed, model=args.model, data=args.data,
+        save_dir=args.save_dir, metrics_file=args.metrics_file, activation_checkpointing=bool(args.activation_checkpointing),
+        init_from=args.init_from, mesh=mesh, tp=tp, layerwise=bool(args.layerwise),
+        weight_quant=args.weight_quant, param_dtype=args.param_dtype,
+    )
 
 
 def check_layerwise(args: argparse.Namespace, engine: str, grad_accum: int) -> float:
@@ -274,31 +271,31 @@ def parse_mesh(text: str, engine: str, world: int, tp: int = 1) -> tuple[int, in
     return r, s
 
 
-def deepspeed_config(ds_cfg: dict, hp: dict, run: dict) -> dict:
+def deepspeed_config(ds_cfg: dict, hp: OptimizerConfig, run: RunConfig) -> dict:
     """The JSON with train.py's resolved values written in (flags win over the file)."""
     cfg = copy.deepcopy(ds_cfg)
     cfg.update(
-        train_batch_size=run["global_batch_size"], train_micro_batch_size_per_gpu=run["micro_batch_size"],
-        gradient_accumulation_steps=run["grad_accum"], gradient_clipping=run["grad_clip"],
+        train_batch_size=run.global_batch_size, train_micro_batch_size_per_gpu=run.micro_batch_size,
+        gradient_accumulation_steps=run.grad_accum, gradient_clipping=run.grad_clip,
     )
     cfg.setdefault("steps_per_print", 10**9)  # progress is train.py's job
     cfg.pop("scheduler", None)  # the schedule comes from --warmup-steps / --steps
     cfg.pop("bfloat16", None)
-    cfg["bf16"] = {**(ds_cfg.get("bf16") or ds_cfg.get("bfloat16") or {}), "enabled": run["dtype"] == "bf16"}
+    cfg["bf16"] = {**(ds_cfg.get("bf16") or ds_cfg.get("bfloat16") or {}), "enabled": run.dtype == "bf16"}
     if "fp16" in cfg:
         cfg["fp16"] = {**cfg["fp16"], "enabled": False}
-    if hp["optimizer"] == "adamw":
+    if hp.optimizer == "adamw":
         cfg.pop("optimizer", None)  # a client torch AdamW (DeepSpeed's fused one needs a compiled op)
         cfg["zero_allow_untested_optimizer"] = True
     else:
-        params = {k: v for k, v in hp.items() if k != "optimizer"}
-        cfg["optimizer"] = {"type": "APOLLO-Mini" if hp["optimizer"] == "apollo-mini" else "APOLLO", "params": params}
+        params = {k: v for k, v in hp.to_dict().items() if k != "optimizer"}
+        cfg["optimizer"] = {"type": "APOLLO-Mini" if hp.optimizer == "apollo-mini" else "APOLLO", "params": params}
     return cfg
 
 
-def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any, data.Split]:
+def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Optional[dict], Any, data.Split]:
     """Everything that can be wrong with the input, checked before any process group work."""
-    world = engines.env_world_size()
+    world = runtime.env_world_size()
     if args.init_from:
         take_pretrained(args)
     saved = saved_settings(args.resume) if args.resume else {}
@@ -311,19 +308,20 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
     defaults = defaults_config(args, ds_cfg)
     run = resolve_run(args, ds_cfg, defaults, world)
     hp = resolve_hparams(args, defaults)
-    hp.update({k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()})  # betas, eps, targets...
-    if run["layerwise"] and hp["optimizer"] == "adamw":
+    saved_hp = {k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()}  # betas, eps, targets...
+    hp = OptimizerConfig.from_dict({**hp.to_dict(), **saved_hp})
+    if run.layerwise and hp.optimizer == "adamw":
         raise UsageError("--layerwise is layer-wise APOLLO: use --optimizer apollo or apollo-mini")
     model_name = os.path.basename(args.model).removesuffix(".json")
-    run["metrics_file"] = run["metrics_file"] or os.path.join("runs", f"{run['engine']}-{model_name}-{hp['optimizer']}", "metrics.jsonl")
+    run.metrics_file = run.metrics_file or os.path.join("runs", f"{run.engine}-{model_name}-{hp.optimizer}", "metrics.jsonl")
     from apollo_dist.checkpoint import is_canonical
 
     if args.resume and not is_canonical(args.resume):  # a canonical checkpoint loads at any W, any engine
         meta = saved
-        if (meta["engine"], meta["world_size"]) != (run["engine"], world):
+        if (meta["engine"], meta["world_size"]) != (run.engine, world):
             raise UsageError(
                 f"--resume {args.resume}: written by {meta['engine']} with W={meta['world_size']}, this run is "
-                f"{run['engine']} with W={world}; convert it first with tools/convert_checkpoint.py"
+                f"{run.engine} with W={world}; convert it first with tools/convert_checkpoint.py"
             )
     if args.resume:
         check_same_model_and_optimizer(args.resume, saved, run, hp)
@@ -334,10 +332,7 @@ def validate(args: argparse.Namespace) -> tuple[dict, dict, Optional[dict], Any,
 
 # Flags a resumed run takes from its checkpoint unless given: flag dest -> key in trainer.json (and its
 # hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
-RUN_FLAGS = {"model": "model", "seq_len": "seq_len", "global_batch_size": "global_batch_size", "seed": "seed", "data": "data",
-             "steps": "steps", "warmup_steps": "warmup_steps", "grad_clip": "grad_clip", "dtype": "dtype",
-             "activation_checkpointing": "activation_checkpointing", "layerwise": "layerwise", "weight_quant": "weight_quant",
-             "param_dtype": "param_dtype"}
+RUN_FLAGS = {key: key for key in RUN_KEYS_SAVED}  # RunConfig's saved fields: each is its flag's dest
 HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
             "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
 
@@ -380,15 +375,15 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
                 setattr(args, dest, source[key])
 
 
-def check_same_model_and_optimizer(path: str, meta: dict, run: dict, hp: dict) -> None:
+def check_same_model_and_optimizer(path: str, meta: dict, run: RunConfig, hp: OptimizerConfig) -> None:
     """UsageError when a native checkpoint was written for another model, optimizer or low-rank structure
     (its state would not load, or would load into the wrong shapes). Canonical checkpoints are checked
     param by param by load_canonical."""
     saved = meta.get("hparams") or {}
-    pairs = [("model", meta.get("model"), run["model"]), ("optimizer", saved.get("optimizer"), hp["optimizer"]),
-             ("weight_quant", meta.get("weight_quant"), run["weight_quant"])]  # int8 weights are in the checkpoint
-    if hp["optimizer"] != "adamw":
-        pairs += [(k, saved.get(k), hp.get(k)) for k in ("rank", "scale_type", "scale", "update_proj_gap", "target_modules")]
+    pairs = [("model", meta.get("model"), run.model), ("optimizer", saved.get("optimizer"), hp.optimizer),
+             ("weight_quant", meta.get("weight_quant"), run.weight_quant)]  # int8 weights are in the checkpoint
+    if hp.optimizer != "adamw":
+        pairs += [(k, saved.get(k), getattr(hp, k)) for k in (*TUNABLE_LOW_RANK_KEYS, "target_modules")]
     for key, was, now in pairs:
         if was is not None and was != now:  # None: not recorded (a canonical checkpoint made without trainer.json)
             raise UsageError(f"--resume {path}: the checkpoint has {key} {was!r}, this run {key} {now!r}")
@@ -401,7 +396,7 @@ def peak_mem_gib(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return engines.host_peak_rss_gib()
+    return runtime.host_peak_rss_gib()
 
 
 def fmt_count(n: float) -> str:
@@ -411,12 +406,12 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def describe_hparams(hp: dict, run: dict) -> str:
-    low = "" if hp["optimizer"] == "adamw" else (
-        f" rank {hp['rank']} scale_type {hp['scale_type']} scale {hp['scale']:g} proj gap {hp['update_proj_gap']}"
+def describe_hparams(hp: OptimizerConfig, run: RunConfig) -> str:
+    low = "" if hp.optimizer == "adamw" else (
+        f" rank {hp.rank} scale_type {hp.scale_type} scale {hp.scale:g} proj gap {hp.update_proj_gap}"
     )
-    return (f"{hp['optimizer']}{low} lr {hp['lr']:g} wd {hp['weight_decay']:g}, "
-            f"warmup {run['warmup_steps']} + cosine over {run['steps']} steps, grad clip {run['grad_clip']:g}")
+    return (f"{hp.optimizer}{low} lr {hp.lr:g} wd {hp.weight_decay:g}, "
+            f"warmup {run.warmup_steps} + cosine over {run.steps} steps, grad clip {run.grad_clip:g}")
 
 
 class Metrics:
@@ -462,19 +457,19 @@ class Metrics:
 
 def plot(rows: list[dict], path: str, title: str) -> None:
     """Train and validation loss against step (tools/compare_runs.py draws several runs the same way)."""
-    from tools.compare_runs import plot_runs
+    from launch.plots import plot_runs
 
     plot_runs({"": rows}, path, title)
 
 
 # -- training -----------------------------------------------------------------------------------
-def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: int) -> float:
+def evaluate(engine: engines.Engine, split: data.Split, run: RunConfig, n_samples: int) -> float:
     """Mean validation loss per token over the fixed validation windows (all ranks)."""
     import torch
 
     d = engine.d
     acc = torch.zeros(2, device=d.device, dtype=torch.float64)
-    for x, y, w in data.val_micro_batches(split, run["seq_len"], n_samples, d.data_rank, d.data_world, run["micro_batch_size"], d.device):
+    for x, y, w in data.val_micro_batches(split, run.seq_len, n_samples, d.data_rank, d.data_world, run.micro_batch_size, d.device):
         losses = engine.token_losses(x, y)
         acc[0] += (losses.sum(1).double() * w).sum()
         acc[1] += w.double().sum() * y.shape[1]
@@ -482,15 +477,15 @@ def evaluate(engine: engines.Engine, split: data.Split, run: dict, n_samples: in
     return float(acc[0] / acc[1])
 
 
-def timed_step(engine, split, run: dict, d, step: int, micro: int, global_batch: int) -> dict:
+def timed_step(engine, split, run: RunConfig, d, step: int, micro: int, global_batch: int) -> dict:
     """Training step ``step`` (its batches, forward/backward per micro-batch of ``micro`` sequences, the
     update) and its metrics row: mean loss over ranks, tokens/s, peak memory, and ``wall_time`` (seconds
     since the epoch: launch-to-step times, tools/bench_dist.py)."""
     t0 = time.perf_counter()
-    batches = data.train_micro_batches(split, run["seq_len"], run["seed"], step, global_batch, d.data_rank, d.data_world, micro, d.device)
+    batches = data.train_micro_batches(split, run.seq_len, run.seed, step, global_batch, d.data_rank, d.data_world, micro, d.device)
     loss = float(d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world)  # waits for the step: the time is real
     dt = time.perf_counter() - t0
-    return {"step": step, "loss": loss, "tokens_per_s": global_batch * run["seq_len"] / dt, "peak_mem_gib": peak_mem_gib(d.device),
+    return {"step": step, "loss": loss, "tokens_per_s": global_batch * run.seq_len / dt, "peak_mem_gib": peak_mem_gib(d.device),
             "wall_time": time.time()}
 
 
@@ -506,8 +501,8 @@ def probe_sizes(text: str) -> list[int]:
     return sizes
 
 
-def probe_micro_batches(engine, split, run: dict, d, sizes: list[int], metrics: "Metrics", first: dict) -> None:
-    """Run ``run['steps']`` steps at each micro-batch size in turn on the one built model and optimizer
+def probe_micro_batches(engine, split, run: RunConfig, d, sizes: list[int], metrics: "Metrics", first: dict) -> None:
+    """Run ``run.steps`` steps at each micro-batch size in turn on the one built model and optimizer
     (start-up paid once); rows carry ``micro_batch`` and the peak memory of that size alone. An
     out-of-memory error ends the job (the rows so far are written): the largest size with rows fits.
     ``first``: extra keys of the first row (the host memory of start-up)."""
@@ -518,14 +513,14 @@ def probe_micro_batches(engine, split, run: dict, d, sizes: list[int], metrics: 
         if d.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(d.device)
-        for _ in range(run["steps"]):
+        for _ in range(run.steps):
             step += 1
             row = {**timed_step(engine, split, run, d, step, mb, mb * d.data_world), "micro_batch": mb}
             if step == 1:
                 row.update(first, optimizer_state_bytes_per_rank=d.all_gather_int(engine.optimizer_state_bytes()))
             metrics.log(row)
         if d.rank == 0:
-            print(f"micro-batch {mb}: fits ({run['steps']} steps, peak {peak_mem_gib(d.device):.2f} GiB)", flush=True)
+            print(f"micro-batch {mb}: fits ({run.steps} steps, peak {peak_mem_gib(d.device):.2f} GiB)", flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -533,51 +528,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run, hp, ds_cfg, tokenizer, split = validate(args)
         sizes = probe_sizes(args.probe_micro_batches) if args.probe_micro_batches else None
-        if sizes and run["grad_accum"] != 1:
+        if sizes and run.grad_accum != 1:
             raise UsageError(f"--probe-micro-batches: runs without gradient accumulation, but the batch settings give "
-                             f"{run['grad_accum']} micro-batches per step (pass --global-batch-size W x --micro-batch-size)")
+                             f"{run.grad_accum} micro-batches per step (pass --global-batch-size W x --micro-batch-size)")
     except (UsageError, data.DataError) as e:
-        if engines.env_rank() == 0:
+        if runtime.env_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2
 
-    if engines.launched_by_mpi():
-        engines.mpi_discovery()
+    if runtime.launched_by_mpi():
+        runtime.mpi_discovery()
     import torch
     from tqdm import tqdm
 
-    from model import llama_config, meta_model
+    from launch.model import llama_config, meta_model
 
-    if run["engine"] == "deepspeed":
+    if run.engine == "deepspeed":
         import logging
 
         from deepspeed.utils import logger as ds_logger
 
         ds_logger.setLevel(logging.WARNING)
     try:
-        d = engines.init_distributed(run["engine"], args.dist_timeout)
-        d.tp = run["tp"]  # tp-adjacent ranks share a data shard (the mesh's last dim is tp)
+        d = engines.init_distributed(run.engine, args.dist_timeout)
+        d.tp = run.tp  # tp-adjacent ranks share a data shard (the mesh's last dim is tp)
     except engines.TooManyRanks as e:
-        if engines.env_rank() == 0:
+        if runtime.env_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     if d.rank != 0:  # param_groups' warning (rank > a weight's smaller dimension): once per job, not per rank
         warnings.filterwarnings("ignore", message="APOLLO rank")
     config = llama_config(args.model, tokenizer.vocab_size, args.seq_len)
-    rss_before = engines.host_peak_rss_gib()
+    rss_before = runtime.host_peak_rss_gib()
     model = meta_model(config)  # the engine allocates and initializes each rank's part (a function of the seed)
-    if run["activation_checkpointing"]:  # per decoder layer, non-reentrant (works under FSDP2 and ZeRO-3)
+    if run.activation_checkpointing:  # per decoder layer, non-reentrant (works under FSDP2 and ZeRO-3)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.numel() for p in model.parameters())
-    ds_full = deepspeed_config(ds_cfg, hp, run) if run["engine"] == "deepspeed" else None
+    ds_full = deepspeed_config(ds_cfg, hp, run) if run.engine == "deepspeed" else None
 
     from apollo_dist.checkpoint import is_canonical, resume_canonical
 
     start, resumed = 0, ""
     try:
-        engine = engines.make_engine(run["engine"], model, hp, run, d, ds_full)
+        engine = engines.make_engine(run.engine, model, hp, run, d, ds_full)
         if args.resume and is_canonical(args.resume):
-            start, resumed = int(resume_canonical(args.resume, engine.optimizer, engine.model, engine.scheduler)["step"]), "canonical"
+            start, resumed = int(resume_canonical(args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler)["step"]), "canonical"
         elif args.resume:
             start, resumed = engine.load_checkpoint(args.resume), "native"
     except ValueError as e:  # input that only the built model shows wrong: target_modules, a canonical checkpoint
@@ -588,21 +583,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     rss_init = engine.host_rss_model_gib  # this rank's host memory once its part of the model exists
     n_int8 = sum(b.numel() for n, b in engine.model.named_buffers() if n.endswith("weight_int8"))
     is_main = d.rank == 0
-    metrics = Metrics(run["metrics_file"], start, is_main, args.tensorboard)
-    tokens_per_step = run["global_batch_size"] * run["seq_len"]
+    metrics = Metrics(run.metrics_file, start, is_main, args.tensorboard)
+    tokens_per_step = run.global_batch_size * run.seq_len
     if is_main:
         print(
             f"apollo_dist train: engine {engine.describe()}, W={d.world} on {d.device.type}\n"
             f"  model: {args.model} LLaMA, {fmt_count(n_params)} params (hidden {config.hidden_size}, "
-            f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run['seq_len']}\n"
+            f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run.seq_len}\n"
             f"  data: {args.data}: {fmt_count(len(split.train))} train / {fmt_count(len(split.val))} val tokens, "
             f"{type(tokenizer).__name__}\n"
-            f"  batch: global {run['global_batch_size']} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run['micro_batch_size']} x accumulation "
-            f"{run['grad_accum']} ({tokens_per_step} tokens/step)\n"
+            f"  batch: global {run.global_batch_size} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run.micro_batch_size} x accumulation "
+            f"{run.grad_accum} ({tokens_per_step} tokens/step)\n"
             f"  optimizer: {describe_hparams(hp, run)}\n"
             + (f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
                f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
-               f"layer's stay alive)\n" if run["layerwise"] else "")
+               f"layer's stay alive)\n" if run.layerwise else "")
             + (f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
                f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n" if n_int8 else "")
             + f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
@@ -621,17 +616,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if sizes:
         probe_micro_batches(engine, split, run, d, sizes, metrics, host_rss)
         metrics.close()
-        engines.shutdown()
+        runtime.shutdown()
         return 0
     if start == 0:
         first = {"step": 0, **host_rss}
         log_eval(0, first)
         metrics.log(first)
-    bar = tqdm(total=run["steps"], initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=run.steps, initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
     t_start, seen, val = time.perf_counter(), 0, None
-    for step in range(start + 1, run["steps"] + 1):
+    for step in range(start + 1, run.steps + 1):
         lr = engine.lr()
-        row = {**timed_step(engine, split, run, d, step, run["micro_batch_size"], run["global_batch_size"]), "lr": lr}
+        row = {**timed_step(engine, split, run, d, step, run.micro_batch_size, run.global_batch_size), "lr": lr}
         loss = row["loss"]
         seen += 1
         if step == start + 1:
@@ -639,13 +634,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             row["optimizer_state_bytes_per_rank"] = per_rank
             if is_main:
                 bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
-        if step % args.eval_every == 0 or step == run["steps"]:
+        if step % args.eval_every == 0 or step == run.steps:
             val = log_eval(step, row)
         metrics.log(row)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=fmt_count(row["tokens_per_s"]), mem=f"{row['peak_mem_gib']:.2f}GiB",
                         **({"val": f"{val:.3f}"} if val is not None else {}))
         bar.update(1)
-        if run["save_dir"] and ((args.save_every and step % args.save_every == 0) or step == run["steps"]):
+        if run.save_dir and ((args.save_every and step % args.save_every == 0) or step == run.steps):
             path = engine.save_checkpoint(step)
             if is_main:
                 bar.write(f"  checkpoint: {path}")
@@ -654,8 +649,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if is_main:
         rows = metrics.rows()
-        png = os.path.splitext(run["metrics_file"])[0] + ".png"
-        plot(rows, png, f"{args.model} LLaMA, {hp['optimizer']}, {engine.describe()}, W={d.world}")
+        png = os.path.splitext(run.metrics_file)[0] + ".png"
+        plot(rows, png, f"{args.model} LLaMA, {hp.optimizer}, {engine.describe()}, W={d.world}")
         train = [r["loss"] for r in rows if "loss" in r]
         vals = [r["val_loss"] for r in rows if "val_loss" in r]
         toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]  # step 1 includes warm-up
@@ -664,11 +659,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             + (f"train loss {train[0]:.3f} -> {train[-1]:.3f}; " if train else "")
             + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
             + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
-            f"metrics {run['metrics_file']}; plot {png}",
+            f"metrics {run.metrics_file}; plot {png}",
             flush=True,
         )
     metrics.close()
-    engines.shutdown()
+    runtime.shutdown()
     return 0
 
 

@@ -1,33 +1,10 @@
 """The test oracle (apollo-torch 1.0.3, CC-BY-NC: run by tests only) and a small model with awkward shapes."""
 from __future__ import annotations
 
-import sys
-import types
-
 import torch
 import torch.nn as nn
 
-
-def stub_bitsandbytes() -> None:
-    """apollo_torch/__init__ imports bitsandbytes' 8-bit optimizers, which we never use: stub them."""
-    if "bitsandbytes" in sys.modules:
-        return
-    names = ["bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer", "bitsandbytes.functional"]
-    mods = {n: types.ModuleType(n) for n in names}
-    mods["bitsandbytes"].__path__ = []
-    mods["bitsandbytes.optim"].__path__ = []
-    mods["bitsandbytes.optim.optimizer"].Optimizer2State = type("Optimizer2State", (torch.optim.Optimizer,), {})
-    mods["bitsandbytes"].optim = mods["bitsandbytes.optim"]
-    mods["bitsandbytes"].functional = mods["bitsandbytes.functional"]
-    mods["bitsandbytes.optim"].optimizer = mods["bitsandbytes.optim.optimizer"]
-    sys.modules.update(mods)
-
-
-def oracle_class():
-    stub_bitsandbytes()
-    from apollo_torch import APOLLOAdamW
-
-    return APOLLOAdamW
+from tools.reference import oracle_class, stub_bitsandbytes  # noqa: F401  (the oracle's loader: tests import it from here)
 
 
 class Block(nn.Module):

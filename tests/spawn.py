@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT / "launch"))
-from launchers import launcher  # noqa: E402
+
+from launch.launchers import launcher
 
 
 def worker_env(**extra: str) -> dict[str, str]:

@@ -6,9 +6,7 @@ import json
 import sys
 
 from spawn import run_checked
-
-sys.path.insert(0, "tools")
-import bench_dist  # noqa: E402
+from tools import bench_dist
 
 
 def test_engines_and_optimizers_table(tmp_path, corpus):

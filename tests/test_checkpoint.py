@@ -23,9 +23,7 @@ from apollo_dist import APOLLO
 from apollo_dist.checkpoint import CanonicalCheckpoint, CheckpointError, LiveSource, load_canonical, save_canonical
 from apollo_dist.convert import convert
 from spawn import ROOT, run_checked, worker_env
-
-sys.path.insert(0, str(ROOT / "tests" / "workers"))
-import synthetic_ckpt  # noqa: E402
+from workers import synthetic_ckpt
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TRAIN = "launch/train.py"
@@ -150,8 +148,7 @@ def test_export_hf_gives_the_trained_models_logits(runs, tmp_path):
     the canonical master weights (the trained model's fp32 weights)."""
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(ROOT / "launch"))
-    from model import build_model, llama_config
+    from launch.model import build_model, llama_config
 
     canon, hf = tmp_path / "c20", tmp_path / "hf"
     convert(runs["tmp"] / "z2", canon, export_hf=hf, hf_config=llama_config("tiny", 259, 32).to_dict())

@@ -183,7 +183,7 @@ def test_a_rewrite_cut_at_any_point_of_the_swap_leaves_a_complete_checkpoint(tmp
     """Rank 0's part of a rewrite of step 6 (every rank's files are in step_0000006.new), cut after each of
     its operations: the step directory and `latest` resolve to a complete checkpoint (the old one, or the
     new one once step_0000006 was moved aside), and the next save, of any step, leaves just that one."""
-    import engines
+    from launch import engines
 
     tag, meta = "step_0000006", lambda version: json.dumps({"format": engines.CHECKPOINT_FORMAT, "step": 6, "v": version})
     ops = [lambda r: (r / f"{tag}.new" / "trainer.json").write_text(meta("new")),  # _write_meta

@@ -69,8 +69,7 @@ def _args(tmp_path, **kw):
 
 
 def _model():
-    sys.path.insert(0, "tests/workers")
-    from hf_trainer import make_model
+    from workers.hf_trainer import make_model
 
     return make_model()
 

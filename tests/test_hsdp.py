@@ -12,7 +12,6 @@ FSDP2 W=3 and ZeRO-2 W=2. About 2 minutes on 2 cores.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 from apollo_dist import APOLLO
 from apollo_dist.convert import convert
-from spawn import ROOT, report, run_checked, torchrun
+from spawn import report, run_checked, torchrun
 from test_core import _one_channel_per_param_bytes
 
 MESHES = ["2x2", "1x4", "4x1"]
@@ -161,7 +160,7 @@ FLAGS = ["--model", "tiny", "--steps", "20", "--seq-len", "32", "--global-batch-
 
 
 def _train(nproc: int, *args: str) -> None:
-    from launchers import launcher
+    from launch.launchers import launcher
 
     run_checked([launcher("torchrun"), "--standalone", f"--nproc_per_node={nproc}", "launch/train.py", *args, *FLAGS])
 
@@ -209,14 +208,13 @@ def test_hsdp_checkpoint_resumes_under_other_engines(resumes, name):
     (["--engine", "fsdp2", "--tp", "2", "--init-from", "x"], "--tp 2 with --init-from"),
 ])
 def test_mesh_and_tp_flag_errors_are_one_line(flags, message):
-    sys.path[:0] = [str(ROOT / "launch")]
-    import train
+    from launch import train
 
     with pytest.raises(train.UsageError) as e:
         train.resolve_run(train.parse_args(flags), None, {}, 4)
     assert message in str(e.value) and "\n" not in str(e.value)
     run = train.resolve_run(train.parse_args(["--engine", "fsdp2", "--mesh", "1x2", "--tp", "2", "--global-batch-size", "4"]), None, {}, 4)
-    assert (run["mesh"], run["tp"], run["micro_batch_size"]) == ((1, 2), 2, 2)
+    assert (run.mesh, run.tp, run.micro_batch_size) == ((1, 2), 2, 2)
 
 
 # -- layouts APOLLO does not map: a clear error, never a silent step ---------------------------------

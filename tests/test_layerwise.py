@@ -145,7 +145,7 @@ def test_layouts_without_a_per_parameter_hook_are_refused():
 )
 def test_train_py_refuses_what_layerwise_cannot_do(flags, world, message):
     """launch/train.py --layerwise: one-line UsageErrors before any process group; clipping defaults to 0."""
-    import train  # launch/ is on sys.path (spawn)
+    from launch import train
 
     flags = [os.path.join(train.ROOT, f) if f.endswith(".json") else f for f in flags]
     args = train.parse_args(["--layerwise", *flags])
@@ -154,7 +154,7 @@ def test_train_py_refuses_what_layerwise_cannot_do(flags, world, message):
         train.resolve_run(args, cfg, train.defaults_config(args, cfg), world)
     args = train.parse_args(["--layerwise", "--global-batch-size", "8", "--micro-batch-size", "4"])
     run = train.resolve_run(args, None, train.defaults_config(args, None), 2)
-    assert run["layerwise"] and run["grad_clip"] == 0.0 and run["grad_accum"] == 1
+    assert run.layerwise and run.grad_clip == 0.0 and run.grad_accum == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

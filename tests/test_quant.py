@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import oracle
-import spawn  # noqa: F401  (puts launch/ on sys.path)
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.quant import Int8Linear, dequantize_groupwise, quantize_groupwise, quantize_model
 
@@ -133,7 +132,7 @@ def test_int8_misuse_is_refused():
 
 @pytest.mark.parametrize("flags, world", [([], 1), (["--layerwise", "--engine", "fsdp2"], 2)])
 def test_train_py_int8_needs_layerwise_in_one_process(flags, world):
-    import train  # launch/ is on sys.path (spawn)
+    from launch import train
 
     args = train.parse_args(["--weight-quant", "int8", "--global-batch-size", "8", "--micro-batch-size", "4", *flags])
     with pytest.raises(train.UsageError, match="--weight-quant int8 needs --layerwise and --engine single"):
@@ -141,7 +140,7 @@ def test_train_py_int8_needs_layerwise_in_one_process(flags, world):
 
 
 def test_train_py_bf16_parameters_run_in_one_process_only():
-    import train
+    from launch import train
 
     args = train.parse_args(["--param-dtype", "bf16", "--engine", "fsdp2", "--global-batch-size", "4"])
     with pytest.raises(train.UsageError, match="--param-dtype bf16 runs in one process .* engine is fsdp2"):

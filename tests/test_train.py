@@ -6,6 +6,7 @@ Needs the bundled corpus (./setup.sh fetches it into data/). About 3-4 minutes o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,8 +47,7 @@ def test_stream_is_the_same_whatever_w_and_micro_batch():
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT / "launch"))
-    import data
+    from launch import data
 
     split = data.Split(np.arange(5000, dtype=np.uint16), np.arange(500, dtype=np.uint16))
     cpu = torch.device("cpu")
@@ -250,25 +250,22 @@ def test_bad_batch_under_torchrun_fails_before_process_group():
 def test_json_optimizer_options_reach_the_optimizer(tmp_path):
     """Every key the DeepSpeed adapter accepts (scale_front, disable_nl, ...) is passed on by train.py
     to the optimizer it builds itself, never dropped."""
-    sys.path[:0] = [str(ROOT / "launch")]
-    import engines
-    import train
+    from launch import engines, train
     from oracle import make_model
 
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"optimizer": {"type": "APOLLO", "params": {"rank": 3, "scale_front": True, "disable_nl": True}}}))
     args = train.parse_args(["--deepspeed", str(cfg)])
     hp = train.resolve_hparams(args, train.defaults_config(args, train.load_json(str(cfg), "--deepspeed")))
-    assert hp["scale_front"] is True and hp["disable_nl"] is True and hp["rank"] == 3
-    opt = engines.build_optimizer(make_model(), {**hp, "target_modules": ["attn", "mlp"]})
+    assert hp.scale_front is True and hp.disable_nl is True and hp.rank == 3
+    opt = engines.build_optimizer(make_model(), dataclasses.replace(hp, target_modules=["attn", "mlp"]))
     assert opt.scale_front and opt.disable_nl and opt.param_groups[1]["rank"] == 3
 
 
 def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
     """Before any process group: both numbers and both ways out (the GPU count is what torch reports;
     here it is set, since CI has no GPU). Without a visible GPU every rank runs on the CPU."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import engines
+    from launch import engines
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)

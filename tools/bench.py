@@ -15,21 +15,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.append(os.path.join(ROOT, "tests"))  # the oracle, for apollo-torch rows
-
-from apollo_dist import APOLLO, param_groups  # noqa: E402
-sys.path.insert(0, os.path.join(ROOT, "launch"))  # launch/'s modules import each other by plain name
-from engines import state_bytes  # noqa: E402
-from model import build_model, llama_config  # noqa: E402
+from apollo_dist import APOLLO, param_groups
+from apollo_dist.runtime import state_bytes
+from launch.model import build_model, llama_config
 
 VOCAB = 32000  # LLaMA tokenizer size used by the APOLLO paper's configs
 # A small model where the step is bound by the host: 4 layers, grouped-query attention, ~110 M params.
@@ -44,11 +37,11 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> 
     preset = "apollo-mini" if name.endswith("mini") else "apollo"
     groups = param_groups(model, preset=preset)
     if name.startswith("apollo-torch"):
-        import oracle  # test oracle (CC-BY-NC): measured, never imported by the library
+        from tools.reference import oracle_class  # apollo-torch (CC-BY-NC): measured, never imported by the library
 
         for g in groups:
             g.pop("param_names", None)
-        return oracle.oracle_class()(groups, lr=lr)
+        return oracle_class()(groups, lr=lr)
     return APOLLO(groups, lr=lr, projection_tf32=tf32) if tf32 else APOLLO(groups, lr=lr)
 
 

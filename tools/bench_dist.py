@@ -27,9 +27,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from launch.launchers import launcher  # noqa: E402
-from tools.compare_runs import read_metrics  # noqa: E402
+
+from launch.launchers import launcher
+from tools.compare_runs import read_metrics
 
 CONFIGS = {"zero1": "ds_configs/apollo_zero1.json", "zero2": "ds_configs/apollo.json", "zero3": "ds_configs/apollo_zero3.json"}
 ENGINES = ("zero2", "zero3", "fsdp2")

@@ -11,16 +11,11 @@ into the collective (the buffer size), fp32.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from apollo_dist.layout import ParamLayout, build_comm_plan, chunk_owners, position_owners  # noqa: E402
-from launch.model import SIZES  # noqa: E402
+from apollo_dist.layout import ParamLayout, build_comm_plan, chunk_owners, position_owners
+from launch.model import SIZES
 
 
 def llama_low_rank_shapes(model: str) -> list[tuple[int, int]]:

@@ -15,6 +15,8 @@ import math
 import os
 from typing import Optional
 
+from launch.plots import plot_runs
+
 
 def read_metrics(path: str) -> list[dict]:
     """Rows of a metrics file; a later row for the same step (after a resume) replaces the earlier."""
@@ -31,39 +33,6 @@ def read_metrics(path: str) -> list[dict]:
                 raise SystemExit(f"compare_runs: {path} line {n} is not JSON ({e})")
             by_step.setdefault(row["step"], {}).update(row)
     return [by_step[k] for k in sorted(by_step)]
-
-
-def ema(values: list[float], alpha: float) -> list[float]:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else alpha * acc + (1 - alpha) * v
-        out.append(acc)
-    return out
-
-
-def plot_runs(runs: dict[str, list[dict]], path: str, title: str = "", smooth: float = 0.0) -> None:
-    """Train loss (EMA-smoothed) as lines and validation loss as markers, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for k, (label, rows) in enumerate(runs.items()):
-        colour = f"C{k}"
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        if train:
-            steps, losses = zip(*train)
-            ax.plot(steps, ema(list(losses), smooth), color=colour, lw=1, alpha=0.8, label=f"{label} train".strip())
-        if val:
-            ax.plot(*zip(*val), "o--", color=colour, ms=3, lw=1, label=f"{label} validation".strip())
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def summary(rows: list[dict]) -> dict[str, Optional[float]]:

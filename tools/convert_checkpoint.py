@@ -14,9 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "launch")]
-
 EPILOG = """\
 SRC may be:
   - a DeepSpeed checkpoint written with APOLLO through apollo_dist.deepspeed (ZeRO stage 1, 2 or 3,
@@ -77,7 +74,7 @@ def _hf_config_from_trainer(src_meta_trainer: dict[str, Any], embed_rows: Option
     run = src_meta_trainer.get("run") or {}
     if "model" not in run or embed_rows is None:
         return None
-    from model import llama_config  # launch/model.py
+    from launch.model import llama_config
 
     return llama_config(run["model"], embed_rows, int(run.get("seq_len", 1))).to_dict()
 

@@ -8,17 +8,11 @@ process. apollo-torch is CC-BY-NC and a test oracle: the library never imports i
 """
 from __future__ import annotations
 
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "launch"), ROOT]
-sys.path.append(os.path.join(ROOT, "tests"))  # the oracle and its bitsandbytes stub
-
-import engines  # noqa: E402
-import oracle  # noqa: E402
-import train  # noqa: E402
-from apollo_dist import APOLLO  # noqa: E402
+from apollo_dist import APOLLO
+from launch import engines, train
+from tools.reference import oracle_class
 
 _build = engines.build_optimizer
 
@@ -31,7 +25,7 @@ def build_reference(model, hp, layerwise: bool = False):
     if not isinstance(opt, APOLLO):
         return opt
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in opt.param_groups]
-    return oracle.oracle_class()(groups, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"])
+    return oracle_class()(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
-import oracle  # noqa: E402
-from engines import shutdown  # noqa: E402
-from apollo_dist import APOLLO, Slot  # noqa: E402
+import oracle
+from apollo_dist import APOLLO, Slot
+from apollo_dist.runtime import shutdown
 
 
 class CollectiveCounter:

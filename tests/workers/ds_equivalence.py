@@ -28,8 +28,6 @@ import time
 import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -48,9 +46,7 @@ from deepspeed.runtime.lr_schedules import WarmupLR  # noqa: E402
 import apollo_dist.deepspeed as ads  # noqa: E402
 from apollo_dist import APOLLO  # noqa: E402
 from apollo_dist.core import LowRankBucket  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
-from engines import shutdown  # noqa: E402
+from apollo_dist.runtime import shutdown  # noqa: E402
 
 GLOBAL_BATCH = 12  # oracle.batch rows; divisible by W = 2, 3 (and by W * 2 micro-batches at W = 2)
 STEPS = 30
@@ -142,13 +138,13 @@ def state_bounds(opt, stage: int, ref_total: int) -> float:
         low = isinstance(b, LowRankBucket)
         for s in b.slots:
             numel = math.prod(s.shape)
-            channel = 8 * b.rank_r if low else 8  # both moments of one channel (one element for Adam)
+            channel = 8 * b.r if low else 8  # both moments of one channel (one element for Adam)
             if stage == 3:
                 bound += channel
                 continue
             if s.numel == 0:
                 continue
-            per_element = 8 * b.rank_r * max(s.shape) / numel if low else 8
+            per_element = 8 * b.r * max(s.shape) / numel if low else 8
             cut = s.start > 0 or s.end < numel
             bound += per_element * s.numel + (channel if cut else 0)
     return bound

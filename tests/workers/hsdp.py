@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
-sys.path.insert(0, os.path.dirname(__file__))
-import oracle  # noqa: E402
-from core_equivalence import CollectiveCounter, state_bytes  # noqa: E402
-from engines import shutdown  # noqa: E402
-from apollo_dist import APOLLO  # noqa: E402
-from apollo_dist.core import LowRankBucket  # noqa: E402
+import oracle
+from apollo_dist import APOLLO
+from apollo_dist.core import LowRankBucket
+from apollo_dist.runtime import shutdown
+from core_equivalence import CollectiveCounter, state_bytes  # the worker beside this one
 
 DEVICE = torch.device("cpu")  # --device cuda: this rank's GPU (NCCL)
 

@@ -32,8 +32,6 @@ import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -244,8 +242,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "launch"))
-        from engines import shutdown  # barrier, then leave without gloo's teardown (it can abort at exit)
+        from apollo_dist.runtime import shutdown  # barrier, then leave without gloo's teardown (it can abort at exit)
 
         shutdown()
     elif int(os.environ.get("RANK", "0")) == 0:

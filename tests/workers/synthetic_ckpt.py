@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from apollo_dist.layout import position_owners  # noqa: E402
+from apollo_dist.layout import position_owners
 
 RANK = 64
 HP = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True, "generator_device": "cpu",

@@ -1,0 +1,52 @@
+"""World-size-independent ("canonical") checkpoints of APOLLO training (DESIGN.md §4).
+
+A canonical checkpoint is a directory::
+
+    index.json               format name + version; the run's trainer state (data position = step,
+                             lr schedule); the projection generator's device type (CPU and CUDA draw
+                             different P); the optimizer's flags; the param groups (hyperparameters,
+                             step, param names); per param: group, shape, initial seed, projection
+                             rank r (key "rank"), file, tensor shapes and dtypes; per file: size and SHA-256
+    state-00001.safetensors  per param, in index order:
+    ...                        <name>/weight        fp32 master weights, the param's shape
+                               <name>/exp_avg       low-rank: the reference's orientation (m x r when
+                               <name>/exp_avg_sq      tall, m >= n; r x n when wide); plain Adam: the param's shape
+                               <name>/limiter_norm  low-rank only, shape (1,); < 0: no norm yet
+
+It is written one parameter at a time (`write_canonical` streams safetensors files), so converting a
+checkpoint never holds more than one parameter's tensors. `load_canonical` loads it into a bound
+APOLLO at any world size under any engine, each rank reading only the slices it holds
+(``safe_open(...).get_slice``). Readers of native checkpoints (DeepSpeed, DCP) live in
+`apollo_dist.native_checkpoints`; ``tools/convert_checkpoint.py`` is the command line.
+
+Modules: `format` (what a checkpoint holds and describes), `streaming` (safetensors written tensor by
+tensor, staged directories), `canonical` (writing and reading the directory), `state_dicts` (canonical
+tensors assembled from APOLLO state dicts), `live` (loading into, and saving from, a live optimizer).
+"""
+from .canonical import CanonicalCheckpoint, canonical_index, is_canonical, save_canonical, write_canonical
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SHARD_BYTES,
+    CheckpointError,
+    Meta,
+    ParamEntry,
+    Source,
+    canonical_entries,
+    check_same_hyperparameters,
+    group_hyperparameters,
+    jsonable,
+)
+from .live import LiveSource, load_canonical, resume_canonical
+from .state_dicts import RankState, assemble_param, meta_from_state_dicts
+from .streaming import SafetensorsStream, ShardedWriter, check_destination, nbytes, sha256_file, staged_directories
+
+__all__ = [
+    "FORMAT", "FORMAT_VERSION", "INDEX_FILE", "SHARD_BYTES",
+    "CanonicalCheckpoint", "CheckpointError", "LiveSource", "Meta", "ParamEntry", "RankState", "SafetensorsStream",
+    "ShardedWriter", "Source",
+    "assemble_param", "canonical_entries", "canonical_index", "check_destination", "check_same_hyperparameters",
+    "group_hyperparameters", "is_canonical", "jsonable", "load_canonical", "meta_from_state_dicts", "nbytes",
+    "resume_canonical", "save_canonical", "sha256_file", "staged_directories", "write_canonical",
+]

@@ -1,0 +1,108 @@
+"""Canonical tensors from APOLLO state dicts: every rank's piece of a param (its ``apollo_layout`` entry,
+its state and its master weights) assembled into the whole param and its moments, offline. Shared by the
+readers of DeepSpeed checkpoints (apollo_dist.native_checkpoints) and of a live optimizer (`LiveSource`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .format import CheckpointError, Meta, ParamEntry, group_hyperparameters
+
+
+@dataclass
+class RankState:
+    """What one rank saved: its APOLLO state dict's layout and state, and a reader of its master weights."""
+
+    where: str
+    layout: dict[str, Any]
+    state: dict[int, dict[str, Any]]
+    master: Callable[[int, ParamEntry, int, int], torch.Tensor]  # (index, entry, start, end) -> held weights
+
+
+def _local(t: Any) -> torch.Tensor:
+    """A state value as a plain fp32 CPU tensor (a DTensor's local part)."""
+    t = getattr(t, "_local_tensor", t)
+    return torch.as_tensor(t).detach().float().cpu()
+
+
+def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[str, torch.Tensor]:
+    """One param's canonical tensors from every rank's piece (each rank: its APOLLO state dict's
+    layout and state, and its master weights): pieces must tile the param and its channels."""
+    numel = math.prod(entry.shape)
+    weight = torch.empty(numel)
+    covered = 0
+    moments = {k: torch.empty(numel if not entry.lowrank else 0) for k in ("exp_avg", "exp_avg_sq")}
+    if entry.lowrank:
+        m, n = entry.shape
+        C = max(m, n)  # channels: rows when tall, columns when wide
+        moments = {k: torch.empty(C, entry.r) for k in ("exp_avg", "exp_avg_sq")}
+        owned = 0
+    limiter = None
+    for rs in ranks:
+        lay = rs.layout["params"].get(idx)
+        if lay is None:
+            raise CheckpointError(f"{rs.where}: no layout for param {entry.name}")
+        if "block" in lay:  # DeepSpeed and one-process layouts hold flat ranges; blocks come with DCP (global tensors)
+            raise CheckpointError(f"{rs.where}: param {entry.name} is held as a block {lay['block']}: not assembled offline")
+        a, b = lay["start"], lay["end"]
+        state = rs.state.get(idx, {})
+        if b > a:
+            weight[a:b] = rs.master(idx, entry, a, b)
+            covered += b - a
+        if entry.lowrank:
+            o0, o1 = lay["owned"]
+            for k in moments:
+                if o1 > o0:
+                    moments[k][o0:o1] = _local(state[k]).reshape(o1 - o0, entry.r)
+            owned += o1 - o0
+            q = _local(state["limiter_norm"]).reshape(1).clone()
+            if limiter is None:
+                limiter = q
+            elif not torch.equal(limiter, q):
+                raise CheckpointError(f"{rs.where}: param {entry.name}: limiter norm {q.item()} differs from rank 0's {limiter.item()}")
+        elif b > a:
+            for k in moments:
+                moments[k][a:b] = _local(state[k]).reshape(-1)
+    if covered != numel:
+        raise CheckpointError(f"param {entry.name}: the rank files hold {covered} of its {numel} elements (a rank file missing?)")
+    out = {"weight": weight.view(entry.shape)}
+    if entry.lowrank:
+        if owned != moments["exp_avg"].shape[0]:
+            raise CheckpointError(f"param {entry.name}: the rank files own {owned} of its {moments['exp_avg'].shape[0]} channels")
+        tall = entry.shape[0] >= entry.shape[1]
+        out.update({k: v if tall else v.t().contiguous() for k, v in moments.items()})
+        out["limiter_norm"] = limiter
+    else:
+        out.update({k: v.view(entry.shape) for k, v in moments.items()})
+    return out
+
+
+def meta_from_state_dicts(
+    optim_sd: dict[str, Any], names: list[str], trainer: dict[str, Any], source: dict[str, Any]
+) -> tuple[Meta, dict[str, int]]:
+    """Meta of an APOLLO state dict (``names``: the param names in state-dict index order), and name -> index."""
+    layout = optim_sd["apollo_layout"]
+    params, groups, index_of = [], [], {}
+    for gi, g in enumerate(optim_sd["param_groups"]):
+        steps = {float(_local(optim_sd["state"][idx]["step"])) for idx in g["params"] if idx in optim_sd["state"]}
+        if len(steps) > 1:
+            raise CheckpointError(f"{source.get('path')}: params of group {gi} have different steps {sorted(steps)}")
+        groups.append({**group_hyperparameters(g), "step": int(steps.pop()) if steps else 0})
+        for idx in g["params"]:
+            if idx not in layout["params"]:
+                continue  # frozen: not optimized
+            name = names[idx]
+            lay = layout["params"][idx]
+            params.append(ParamEntry(name, gi, tuple(lay["shape"]), int(optim_sd["state"][idx]["seed"]), g.get("rank")))
+            index_of[name] = idx
+    first = optim_sd["param_groups"][0] if optim_sd["param_groups"] else {}
+    meta = Meta(
+        params, groups, layout["generator_device"],
+        {"scale_front": bool(first.get("scale_front", False)), "disable_nl": bool(first.get("disable_nl", False))},
+        trainer, {**source, "world_size": layout["world_size"]},
+    )
+    return meta, index_of
