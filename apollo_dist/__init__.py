@@ -1,4 +1,5 @@
 """apollo_dist: APOLLO and APOLLO-Mini, sharded for DeepSpeed ZeRO 1/2/3 and PyTorch FSDP2."""
+
 from .core import Slot
 from .groups import PRESETS, param_groups, preset
 from .optimizer import APOLLO
@@ -13,4 +14,6 @@ def __getattr__(name: str):
 
         return importlib.import_module(".deepspeed", __name__)
     raise AttributeError(f"module 'apollo_dist' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

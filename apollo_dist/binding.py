@@ -13,6 +13,7 @@ way out: APOLLO never steps tensors it has not mapped.
 Only attributes are read (``_hp_mapping``, ``_dp_group``, ``_z3_optimizer``, ``ds_shape``, ``ds_tensor``): nothing
 here imports deepspeed.
 """
+
 from __future__ import annotations
 
 import math
@@ -100,7 +101,9 @@ class Binding:
             return True
         if self.kind == "params":
             return [tuple(map(id, ts)) for ts in lists] == self.signature
-        return all(id(t) in self.by_handle and self.by_handle[id(t)].group == gi for gi, ts in enumerate(lists) for t in ts)
+        return all(
+            id(t) in self.by_handle and self.by_handle[id(t)].group == gi for gi, ts in enumerate(lists) for t in ts
+        )
 
     def active(self, gi: int, tensors: list[torch.Tensor]) -> list[Unit]:
         """The units that a ``step`` with ``tensors`` in group ``gi``'s list updates."""
@@ -112,21 +115,27 @@ class Binding:
 
 
 # -- detectors ------------------------------------------------------------------------------------
-def detect(lists: list[list[torch.Tensor]], received: list[list[Received]], lowrank: Optional[list[bool]] = None) -> Binding:
+def detect(
+    lists: list[list[torch.Tensor]], received: list[list[Received]], lowrank: Optional[list[bool]] = None
+) -> Binding:
     """The binding for what ``lists`` (each param group's ``params``, in group order) hold now;
     ``lowrank``: per group, whether it runs APOLLO (picks the process group of FSDP2 DTensors)."""
     alive = [p for row in received for r in row if (p := r.ref()) is not None]
     zero3 = {id(w): w for p in alive if (w := getattr(p, "_z3_optimizer", None)) is not None}
     if zero3:
         if len(zero3) > 1:
-            raise NotImplementedError("APOLLO's params belong to several DeepSpeed ZeRO-3 engines: build one optimizer per engine")
+            raise NotImplementedError(
+                "APOLLO's params belong to several DeepSpeed ZeRO-3 engines: build one optimizer per engine"
+            )
         return zero3_binding(next(iter(zero3.values())), received)
     current = [t for ts in lists for t in ts]
     if any(hasattr(p, "_hp_mapping") for p in alive) and {id(t) for t in current} != {id(p) for p in alive}:
         return zero_flat_binding(lists, received)
     dtensors = [is_dtensor(t) for t in current]
     if any(dtensors) and not all(dtensors):
-        raise NotImplementedError("APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard")
+        raise NotImplementedError(
+            "APOLLO got a mix of DTensor and plain parameters: shard the whole model with fully_shard"
+        )
     _check_same_params(lists, received)
     return params_binding(lists, received, dtensors=any(dtensors), lowrank=lowrank)
 
@@ -142,7 +151,12 @@ def _check_same_params(lists: list[list[torch.Tensor]], received: list[list[Rece
             )
         for j, (t, r) in enumerate(zip(ts, row)):
             original = r.ref()
-            if original is not None and original is not t and original.dtype != t.dtype and original.dtype in (torch.float16, torch.bfloat16):
+            if (
+                original is not None
+                and original is not t
+                and original.dtype != t.dtype
+                and original.dtype in (torch.float16, torch.bfloat16)
+            ):
                 raise NotImplementedError(
                     f"param group {gi}, param {j}: the group holds a {t.dtype} copy of a {original.dtype} parameter that is "
                     "still in use: a mixed-precision wrapper APOLLO does not support (e.g. DeepSpeed fp16/bf16 without ZeRO, "
@@ -187,7 +201,12 @@ def dtensor_split_dims(p: torch.Tensor, position: int) -> tuple[int, ...]:
             split.append(i)
             continue
         later = [j for j in range(i + 1, len(placements)) if type(placements[j]) is Shard and placements[j].dim == 0]
-        if type(pl) is _StridedShard and pl.dim == 0 and later and math.prod(mesh.shape[j] for j in later) == pl.split_factor:
+        if (
+            type(pl) is _StridedShard
+            and pl.dim == 0
+            and later
+            and math.prod(mesh.shape[j] for j in later) == pl.split_factor
+        ):
             split.append(i)
             continue
         names = f" {mesh.mesh_dim_names}" if mesh.mesh_dim_names else ""
@@ -280,23 +299,40 @@ def _dtensor_group(slots: list[Slot], lowrank: list[bool]) -> tuple[Any, Optiona
     if len(dims) == mesh.ndim:
         return mesh, mesh._flatten().get_group()
     if not mesh.mesh_dim_names:
-        raise NotImplementedError(f"APOLLO needs mesh_dim_names on a {mesh.ndim}-D mesh that splits params over dims {dims}")
+        raise NotImplementedError(
+            f"APOLLO needs mesh_dim_names on a {mesh.ndim}-D mesh that splits params over dims {dims}"
+        )
     return mesh, mesh[tuple(mesh.mesh_dim_names[d] for d in dims)]._flatten().get_group()
 
 
-def params_binding(lists: list[list[torch.Tensor]], received: list[list[Received]], dtensors: bool = False,
-                   lowrank: Optional[list[bool]] = None) -> Binding:
+def params_binding(
+    lists: list[list[torch.Tensor]],
+    received: list[list[Received]],
+    dtensors: bool = False,
+    lowrank: Optional[list[bool]] = None,
+) -> Binding:
     """The groups hold the params themselves: plain tensors, or FSDP2 DTensors. ``lowrank``: which
     groups run APOLLO (they choose the DTensors' process group, `_dtensor_group`)."""
     slot_of = _dtensor_slot if dtensors else _whole_param_slot
-    units = [Unit(gi, [slot_of(p, r.position) for p, r in zip(ts, row) if p.requires_grad])
-             for gi, (ts, row) in enumerate(zip(lists, received))]
+    units = [
+        Unit(gi, [slot_of(p, r.position) for p, r in zip(ts, row) if p.requires_grad])
+        for gi, (ts, row) in enumerate(zip(lists, received))
+    ]
     mesh, group = None, None
     if dtensors:
         flags = lowrank or [False] * len(units)
-        mesh, group = _dtensor_group([s for u in units for s in u.slots], [flags[u.group] for u in units for _ in u.slots])
-    return Binding("params", units, group, "chunk" if dtensors else "position", mesh,
-                   signature=[tuple(map(id, ts)) for ts in lists], held=[t for ts in lists for t in ts])
+        mesh, group = _dtensor_group(
+            [s for u in units for s in u.slots], [flags[u.group] for u in units for _ in u.slots]
+        )
+    return Binding(
+        "params",
+        units,
+        group,
+        "chunk" if dtensors else "position",
+        mesh,
+        signature=[tuple(map(id, ts)) for ts in lists],
+        held=[t for ts in lists for t in ts],
+    )
 
 
 def _deepspeed_param(r: Received, gi: int) -> torch.Tensor:
@@ -321,14 +357,18 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
             )
         flat = ts[0]
         if flat.dtype != torch.float32:
-            raise NotImplementedError(f"APOLLO with DeepSpeed needs fp32 master weights, DeepSpeed keeps param group {gi}'s in {flat.dtype}")
+            raise NotImplementedError(
+                f"APOLLO with DeepSpeed needs fp32 master weights, DeepSpeed keeps param group {gi}'s in {flat.dtype}"
+            )
         slots = []
         for r in row:
             if not r.trainable:
                 continue
             p = _deepspeed_param(r, gi)
             if not hasattr(p, "_hp_mapping"):
-                raise ValueError(f"param group {gi}, position {r.position}: not in DeepSpeed's ZeRO partitions (no _hp_mapping)")
+                raise ValueError(
+                    f"param group {gi}, position {r.position}: not in DeepSpeed's ZeRO partitions (no _hp_mapping)"
+                )
             group = getattr(p, "_dp_group", group)
             mapping = p._hp_mapping
             if mapping is None:  # none of this param's elements are in this rank's partition
@@ -337,14 +377,18 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
             if mapping.use_offload:
                 raise NotImplementedError(
                     "APOLLO with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported; "
-                    "remove offload_optimizer or set its device to \"none\""
+                    'remove offload_optimizer or set its device to "none"'
                 )
             if mapping.hp_fragment.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
-                raise ValueError(f"param group {gi}, position {r.position}: its DeepSpeed fragment is not in the group's flat partition")
+                raise ValueError(
+                    f"param group {gi}, position {r.position}: its DeepSpeed fragment is not in the group's flat partition"
+                )
             lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
             # DeepSpeed assigns flat.grad afresh at every step: look it up at step time.
             grad = lambda flat=flat, a=hp.start, n=hp.numel: None if flat.grad is None else flat.grad.narrow(0, a, n)
-            slots.append(Slot(p, r.position, r.shape, lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad))
+            slots.append(
+                Slot(p, r.position, r.shape, lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad)
+            )
         units.append(Unit(gi, slots, flat))
     return Binding("flat", units, group or dist.group.WORLD, held=[u.handle for u in units])
 
@@ -357,7 +401,7 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
         raise NotImplementedError(f"APOLLO with DeepSpeed: {name} (e.g. MiCS) is not supported; use plain ZeRO stage 3")
     if getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False):
         raise NotImplementedError(
-            "APOLLO with DeepSpeed ZeRO-3: offload_optimizer / offload_param are not supported; remove them or set their device to \"none\""
+            'APOLLO with DeepSpeed ZeRO-3: offload_optimizer / offload_param are not supported; remove them or set their device to "none"'
         )
     position = {id(p): r for row in received for r in row if (p := r.ref()) is not None}
     group = zero.dp_process_group
@@ -365,20 +409,28 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
     units = []
     for i, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
         if flat is None or flat.dtype != torch.float32:
-            raise NotImplementedError(f"APOLLO with DeepSpeed ZeRO-3 needs fp32 master weights in memory (sub-group {i})")
+            raise NotImplementedError(
+                f"APOLLO with DeepSpeed ZeRO-3 needs fp32 master weights in memory (sub-group {i})"
+            )
         gi = zero.sub_group_to_group_id[i]
         slots, offset = [], 0
         for p in params:
             r = position.get(id(p))
             if r is None:
-                raise ValueError(f"DeepSpeed ZeRO-3 sub-group {i} holds a parameter of shape {tuple(p.ds_shape)} that APOLLO was not built with")
+                raise ValueError(
+                    f"DeepSpeed ZeRO-3 sub-group {i} holds a parameter of shape {tuple(p.ds_shape)} that APOLLO was not built with"
+                )
             chunk, numel = p.partition_numel(), p.ds_numel
             start, end = min(rank * chunk, numel), min((rank + 1) * chunk, numel)
             start = min(start, end)
             n = end - start
             grad = lambda flat=flat, a=offset, n=n: None if flat.grad is None else flat.grad.narrow(0, a, n)
             model_copy = lambda p=p, n=n: p.ds_tensor.view(-1)[:n]  # the model's own partition of the param
-            slots.append(Slot(p, r.position, tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad, model_copy=model_copy))
+            slots.append(
+                Slot(
+                    p, r.position, tuple(p.ds_shape), start, end, flat.narrow(0, offset, n), grad, model_copy=model_copy
+                )
+            )
             offset += chunk
         units.append(Unit(gi, slots, flat))
     return Binding("flat", units, group, held=[u.handle for u in units])

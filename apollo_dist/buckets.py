@@ -4,6 +4,7 @@
 layout: one all-gather of every rank's holding at bind time). `exposed_state` shows the buckets' buffers
 as torch's per-param state (under FSDP2 as DTensors, so DCP reshards them).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -27,7 +28,11 @@ def all_ranges(slots: list[Slot], comm: Collectives, device: torch.device) -> tu
         holding = [1, *s.block] if s.block is not None else [0, s.start, s.end, 0, 0]
         rows.append(holding + (list(s.owned) if s.owned is not None else [-1, -1]))
     mine = torch.tensor(rows, dtype=torch.int64).reshape(-1, 7)
-    every = mine.view(1, -1, 7) if comm.world == 1 else comm.all_gather(mine.to(device)).view(comm.world, len(slots), 7).cpu()
+    every = (
+        mine.view(1, -1, 7)
+        if comm.world == 1
+        else comm.all_gather(mine.to(device)).view(comm.world, len(slots), 7).cpu()
+    )
     every = every.tolist()
     holdings = [[tuple(e[k][1:5]) if e[k][0] else tuple(e[k][1:3]) for e in every] for k in range(len(slots))]
     owned = [None if any(e[k][5] < 0 for e in every) else [tuple(e[k][5:7]) for e in every] for k in range(len(slots))]
@@ -74,8 +79,14 @@ def as_global(local: torch.Tensor, s: Slot, mesh: Any, channel_shape: Optional[t
 
     p = s.param
     if channel_shape is None:  # plain-Adam state shaped and sharded like the param
-        return DTensor.from_local(local.view(p._local_tensor.shape), p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        return DTensor.from_local(
+            local.view(p._local_tensor.shape),
+            p.device_mesh,
+            p.placements,
+            run_check=False,
+            shape=p.shape,
+            stride=p.stride(),
+        )
     C, r = channel_shape
     return DTensor.from_local(local, p.device_mesh, moment_placements(p), run_check=False, shape=(C, r), stride=(r, 1))
 

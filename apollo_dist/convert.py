@@ -4,6 +4,7 @@ weights that ``transformers.AutoModelForCausalLM.from_pretrained`` loads, in one
 Both outputs are written into temporary directories next to their destinations and renamed into
 place only after everything succeeded: a failed conversion leaves every destination as it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,14 @@ class HFExport:
     """Model weights streamed into safetensors (``model.safetensors`` or shards plus
     ``model.safetensors.index.json``, as ``save_pretrained`` writes them) and ``config.json``."""
 
-    def __init__(self, out: Path, params: list[ParamEntry], config: dict[str, Any], dtype: torch.dtype, shard_bytes: int = HF_SHARD_BYTES):
+    def __init__(
+        self,
+        out: Path,
+        params: list[ParamEntry],
+        config: dict[str, Any],
+        dtype: torch.dtype,
+        shard_bytes: int = HF_SHARD_BYTES,
+    ):
         self.out, self.config, self.dtype = Path(out), config, dtype
         items = [(e.name, [(e.name, dtype, e.shape)]) for e in params]
         one_file = sum(nbytes(entries) for _, entries in items) <= shard_bytes

@@ -26,6 +26,7 @@ Glossary (one low-rank bucket; "rank" alone always means a process):
   q            ``limiter_norm``: the limiter's previous ||U|| per param (< 0: none yet)
   t            ``step_count``: optimizer steps taken by the group (0 before the first update)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -107,7 +108,9 @@ def segment_index(lengths: list[int], device: torch.device, chunk: int = 1024) -
     pieces = [[min(chunk, k - s) for s in range(0, k, chunk)] for k in lengths]
     flat = [p for ps in pieces for p in ps]
     width = min(chunk, max(lengths, default=0))
-    return _padded_rows(flat, width).to(device), _padded_rows([len(ps) for ps in pieces], max((len(ps) for ps in pieces), default=0)).to(device)
+    return _padded_rows(flat, width).to(device), _padded_rows(
+        [len(ps) for ps in pieces], max((len(ps) for ps in pieces), default=0)
+    ).to(device)
 
 
 def segment_sums(x: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -147,12 +150,27 @@ def slot_geometry(s: Slot, lay: ParamLayout, rank: int) -> Geometry:
     if s.block is not None:
         r0, r1, c0, c1 = s.block
         rows = r1 - r0 if s.numel else 0
-        return Geometry(m, n, lay.tall, row0=r0, rows=rows, col0=c0, width=c1 - c0, off=0, aligned=True, t0=t0, t1=t1, o0=o0, o1=o1)
+        return Geometry(
+            m, n, lay.tall, row0=r0, rows=rows, col0=c0, width=c1 - c0, off=0, aligned=True, t0=t0, t1=t1, o0=o0, o1=o1
+        )
     row0 = s.start // n
     rows = (-(-s.end // n) - row0) if s.end > s.start else 0
     aligned = s.start % n == 0 and s.end % n == 0
-    return Geometry(m, n, lay.tall, row0=row0, rows=rows, col0=0, width=n, off=s.start - row0 * n, aligned=aligned,
-                    t0=t0, t1=t1, o0=o0, o1=o1)
+    return Geometry(
+        m,
+        n,
+        lay.tall,
+        row0=row0,
+        rows=rows,
+        col0=0,
+        width=n,
+        off=s.start - row0 * n,
+        aligned=aligned,
+        t0=t0,
+        t1=t1,
+        o0=o0,
+        o1=o1,
+    )
 
 
 class Collectives:
@@ -186,7 +204,9 @@ class AdamBucket:
         self.slots = slots
         numel = sum(s.numel for s in slots)
         device = slots[0].data.device if slots else torch.device("cpu")
-        self.adam = MultiAdam([s.data for s in slots], torch.zeros(numel, device=device), torch.zeros(numel, device=device))
+        self.adam = MultiAdam(
+            [s.data for s in slots], torch.zeros(numel, device=device), torch.zeros(numel, device=device)
+        )
         self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
         self._grads: Optional[list[torch.Tensor]] = None
@@ -247,7 +267,9 @@ class LowRankBucket:
         self.t_off = list(itertools.accumulate(touched, initial=0))[:-1]
         self.o_off = list(itertools.accumulate(owned, initial=0))[:-1]
         # the slot of each touched channel: per-param coefficients expand to per-channel ones
-        self.t_param = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(touched, dtype=torch.int64)).to(device)
+        self.t_param = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(touched, dtype=torch.int64)).to(
+            device
+        )
         # owned channels of each slot are consecutive: per-param sums are segment sums
         self.o_segments = segment_index(owned, device)
         self.T_R = torch.zeros(sum(touched), r, device=device)  # partial R of touched channels (scratch)
@@ -258,7 +280,9 @@ class LowRankBucket:
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
-        self.project = MultiProjection([(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device)
+        self.project = MultiProjection(
+            [(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device
+        )
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
         self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]
         self.unaligned = [i for i, g in enumerate(self.geom) if not g.aligned and g.rows > 0]
@@ -319,8 +343,13 @@ class LowRankBucket:
         if epoch != self.proj_epoch:
             self._refresh_projections(epoch)
         self._grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
-        self.project([grads[i] for i in self.active], [self.proj[i] for i in self.active], self.T_R, self.T_g,
-                     tf32=group.get("projection_tf32", False))
+        self.project(
+            [grads[i] for i in self.active],
+            [self.proj[i] for i in self.active],
+            self.T_R,
+            self.T_g,
+            tf32=group.get("projection_tf32", False),
+        )
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (a 0-dim tensor) if this rank's gradient has an inf/NaN (then some ||G_c||^2 has), else 0.0."""
@@ -367,7 +396,9 @@ class LowRankBucket:
             R_g[plan.recv_dst] = recv[:k, r]
         return R, R_g
 
-    def _adam(self, R: torch.Tensor, R_g: torch.Tensor, group: dict, channel: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _adam(
+        self, R: torch.Tensor, R_g: torch.Tensor, group: dict, channel: bool
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """3. Adam on R (owned channels), the normalized gradient N, the scaling factor per owned channel.
 
         Returns (s_own, or None for scale_type "tensor"; this rank's per-param sums over its owned channels
@@ -378,7 +409,9 @@ class LowRankBucket:
         norms = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
         return s_own, norms
 
-    def _scaling_factors(self, s_own: Optional[torch.Tensor], norms: torch.Tensor, channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaling_factors(
+        self, s_own: Optional[torch.Tensor], norms: torch.Tensor, channel: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """4. Shared factors back to every toucher; per-param norms summed over ranks.
 
         Returns (s: per touched channel (channel) or per param (tensor); ||U||^2 per param, before the
@@ -421,5 +454,7 @@ class LowRankBucket:
             s, G, g = self.slots[i], grads[i], self.geom[i]
             block = s.data.new_zeros(g.rows * g.n)
             block[g.off : g.off + s.numel] = s.data
-            scaled_update_eager(block.view(g.rows, g.n), G, coef[self.t_off[i] : self.t_off[i] + g.t1 - g.t0], g.tall, decay)
+            scaled_update_eager(
+                block.view(g.rows, g.n), G, coef[self.t_off[i] : self.t_off[i] + g.t1 - g.t0], g.tall, decay
+            )
             s.data.copy_(block[g.off : g.off + s.numel])

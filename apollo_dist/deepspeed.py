@@ -53,6 +53,7 @@ resume at the same world size and stage; other world sizes go through ``tools/co
 
 This is the only module of apollo_dist that imports deepspeed (lazily).
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,7 +67,12 @@ from .groups import LOW_RANK_KEYS, param_groups
 from .optimizer import APOLLO
 
 # "optimizer": {"type": ...} values this adapter builds, and the preset each one starts from.
-APOLLO_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini": "apollo-mini", "apollomini": "apollo-mini"}
+APOLLO_TYPES = {
+    "apollo": "apollo",
+    "apollo-mini": "apollo-mini",
+    "apollo_mini": "apollo-mini",
+    "apollomini": "apollo-mini",
+}
 OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl", "projection_tf32")
 PARAM_KEYS = OPTIMIZER_KEYS + LOW_RANK_KEYS + ("target_modules",)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -106,7 +112,7 @@ def _resolve_batch_sizes(config: dict) -> None:
             del config[key]
     if "train_batch_size" not in config and "train_micro_batch_size_per_gpu" not in config:
         raise ValueError(
-            "the DeepSpeed config leaves train_batch_size and train_micro_batch_size_per_gpu unset or \"auto\": "
+            'the DeepSpeed config leaves train_batch_size and train_micro_batch_size_per_gpu unset or "auto": '
             "the training script must set at least one of them in the config before initialize"
         )
 
@@ -122,24 +128,32 @@ def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
     """Raise NotImplementedError for DeepSpeed features the adapter does not handle; return the ZeRO stage."""
     zero = config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
-    low_precision = (config.get("fp16") or {}).get("enabled") or (config.get("bf16") or config.get("bfloat16") or {}).get("enabled")
+    low_precision = (config.get("fp16") or {}).get("enabled") or (
+        config.get("bf16") or config.get("bfloat16") or {}
+    ).get("enabled")
     if stage == 0 and low_precision:
-        raise NotImplementedError("apollo_dist with DeepSpeed: fp16/bf16 needs ZeRO stage 1, 2 or 3 (stage 0 runs fp32 only)")
+        raise NotImplementedError(
+            "apollo_dist with DeepSpeed: fp16/bf16 needs ZeRO stage 1, 2 or 3 (stage 0 runs fp32 only)"
+        )
     if not _off(zero.get("offload_optimizer")) or zero.get("cpu_offload"):
         raise NotImplementedError(
             "apollo_dist with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported yet; "
-            "remove offload_optimizer or set its device to \"none\""
+            'remove offload_optimizer or set its device to "none"'
         )
     if not _off(zero.get("offload_param")) or zero.get("cpu_offload_params"):
         raise NotImplementedError("apollo_dist with DeepSpeed: zero_optimization.offload_param is not supported yet")
     unsupported = {
         "elastic_checkpoint": zero.get("elastic_checkpoint", False),
-        "universal checkpoints (checkpoint.load_universal)": (config.get("checkpoint") or {}).get("load_universal", False),
+        "universal checkpoints (checkpoint.load_universal)": (config.get("checkpoint") or {}).get(
+            "load_universal", False
+        ),
         "zero_hpz_partition_size > 1 (ZeRO++ hpZ)": int(zero.get("zero_hpz_partition_size", 1)) > 1,
         "mics_shard_size (MiCS)": int(zero.get("mics_shard_size", -1)) > 0,
         "zenflow": bool(zero.get("zenflow")),
         "torch_autocast": (config.get("torch_autocast") or {}).get("enabled", False),
-        "low-precision master weights": any(zero.get(k) for k in ("fp16_master_weights_and_gradients", "bf16_master_weights_and_gradients")),
+        "low-precision master weights": any(
+            zero.get(k) for k in ("fp16_master_weights_and_gradients", "bf16_master_weights_and_gradients")
+        ),
         "pipeline parallelism": type(model).__name__ in ("PipelineModule", "DualPipeVModule"),
         "model parallelism (mpu)": mpu is not None,
     }
@@ -155,12 +169,16 @@ def _optimizer_from_config(block: dict, model: torch.nn.Module, model_parameters
     params = dict(block.get("params") or {})
     unknown = sorted(set(params) - set(PARAM_KEYS))
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in the {block['type']} optimizer params: expected some of {list(PARAM_KEYS)}")
+        raise ValueError(
+            f"unknown keys {unknown} in the {block['type']} optimizer params: expected some of {list(PARAM_KEYS)}"
+        )
     kwargs = {k: params.pop(k) for k in OPTIMIZER_KEYS if k in params}
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     target = params.pop("target_modules", ("attn", "mlp"))
-    groups = param_groups(model, target_modules=[target] if isinstance(target, str) else target, preset=preset, **params)
+    groups = param_groups(
+        model, target_modules=[target] if isinstance(target, str) else target, preset=preset, **params
+    )
     if model_parameters is not None:  # only what the caller asked to optimize, in the model's order
         wanted = set()
         for item in model_parameters:
@@ -181,12 +199,12 @@ def _take_optimizer(config: dict, optimizer: Any, model: torch.nn.Module, model_
         if apollo_keys:
             raise ValueError(
                 f"optimizer type {block.get('type')!r} is built by DeepSpeed, but its params carry APOLLO keys "
-                f"{apollo_keys}: set \"type\": \"APOLLO\" (or \"APOLLO-Mini\")"
+                f'{apollo_keys}: set "type": "APOLLO" (or "APOLLO-Mini")'
             )
         if isinstance(optimizer, APOLLO):
             raise ValueError(
                 f"got an APOLLO client optimizer and a config optimizer of type {block.get('type')!r}: "
-                "remove the config's \"optimizer\" block (or make it the APOLLO one and pass no optimizer)"
+                'remove the config\'s "optimizer" block (or make it the APOLLO one and pass no optimizer)'
             )
         return None
     if is_apollo_block:
@@ -232,10 +250,20 @@ def initialize(
         optimizer = optimizer(model_parameters if model_parameters is not None else model.parameters())
     opt = _take_optimizer(config, optimizer, model, model_parameters)
     if opt is None:  # not APOLLO: plain DeepSpeed
-        return deepspeed.initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                                    training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu,
-                                    dist_init_required=dist_init_required, collate_fn=collate_fn, config=config,
-                                    mesh_param=mesh_param, **({} if distributed_port is None else {"distributed_port": distributed_port}))
+        return deepspeed.initialize(
+            args=args,
+            model=model,
+            optimizer=optimizer,
+            model_parameters=model_parameters,
+            training_data=training_data,
+            lr_scheduler=lr_scheduler,
+            mpu=mpu,
+            dist_init_required=dist_init_required,
+            collate_fn=collate_fn,
+            config=config,
+            mesh_param=mesh_param,
+            **({} if distributed_port is None else {"distributed_port": distributed_port}),
+        )
     _check_supported(config, mpu, model)
     if opt.layerwise:
         from .layerwise import DEEPSPEED_REFUSED
@@ -250,9 +278,18 @@ def initialize(
         zero.setdefault("sub_group_size", 10**15)
     config["zero_allow_untested_optimizer"] = True
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
-        args=args, model=model, optimizer=opt, model_parameters=model_parameters, training_data=training_data,
-        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
-        config=config, mesh_param=mesh_param, **({} if distributed_port is None else {"distributed_port": distributed_port}),
+        args=args,
+        model=model,
+        optimizer=opt,
+        model_parameters=model_parameters,
+        training_data=training_data,
+        lr_scheduler=lr_scheduler,
+        mpu=mpu,
+        dist_init_required=dist_init_required,
+        collate_fn=collate_fn,
+        config=config,
+        mesh_param=mesh_param,
+        **({} if distributed_port is None else {"distributed_port": distributed_port}),
     )
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")

@@ -1,4 +1,5 @@
 """Param groups from a model, with the paper's presets (DESIGN.md §1)."""
+
 from __future__ import annotations
 
 import warnings
@@ -10,8 +11,22 @@ from .binding import global_shape
 
 # The APOLLO paper's settings (also transformers' optim="apollo_adamw").
 PRESETS: dict[str, dict[str, Any]] = {
-    "apollo": {"rank": 256, "proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200},
-    "apollo-mini": {"rank": 1, "proj": "random", "proj_type": "std", "scale_type": "tensor", "scale": 128.0, "update_proj_gap": 200},
+    "apollo": {
+        "rank": 256,
+        "proj": "random",
+        "proj_type": "std",
+        "scale_type": "channel",
+        "scale": 1.0,
+        "update_proj_gap": 200,
+    },
+    "apollo-mini": {
+        "rank": 1,
+        "proj": "random",
+        "proj_type": "std",
+        "scale_type": "tensor",
+        "scale": 128.0,
+        "update_proj_gap": 200,
+    },
 }
 # The keys of a low-rank group beyond Adam's (the param-group API and the on-disk name: "rank" is the
 # projection rank r). Each changes what the optimizer computes from the same state ("structural"): a

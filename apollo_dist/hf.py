@@ -23,6 +23,7 @@ Refused with a clear error, because the Trainer would otherwise drop or replace 
 ``"optimizer"`` block (the Trainer then builds DeepSpeed's optimizer), DeepSpeed ``offload_optimizer``
 (accelerate swaps in DeepSpeedCPUAdam), and the layer-wise ``apollo_adamw_layerwise``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,7 +36,14 @@ from .groups import LOW_RANK_KEYS
 from .optimizer import APOLLO
 
 # transformers' defaults for optim="apollo_adamw" (trainer_optimizer._get_apollo_optimizer)
-HF_DEFAULTS = {"rank": 128, "proj": "random", "scale_type": "channel", "update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
+HF_DEFAULTS = {
+    "rank": 128,
+    "proj": "random",
+    "scale_type": "channel",
+    "update_proj_gap": 200,
+    "scale": 1.0,
+    "proj_type": "std",
+}
 EXTRA_KEYS = ("projection_tf32", "nonfinite")
 OPTIM_NAMES = ("apollo_adamw", "adamw_torch", "adamw_torch_fused")  # what optim= may say (the defaults are AdamW's)
 
@@ -58,12 +66,15 @@ def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
         elif key == "projection_tf32":
             out[key] = value.lower() in ("1", "true", "yes")
         else:
-            raise ValueError(f"optim_args: unknown APOLLO key {key!r}: expected some of {list(LOW_RANK_KEYS + EXTRA_KEYS)}")
+            raise ValueError(
+                f"optim_args: unknown APOLLO key {key!r}: expected some of {list(LOW_RANK_KEYS + EXTRA_KEYS)}"
+            )
     return out
 
 
-def param_groups_from_args(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None,
-                           optim_args: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+def param_groups_from_args(
+    args: Any, model: nn.Module, decay_names: Optional[set[str]] = None, optim_args: Optional[dict[str, Any]] = None
+) -> list[dict[str, Any]]:
     """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
     first (split into weight-decay and no-decay groups, same positions), then the targeted ``nn.Linear``
     weights with the low-rank keys. ``decay_names``: params that get weight decay (default: all);
@@ -103,8 +114,11 @@ def build_optimizer(args: Any, model: nn.Module, decay_names: Optional[set[str]]
     parsed = parse_optim_args(args.optim_args)
     return APOLLO(
         param_groups_from_args(args, model, decay_names, parsed),
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-        weight_decay=float(args.weight_decay), **{k: v for k, v in parsed.items() if k in EXTRA_KEYS},
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=float(args.weight_decay),
+        **{k: v for k, v in parsed.items() if k in EXTRA_KEYS},
     )
 
 
@@ -112,7 +126,9 @@ def check_trainer_setup(args: Any, optimizers: Any = None) -> None:
     """Raise where the Trainer would drop or replace APOLLO; warn where a setting is ignored."""
     optim = str(getattr(args.optim, "value", args.optim))
     if optim.endswith("layerwise"):
-        raise NotImplementedError(f"optim={optim!r}: layer-wise APOLLO is not supported by APOLLOTrainer; use optim=\"apollo_adamw\"")
+        raise NotImplementedError(
+            f'optim={optim!r}: layer-wise APOLLO is not supported by APOLLOTrainer; use optim="apollo_adamw"'
+        )
     if optim not in OPTIM_NAMES:
         warnings.warn(f"APOLLOTrainer trains with APOLLO: optim={optim!r} is ignored", stacklevel=3)
     if optimizers is not None and optimizers[0] is not None:
@@ -126,7 +142,7 @@ def check_trainer_setup(args: Any, optimizers: Any = None) -> None:
     block = config.get("optimizer")
     if block:
         raise ValueError(
-            f"the DeepSpeed config has an \"optimizer\" block (type {block.get('type')!r}): under the Trainer it "
+            f'the DeepSpeed config has an "optimizer" block (type {block.get("type")!r}): under the Trainer it '
             "replaces APOLLO; remove the block (APOLLOTrainer hands APOLLO to DeepSpeed itself)"
         )
     offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}

@@ -13,6 +13,7 @@ with the number of weights:
 The eager twins run the same arithmetic in PyTorch ops (CPU, or tensors the kernels do not take);
 with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how the CPU tests check them.
 """
+
 from __future__ import annotations
 
 import os
@@ -101,9 +102,24 @@ def project_eager(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _project_kernel(g_ptrs, p_ptrs, rows_t, n_t, tall_t, out_t, job_slot, job_c0, T_R, T_g, r,
-                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRETED: tl.constexpr,
-                        K_MAX: tl.constexpr):
+    def _project_kernel(
+        g_ptrs,
+        p_ptrs,
+        rows_t,
+        n_t,
+        tall_t,
+        out_t,
+        job_slot,
+        job_c0,
+        T_R,
+        T_g,
+        r,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        R_PAD: tl.constexpr,
+        INTERPRETED: tl.constexpr,
+        K_MAX: tl.constexpr,
+    ):
         job = tl.program_id(0)
         i = tl.load(job_slot + job)
         c = tl.load(job_c0 + job) + tl.arange(0, BLOCK_C)
@@ -160,11 +176,22 @@ class MultiProjection:
         self.block_k = 32
         channels = [rows if tall else n for rows, n, tall, _ in self.slots]
         self.job_slot, self.job_c0 = _blocks(channels, self.block_c, device)
-        self.rows_t, self.n_t, self.tall_t, self.out_t = (_i64(col, device) for col in zip(*self.slots)) if self.slots else (None,) * 4
+        self.rows_t, self.n_t, self.tall_t, self.out_t = (
+            (_i64(col, device) for col in zip(*self.slots)) if self.slots else (None,) * 4
+        )
         self.g_ptrs, self.p_ptrs = _Pointers(device), _Pointers(device)
-        self.k_max = max((n if tall else rows for rows, n, tall, _ in self.slots), default=0)  # interpreter's loop bound
+        self.k_max = max(
+            (n if tall else rows for rows, n, tall, _ in self.slots), default=0
+        )  # interpreter's loop bound
 
-    def __call__(self, grads: list[torch.Tensor], projs: list[torch.Tensor], T_R: torch.Tensor, T_g: torch.Tensor, tf32: bool = False) -> None:
+    def __call__(
+        self,
+        grads: list[torch.Tensor],
+        projs: list[torch.Tensor],
+        T_R: torch.Tensor,
+        T_g: torch.Tensor,
+        tf32: bool = False,
+    ) -> None:
         """``grads[i]``: (rows x n) fp32; ``projs[i]``: P (r x n, tall) or P's held rows (rows x r, wide).
         ``tf32``: TF32 tensor-core products (faster on GPUs, ~1e-3 relative error in R) instead of fp32."""
         if not self.slots:
@@ -177,10 +204,24 @@ class MultiProjection:
                     project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
             return
         _project_kernel[(len(self.job_slot),)](
-            self.g_ptrs(grads), self.p_ptrs(projs), self.rows_t, self.n_t, self.tall_t, self.out_t,
-            self.job_slot, self.job_c0, T_R, T_g, self.r,
-            BLOCK_C=self.block_c, BLOCK_K=self.block_k, R_PAD=self.r_pad, INTERPRETED=INTERPRET, K_MAX=self.k_max if INTERPRET else 0,
-            num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4, num_stages=3,
+            self.g_ptrs(grads),
+            self.p_ptrs(projs),
+            self.rows_t,
+            self.n_t,
+            self.tall_t,
+            self.out_t,
+            self.job_slot,
+            self.job_c0,
+            T_R,
+            T_g,
+            self.r,
+            BLOCK_C=self.block_c,
+            BLOCK_K=self.block_k,
+            R_PAD=self.r_pad,
+            INTERPRETED=INTERPRET,
+            K_MAX=self.k_max if INTERPRET else 0,
+            num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4,
+            num_stages=3,
         )
 
 
@@ -190,7 +231,9 @@ class MultiProjection:
 if triton is not None:
 
     @triton.jit
-    def _channel_adam_kernel(R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr):
+    def _channel_adam_kernel(
+        R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr
+    ):
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         j = tl.arange(0, R_PAD)
         mask = (c[:, None] < C) & (j[None, :] < r)
@@ -207,7 +250,9 @@ if triton is not None:
         tl.store(r_sq + c, tl.sum(x * x, axis=1), mask=c < C)
 
 
-def channel_adam_(R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, b1: float, b2: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_adam_(
+    R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, b1: float, b2: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam moments of the channel rows of R (C x r, in place) -> (||N_c||^2, ||R_c||^2), each (C,),
     with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3)."""
     C, r = exp_avg.shape
@@ -219,7 +264,9 @@ def channel_adam_(R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tens
     n_sq, r_sq = R.new_empty(C), R.new_empty(C)
     r_pad = _pow2(r)
     block_c = max(1, 4096 // r_pad)
-    _channel_adam_kernel[(-(-C // block_c),)](R, exp_avg, exp_avg_sq, n_sq, r_sq, C, r, b1, 1.0 - b1, b2, 1.0 - b2, eps, BLOCK_C=block_c, R_PAD=r_pad)
+    _channel_adam_kernel[(-(-C // block_c),)](
+        R, exp_avg, exp_avg_sq, n_sq, r_sq, C, r, b1, 1.0 - b1, b2, 1.0 - b2, eps, BLOCK_C=block_c, R_PAD=r_pad
+    )
     return n_sq, r_sq
 
 
@@ -236,7 +283,9 @@ def scaled_update_eager(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, pe
 if triton is not None:
 
     @triton.jit
-    def _multi_update_kernel(p_ptrs, g_ptrs, c_offs, numels, ns, per_row, blk_param, blk_start, coef, decay, BLOCK: tl.constexpr):
+    def _multi_update_kernel(
+        p_ptrs, g_ptrs, c_offs, numels, ns, per_row, blk_param, blk_start, coef, decay, BLOCK: tl.constexpr
+    ):
         b = tl.program_id(0)
         i = tl.load(blk_param + b)
         numel = tl.load(numels + i)
@@ -282,8 +331,17 @@ class MultiUpdate:
                 scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, decay)
             return
         _multi_update_kernel[(len(self.blk_param),)](
-            self.p_ptrs, self.g_ptrs(grads), self.c_offs, self.numels, self.ns, self.rows, self.blk_param, self.blk_start,
-            coef.contiguous(), decay, BLOCK=BLOCK,
+            self.p_ptrs,
+            self.g_ptrs(grads),
+            self.c_offs,
+            self.numels,
+            self.ns,
+            self.rows,
+            self.blk_param,
+            self.blk_start,
+            coef.contiguous(),
+            decay,
+            BLOCK=BLOCK,
         )
 
 
@@ -293,7 +351,24 @@ class MultiUpdate:
 if triton is not None:
 
     @triton.jit
-    def _multi_adam_kernel(p_ptrs, g_ptrs, state_off, numels, blk_param, blk_start, M, V, b1, a1, b2, a2, eps, step_size, decay, BLOCK: tl.constexpr):
+    def _multi_adam_kernel(
+        p_ptrs,
+        g_ptrs,
+        state_off,
+        numels,
+        blk_param,
+        blk_start,
+        M,
+        V,
+        b1,
+        a1,
+        b2,
+        a2,
+        eps,
+        step_size,
+        decay,
+        BLOCK: tl.constexpr,
+    ):
         b = tl.program_id(0)
         i = tl.load(blk_param + b)
         offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
@@ -332,7 +407,9 @@ class MultiAdam:
         self.blk_param, self.blk_start = _blocks(sizes, BLOCK, dev)
         self.g_ptrs = _Pointers(dev)
 
-    def __call__(self, grads: list[torch.Tensor], b1: float, b2: float, eps: float, step_size: float, decay: float) -> None:
+    def __call__(
+        self, grads: list[torch.Tensor], b1: float, b2: float, eps: float, step_size: float, decay: float
+    ) -> None:
         """One step: ``step_size`` = bias-corrected lr, ``decay`` = -lr * weight_decay (0: none)."""
         if not self.params:
             return
@@ -348,6 +425,20 @@ class MultiAdam:
                 torch._foreach_add_(self.params, self.params, alpha=decay)
             return
         _multi_adam_kernel[(len(self.blk_param),)](
-            self.p_ptrs, self.g_ptrs(grads), self.state_off, self.numels, self.blk_param, self.blk_start,
-            self.exp_avg, self.exp_avg_sq, b1, 1.0 - b1, b2, 1.0 - b2, eps, step_size, decay, BLOCK=BLOCK,
+            self.p_ptrs,
+            self.g_ptrs(grads),
+            self.state_off,
+            self.numels,
+            self.blk_param,
+            self.blk_start,
+            self.exp_avg,
+            self.exp_avg_sq,
+            b1,
+            1.0 - b1,
+            b2,
+            1.0 - b2,
+            eps,
+            step_size,
+            decay,
+            BLOCK=BLOCK,
         )

@@ -25,6 +25,7 @@ What cannot hold in this mode, and is refused:
 - ``nonfinite="skip"``: a step cannot be skipped once earlier params were updated in the same backward
   (and skipping only the bad params would desynchronize step counts); layer-wise defaults to "raise".
 """
+
 from __future__ import annotations
 
 import weakref
@@ -59,8 +60,15 @@ def per_param_binding(binding: Binding) -> Binding:
             f"got a {binding.kind!r} binding (APOLLO.bind): its gradients have no per-parameter hook"
         )
     units = [Unit(u.group, [s]) for u in binding.units for s in u.slots]
-    return Binding(binding.kind, units, binding.process_group, binding.owners, binding.mesh,
-                   signature=binding.signature, held=binding.held)
+    return Binding(
+        binding.kind,
+        units,
+        binding.process_group,
+        binding.owners,
+        binding.mesh,
+        signature=binding.signature,
+        held=binding.held,
+    )
 
 
 class LayerwiseUpdates:

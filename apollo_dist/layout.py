@@ -14,6 +14,7 @@ reduce-scatter, and their factor comes back through one all-gather.
 Everything here is a pure function of the global layout, so all ranks build the same plan without
 talking.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def block_owners(m: int, n: int, blocks: list[tuple[int, int, int, int]]) -> lis
             sharing.setdefault(t, []).append(w)
     edges = sorted(sharing)
     if not edges or [a for a, _ in edges] != [0] + [b for _, b in edges[:-1]] or edges[-1][1] != C:
-        raise NotImplementedError(f"a {m} x {n} param held as blocks {blocks}: the blocks do not form a grid (touched channels {edges})")
+        raise NotImplementedError(
+            f"a {m} x {n} param held as blocks {blocks}: the blocks do not form a grid (touched channels {edges})"
+        )
     owners = [(0, 0)] * len(blocks)
     for (t0, t1), ranks in sharing.items():
         size = -(-(t1 - t0) // len(ranks))
@@ -84,7 +87,9 @@ def position_owners(m: int, n: int, ranges: list[tuple[int, ...]]) -> list[tuple
     """
     if any(len(r) == 4 for r in ranges):
         if not all(len(r) == 4 for r in ranges):
-            raise NotImplementedError(f"a {m} x {n} param held as flat ranges on some ranks and blocks on others: {ranges}")
+            raise NotImplementedError(
+                f"a {m} x {n} param held as flat ranges on some ranks and blocks on others: {ranges}"
+            )
         return block_owners(m, n, ranges)
     numel, C = m * n, num_channels(m, n)
 
@@ -152,11 +157,11 @@ class CommPlan:
 
     local_src: torch.Tensor  # T rows of local channels
     local_dst: torch.Tensor  # ... and their O rows
-    send_src: torch.Tensor   # T rows of touched shared channels
-    send_dst: torch.Tensor   # ... and their rows in the (W * seg) send buffer
-    recv_dst: torch.Tensor   # O rows of owned shared channels, in receive order
-    seg: int                 # rows per rank in the reduce-scatter / all-gather buffers
-    identity: bool           # T == O row for row (nothing shared): skip all copies
+    send_src: torch.Tensor  # T rows of touched shared channels
+    send_dst: torch.Tensor  # ... and their rows in the (W * seg) send buffer
+    recv_dst: torch.Tensor  # O rows of owned shared channels, in receive order
+    seg: int  # rows per rank in the reduce-scatter / all-gather buffers
+    identity: bool  # T == O row for row (nothing shared): skip all copies
 
 
 def build_comm_plan(layouts: list[ParamLayout], rank: int, world: int, device: torch.device) -> CommPlan:
@@ -192,11 +197,17 @@ def build_comm_plan(layouts: list[ParamLayout], rank: int, world: int, device: t
         o_off += o1 - o0
 
     def cat(xs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(xs).to(device=device, dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64, device=device)
+        return (
+            torch.cat(xs).to(device=device, dtype=torch.int64)
+            if xs
+            else torch.zeros(0, dtype=torch.int64, device=device)
+        )
 
     plan = CommPlan(cat(local_src), cat(local_dst), cat(send_src), cat(send_dst), cat(recv_dst), seg, False)
     plan.identity = (
-        len(plan.send_src) == 0 and len(plan.recv_dst) == 0 and t_off == o_off == len(plan.local_src)
+        len(plan.send_src) == 0
+        and len(plan.recv_dst) == 0
+        and t_off == o_off == len(plan.local_src)
         and torch.equal(plan.local_src, plan.local_dst)
     )
     return plan

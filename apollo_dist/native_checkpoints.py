@@ -11,6 +11,7 @@ order, as its zero_to_fp32.py reads them). DCP checkpoints hold global (DTensor)
 
 DeepSpeed's files are pickles: open only checkpoints you trust.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,9 +97,13 @@ class _RankFile:
     def sd(self) -> dict:
         if self._sd is None:
             try:
-                self._sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+                self._sd = torch.load(self.path, map_location="cpu", mmap=True, weights_only=False)[
+                    "optimizer_state_dict"
+                ]
             except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-                raise CheckpointError(f"{self.path}: cannot be read as a DeepSpeed optimizer file ({type(e).__name__}: {e})") from e
+                raise CheckpointError(
+                    f"{self.path}: cannot be read as a DeepSpeed optimizer file ({type(e).__name__}: {e})"
+                ) from e
         return self._sd
 
     def release(self) -> None:
@@ -133,7 +138,9 @@ class DeepSpeedSource:
         self.world = world
         self.ranks = [_RankFile(files[r]) for r in range(world)]
         self.stage = self._stage(first.sd)
-        model_file = self.dir / ("zero_pp_rank_0_mp_rank_00_model_states.pt" if self.stage == 3 else "mp_rank_00_model_states.pt")
+        model_file = self.dir / (
+            "zero_pp_rank_0_mp_rank_00_model_states.pt" if self.stage == 3 else "mp_rank_00_model_states.pt"
+        )
         if not model_file.is_file():
             raise CheckpointError(f"{model_file}: missing (DeepSpeed's model states of this checkpoint)")
         model_states = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
@@ -146,8 +153,12 @@ class DeepSpeedSource:
         trainer = _trainer_state(run, step, sched if sched is not None else run.get("scheduler"))
         source = {"engine": f"deepspeed-zero{self.stage}", "path": str(self.dir)}
         self.meta, self._index = meta_from_state_dicts(apollo_sd, names, trainer, source)
-        if len(self.param_shapes) != len(self.meta.groups):  # apollo_dist.deepspeed keeps one ZeRO-3 sub-group per group
-            raise CheckpointError(f"{model_file}: {len(self.param_shapes)} DeepSpeed param groups, the optimizer has {len(self.meta.groups)}")
+        if len(self.param_shapes) != len(
+            self.meta.groups
+        ):  # apollo_dist.deepspeed keeps one ZeRO-3 sub-group per group
+            raise CheckpointError(
+                f"{model_file}: {len(self.param_shapes)} DeepSpeed param groups, the optimizer has {len(self.meta.groups)}"
+            )
         self._offsets = self._zero3_offsets() if self.stage == 3 else None
         del model_states
         first.release()
@@ -175,7 +186,9 @@ class DeepSpeedSource:
             given = g.get("param_names")
             if given is None:
                 if gi >= len(self.param_shapes) or len(self.param_shapes[gi]) != len(g["params"]):
-                    raise CheckpointError(f"{self.dir}: param group {gi} has no param_names and DeepSpeed's param_shapes do not match it")
+                    raise CheckpointError(
+                        f"{self.dir}: param group {gi} has no param_names and DeepSpeed's param_shapes do not match it"
+                    )
                 given = list(self.param_shapes[gi])
             names.extend(given)
         return names
@@ -198,12 +211,18 @@ class DeepSpeedSource:
             flat = osd["single_partition_of_fp32_groups"][entry.group]
             frag = osd["param_slice_mappings"][entry.group].get(entry.name)
             if frag is None:
-                raise CheckpointError(f"{self.ranks[rank].path}: DeepSpeed has no slice of {entry.name} on this rank, the APOLLO layout has one")
+                raise CheckpointError(
+                    f"{self.ranks[rank].path}: DeepSpeed has no slice of {entry.name} on this rank, the APOLLO layout has one"
+                )
             if frag.numel != b - a:
-                raise CheckpointError(f"{self.ranks[rank].path}: {entry.name}: DeepSpeed's slice has {frag.numel} elements, the APOLLO layout {b - a}")
+                raise CheckpointError(
+                    f"{self.ranks[rank].path}: {entry.name}: DeepSpeed's slice has {frag.numel} elements, the APOLLO layout {b - a}"
+                )
             off = frag.start
         if off + (b - a) > flat.numel():
-            raise CheckpointError(f"{self.ranks[rank].path}: {entry.name}: its slice ends past the flat partition (truncated?)")
+            raise CheckpointError(
+                f"{self.ranks[rank].path}: {entry.name}: its slice ends past the flat partition (truncated?)"
+            )
         return flat[off : off + (b - a)].float()
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
@@ -211,7 +230,14 @@ class DeepSpeedSource:
             ranks = []
             for r, rf in enumerate(self.ranks):
                 sd = self._apollo_sd(rf)
-                ranks.append(RankState(str(rf.path), sd["apollo_layout"], sd["state"], lambda idx, e, a, b, r=r: self._master(r, e, a, b)))
+                ranks.append(
+                    RankState(
+                        str(rf.path),
+                        sd["apollo_layout"],
+                        sd["state"],
+                        lambda idx, e, a, b, r=r: self._master(r, e, a, b),
+                    )
+                )
             return assemble_param(entry, self._index[entry.name], ranks)
         finally:
             for rf in self.ranks:
@@ -250,7 +276,9 @@ class DCPSource:
         paths = {k: tuple(self.md.planner_data.get(k, (k,))) for k in self.md.state_dict_metadata}
         optim = {p[0] for p in paths.values() if len(p) == 4 and p[1] == "state"}
         if len(optim) != 1:
-            raise CheckpointError(f"{self.dir}: expected one optimizer state in the checkpoint, found {sorted(optim) or 'none'}")
+            raise CheckpointError(
+                f"{self.dir}: expected one optimizer state in the checkpoint, found {sorted(optim) or 'none'}"
+            )
         self.optim = optim.pop()
         wanted = {k for k, p in paths.items() if p[0] == self.optim and (not self._is_tensor(k) or p[-1] == "step")}
         groups: dict[int, dict[str, Any]] = {}
@@ -265,7 +293,9 @@ class DCPSource:
         names = {n for g in self.groups for n in g["params"]}
         models = {p[0] for p in paths.values() if len(p) == 2 and p[1] in names}
         if len(models) != 1:
-            raise CheckpointError(f"{self.dir}: expected the model's weights under one key, found {sorted(models) or 'none'}")
+            raise CheckpointError(
+                f"{self.dir}: expected the model's weights under one key, found {sorted(models) or 'none'}"
+            )
         self.model = models.pop()
         params, meta_groups = [], []
         for gi, g in enumerate(self.groups):
@@ -280,7 +310,9 @@ class DCPSource:
         first = self.groups[0] if self.groups else {}
         world = len({int(m.group(1)) for f in self._files() if (m := re.match(r"__(\d+)_\d+\.distcp$", f))})
         self.meta = Meta(
-            params, meta_groups, str(first.get("generator_device", "cpu")),
+            params,
+            meta_groups,
+            str(first.get("generator_device", "cpu")),
             {"scale_front": bool(first.get("scale_front", False)), "disable_nl": bool(first.get("disable_nl", False))},
             _trainer_state(run, run.get("step"), run.get("scheduler")),
             {"engine": "fsdp2", "path": str(self.dir), "world_size": run.get("world_size", world)},
@@ -315,7 +347,9 @@ class DCPSource:
         # What DCP's own _load_state_dict_from_keys does, but never collective (no_dist).
         nested: dict[str, Any] = {}
         with _quiet_no_dist():
-            _load_state_dict(nested, FileSystemReader(str(self.dir)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+            _load_state_dict(
+                nested, FileSystemReader(str(self.dir)), planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True
+            )
         out = {}
         for k in keys:
             v = nested

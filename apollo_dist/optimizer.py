@@ -6,6 +6,7 @@ it first steps (apollo_dist.binding: plain tensors, FSDP2 DTensors, DeepSpeed Ze
 binds again when an engine re-points them before training starts; an adapter may also hand the slots
 over itself with `bind`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional, Union
@@ -116,7 +117,13 @@ class APOLLO(torch.optim.Optimizer):
         nonfinite: Optional[str] = None,
         layerwise: bool = False,
     ):
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+        }
         _check_group(-1, {**defaults, "params": []})
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):
@@ -154,7 +161,9 @@ class APOLLO(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Only while constructing: seeds are the params' positions, fixed at construction."""
         if hasattr(self, "_groups"):
-            raise NotImplementedError("APOLLO.add_param_group after construction is not supported: pass every group to the constructor")
+            raise NotImplementedError(
+                "APOLLO.add_param_group after construction is not supported: pass every group to the constructor"
+            )
         super().add_param_group(param_group)
 
     # -- binding ------------------------------------------------------------------------------
@@ -167,7 +176,9 @@ class APOLLO(torch.optim.Optimizer):
         if self._binding is None or not self._binding.accepts(lists):
             self._install(detect(lists, self._received, ["rank" in g for g in self._all_groups()]))
 
-    def bind(self, slots: list[Slot], process_group: Optional[dist.ProcessGroup] = None, owners: str = "position") -> None:
+    def bind(
+        self, slots: list[Slot], process_group: Optional[dist.ProcessGroup] = None, owners: str = "position"
+    ) -> None:
         """Tell the optimizer what this rank holds (for adapters of layouts `ensure_bound` does not detect).
 
         ``slots``: one per trainable parameter given to the optimizer, on every rank, in the same
@@ -250,7 +261,12 @@ class APOLLO(torch.optim.Optimizer):
 
     # -- stepping -----------------------------------------------------------------------------
     def _hparams(self, gi: int) -> dict:
-        return {**self._groups[gi], "scale_front": self.scale_front, "disable_nl": self.disable_nl, "projection_tf32": self.projection_tf32}
+        return {
+            **self._groups[gi],
+            "scale_front": self.scale_front,
+            "disable_nl": self.disable_nl,
+            "projection_tf32": self.projection_tf32,
+        }
 
     def _active_buckets(self) -> list:
         """The buckets of the tensors that ``param_groups`` shows now (an engine may show one group, or
@@ -315,8 +331,12 @@ class APOLLO(torch.optim.Optimizer):
         groups = []
         for g, row in zip(self._groups, self._received):
             saved = {k: v for k, v in g.items() if k != "params"}
-            saved.update(params=[r.position for r in row], generator_device=self._device.type,
-                         scale_front=self.scale_front, disable_nl=self.disable_nl)
+            saved.update(
+                params=[r.position for r in row],
+                generator_device=self._device.type,
+                scale_front=self.scale_front,
+                disable_nl=self.disable_nl,
+            )
             groups.append(saved)
         state = {s.index: dict(self.state[s.param]) for s in self.slots()}
         return {"state": state, "param_groups": groups, "apollo_layout": self.layout()}
@@ -336,7 +356,13 @@ class APOLLO(torch.optim.Optimizer):
                     entry["owned"] = list(b.layouts[i].owners[self._rank])
                 params[s.index] = entry
         params = dict(sorted(params.items()))
-        return {"version": 1, "world_size": self._world, "rank": self._rank, "generator_device": self._device.type, "params": params}
+        return {
+            "version": 1,
+            "world_size": self._world,
+            "rank": self._rank,
+            "generator_device": self._device.type,
+            "params": params,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of the same layout (same W and engine); copies into the live buffers."""
@@ -360,14 +386,18 @@ class APOLLO(torch.optim.Optimizer):
         """Check the saved groups against these and take their hyperparameters (not the run-level keys);
         returns saved param id -> position."""
         if len(saved_groups) != len(self._groups):
-            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self._groups)}")
+            raise ValueError(
+                f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self._groups)}"
+            )
         position = {}
         for gi, (mine, row, saved) in enumerate(zip(self._groups, self._received, saved_groups)):
             if len(row) != len(saved["params"]):
                 raise ValueError(f"param group {gi}: state has {len(saved['params'])} params, optimizer has {len(row)}")
             for key in TUNABLE_LOW_RANK_KEYS:
                 if mine.get(key) != saved.get(key):
-                    raise ValueError(f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}")
+                    raise ValueError(
+                        f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}"
+                    )
             position.update(zip(saved["params"], (r.position for r in row)))
             for k, v in saved.items():
                 if k not in ("params", "param_names") + RUN_KEYS:  # run-level: this run's

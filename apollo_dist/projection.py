@@ -4,6 +4,7 @@ DESIGN.md §1.1: P = randn(shape) / sqrt(r) from a generator on the gradient's d
 epoch's seed; the seed of epoch k is ``next_seed`` applied k times to the parameter's initial seed.
 Nothing here is stored in checkpoints: it is a pure function of (seed, epoch, shape, device type).
 """
+
 from __future__ import annotations
 
 import math

@@ -19,6 +19,7 @@ Stochastic rounding is seeded by (the param's APOLLO seed, its step), so a resum
 noise as an uninterrupted one. One process only (the paper's single-GPU setting): FSDP2 shards
 parameters, not the int8 buffers; refused with a clear error.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -60,7 +61,9 @@ def dequantize_groupwise(
     """q * scale per group of ``group_size`` (as quantized): the (m, n) weight in ``dtype``."""
     m, n = q.shape
     groups = scale.shape[1]
-    w = nn.functional.pad(q.to(torch.float32), (0, groups * group_size - n)).reshape(m, groups, group_size) * scale.unsqueeze(-1)
+    w = nn.functional.pad(q.to(torch.float32), (0, groups * group_size - n)).reshape(
+        m, groups, group_size
+    ) * scale.unsqueeze(-1)
     return w.reshape(m, groups * group_size)[:, :n].to(dtype)
 
 
@@ -110,13 +113,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
         w = linear.weight
-        self.weight = nn.Parameter(torch.zeros((), device=w.device, dtype=w.dtype).expand(w.shape), requires_grad=w.requires_grad)
+        self.weight = nn.Parameter(
+            torch.zeros((), device=w.device, dtype=w.dtype).expand(w.shape), requires_grad=w.requires_grad
+        )
         self.weight._apollo_quant = weakref.ref(self)  # how the binding and the hooks find the int8 storage
         self.bias = linear.bias
         self._scratch = scratch  # fp32 (out, in), shared by the model's weights of this shape: APOLLO updates it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Int8LinearFunction.apply(x, self.weight, self.weight_int8, self.weight_scale, self.bias, self.group_size)
+        return _Int8LinearFunction.apply(
+            x, self.weight, self.weight_int8, self.weight_scale, self.bias, self.group_size
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the int8 storage stands for (out x in)."""
@@ -128,7 +135,9 @@ class Int8Linear(nn.Module):
 
     def store_scratch(self, seed: int, step: int) -> None:
         """After the update: re-quantize the scratch into the int8 storage (stochastic rounding)."""
-        q, scale = quantize_groupwise(self._scratch, self.group_size, rounding_generator(seed, step, self._scratch.device))
+        q, scale = quantize_groupwise(
+            self._scratch, self.group_size, rounding_generator(seed, step, self._scratch.device)
+        )
         self.weight_int8.copy_(q)
         self.weight_scale.copy_(scale)
 
@@ -136,14 +145,18 @@ class Int8Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination.pop(prefix + "weight", None)  # the proxy holds no values: int8 + scales are the weight
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if prefix + "weight" in state_dict:
             error_msgs.append(
                 f"{prefix}weight: a float weight for an int8 layer (Int8Linear): load it into the float model, "
                 "then call apollo_dist.quant.quantize_model"
             )
             return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + "weight" in missing_keys:
             missing_keys.remove(prefix + "weight")
 
@@ -151,7 +164,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 groups of {self.group_size}"
 
 
-def quantize_model(model: nn.Module, target_modules: Iterable[str] = ("attn", "mlp"), group_size: int = GROUP_SIZE) -> list[str]:
+def quantize_model(
+    model: nn.Module, target_modules: Iterable[str] = ("attn", "mlp"), group_size: int = GROUP_SIZE
+) -> list[str]:
     """Replace, in place, every ``nn.Linear`` whose name contains one of ``target_modules`` (the rule of
     ``apollo_dist.param_groups``) by an `Int8Linear`; returns the replaced names.
 
@@ -165,7 +180,9 @@ def quantize_model(model: nn.Module, target_modules: Iterable[str] = ("attn", "m
             continue
         w = module.weight
         if type(w).__name__ == "DTensor":
-            raise ValueError(f"int8 weights run in one process: {name}.weight is a DTensor (FSDP2); quantize the unsharded model")
+            raise ValueError(
+                f"int8 weights run in one process: {name}.weight is a DTensor (FSDP2); quantize the unsharded model"
+            )
         key = (tuple(w.shape), w.device)
         if key not in scratch:
             scratch[key] = torch.empty(w.shape, dtype=torch.float32, device=w.device)

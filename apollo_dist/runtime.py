@@ -4,6 +4,7 @@ a clean end of a distributed run, and the optimizer state a rank holds.
 Used by launch/ (the training job), tools/ and tests; it knows no engine beyond what it duck-types
 (DeepSpeed's optimizer wrappers by their ``.optimizer``) and imports neither deepspeed nor launch/.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,19 @@ import torch.distributed as dist
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
-__all__ = ["MPI_RANK_VARS", "MPI_SIZE_VARS", "launched_by_mpi", "env_rank", "env_world_size", "free_port", "mpi_discovery",
-           "shutdown", "host_peak_rss_gib", "unwrap", "state_bytes"]
+__all__ = [
+    "MPI_RANK_VARS",
+    "MPI_SIZE_VARS",
+    "launched_by_mpi",
+    "env_rank",
+    "env_world_size",
+    "free_port",
+    "mpi_discovery",
+    "shutdown",
+    "host_peak_rss_gib",
+    "unwrap",
+    "state_bytes",
+]
 
 
 # -- the launcher's environment -----------------------------------------------------------------

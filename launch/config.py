@@ -2,6 +2,7 @@
 flags, the DeepSpeed JSON's defaults and a resumed checkpoint; the engines read them; each checkpoint's
 trainer.json records the saved fields under their names (the flags' dests), and --resume reads them back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -90,5 +91,7 @@ class OptimizerConfig:
     def from_dict(cls, hparams: dict[str, Any]) -> "OptimizerConfig":
         """From trainer.json's "hparams" (or the dict train.py resolves from flags and the JSON)."""
         known = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in hparams.items() if k in known},
-                   extra={k: v for k, v in hparams.items() if k not in known})
+        return cls(
+            **{k: v for k, v in hparams.items() if k in known},
+            extra={k: v for k, v in hparams.items() if k not in known},
+        )

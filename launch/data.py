@@ -6,6 +6,7 @@ takes its contiguous slice of them, cut into micro-batches. So the tokens a step
 same whatever the world size and micro-batch size, and resuming at step ``s`` needs no saved reader
 state. Validation uses fixed, evenly spaced windows of a held-out tail of the corpus.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -53,7 +54,9 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - any failure is a bad --tokenizer
-            raise DataError(f"--tokenizer {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})".splitlines()[0]) from e
+            raise DataError(
+                f"--tokenizer {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})".splitlines()[0]
+            ) from e
         self.vocab_size = len(self.tok)
         self.eos_id = self.tok.eos_token_id if self.tok.eos_token_id is not None else 0
 
@@ -110,9 +113,7 @@ def _tar_texts(path: str) -> Iterator[str]:
 def read_documents(path: str) -> Iterator[str]:
     """Documents of a text/.jsonl file, a directory of them (sorted, recursive) or a tarball of them."""
     if os.path.isdir(path):
-        files = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl"))
-        )
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".jsonl")))
         if not files:
             raise DataError(f"--data {path}: directory holds no .txt or .jsonl files")
         for f in files:
@@ -134,7 +135,9 @@ def load_tokens(path: str, tokenizer) -> np.ndarray:
             raise DataError(f"--data {path}: a .bin corpus holds uint16 token ids, but its size is odd")
         tokens = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
         if len(tokens) and int(tokens.max()) >= tokenizer.vocab_size:
-            raise DataError(f"--data {path}: token id {int(tokens.max())} >= vocab size {tokenizer.vocab_size} of the tokenizer")
+            raise DataError(
+                f"--data {path}: token id {int(tokens.max())} >= vocab size {tokenizer.vocab_size} of the tokenizer"
+            )
         return tokens
     pieces = []
     for text in read_documents(path):
@@ -175,7 +178,9 @@ def window_starts(n_tokens: int, seq_len: int, seed: int, step: int, global_batc
     return rng.integers(0, n_tokens - seq_len, size=global_batch)  # window = seq_len + 1 tokens
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def windows(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets (both B x seq_len, int64) of the windows at ``starts``."""
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
     batch = torch.from_numpy(rows).to(device, non_blocking=True)
@@ -183,7 +188,15 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.
 
 
 def train_micro_batches(
-    split: Split, seq_len: int, seed: int, step: int, global_batch: int, rank: int, world: int, micro: int, device: torch.device
+    split: Split,
+    seq_len: int,
+    seed: int,
+    step: int,
+    global_batch: int,
+    rank: int,
+    world: int,
+    micro: int,
+    device: torch.device,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches of step ``step``: its contiguous slice of the global batch, in order."""
     starts = window_starts(len(split.train), seq_len, seed, step, global_batch)

@@ -6,6 +6,7 @@ checkpoint hooks ``save_checkpoint(step)`` / ``load_checkpoint(dir)``, which use
 mechanism (torch.save; torch.distributed.checkpoint; DeepSpeed's save/load_checkpoint) and so resume
 only with the same world size and engine. tools/convert_checkpoint.py covers other world sizes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,11 +92,13 @@ def check_gpus_per_node(local_rank: int) -> None:
     import torch
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local = max([local_rank + 1] + [int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if os.environ.get(k)])
+    local = max(
+        [local_rank + 1] + [int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if os.environ.get(k)]
+    )
     if visible and local > visible:
         raise TooManyRanks(
             f"{local} ranks on this node but {visible} visible GPU(s): launch at most {visible} "
-            f"(--nproc_per_node / --num_gpus {visible}), or run on the CPU with CUDA_VISIBLE_DEVICES=\"\""
+            f'(--nproc_per_node / --num_gpus {visible}), or run on the CPU with CUDA_VISIBLE_DEVICES=""'
         )
 
 
@@ -363,8 +366,12 @@ class Engine:
 
     def _write_meta(self, path: str, step: int) -> None:
         meta = {
-            "format": CHECKPOINT_FORMAT, "step": step, "engine": self.name, "world_size": self.d.world,
-            "scheduler": self.scheduler.state_dict(), "hparams": self.hp.to_dict(),
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "engine": self.name,
+            "world_size": self.d.world,
+            "scheduler": self.scheduler.state_dict(),
+            "hparams": self.hp.to_dict(),
             **self.run.saved(),  # RunConfig's saved fields (RUN_KEYS_SAVED)
         }
         tmp = os.path.join(path, META_FILE + ".tmp")
@@ -381,7 +388,11 @@ def llama_tp_plan() -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     col = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-    return {**{k: ColwiseParallel() for k in col}, "self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    return {
+        **{k: ColwiseParallel() for k in col},
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
 
 
 def llama_vocab_tp_plan() -> dict:
@@ -390,8 +401,10 @@ def llama_vocab_tp_plan() -> dict:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    return {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate())}
+    return {
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    }
 
 
 class FSDP2Engine(Engine):
@@ -416,8 +429,11 @@ class FSDP2Engine(Engine):
             from torch.distributed.tensor.parallel import parallelize_module
 
             cfg = model.config
-            for what, size in (("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", cfg.num_key_value_heads),
-                               ("intermediate_size", cfg.intermediate_size)):
+            for what, size in (
+                ("num_attention_heads", cfg.num_attention_heads),
+                ("num_key_value_heads", cfg.num_key_value_heads),
+                ("intermediate_size", cfg.intermediate_size),
+            ):
                 if size % tp:
                     raise ValueError(f"--tp {tp}: the model's {what} = {size} is not divisible by it")
             full = init_device_mesh(self.d.device.type, dp_shape + (tp,), mesh_dim_names=dp_names + ("tp",))
@@ -430,7 +446,11 @@ class FSDP2Engine(Engine):
             mesh = init_device_mesh(self.d.device.type, dp_shape, mesh_dim_names=dp_names)
         else:
             mesh = init_device_mesh(self.d.device.type, (self.d.world,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.bf16
+            else MixedPrecisionPolicy()
+        )
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         return fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -502,11 +522,15 @@ class DeepSpeedEngine(Engine):
             model = materialize(model, run.seed, d.device, pretrained(run))
         self.host_rss_model_gib = host_peak_rss_gib()
         client = build_optimizer(model, hp) if hp.optimizer == "adamw" else None
-        self.model, self.optimizer, _, _ = initialize(model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config)
+        self.model, self.optimizer, _, _ = initialize(
+            model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config
+        )
         # The schedule is built here, after initialize, on the optimizer DeepSpeed steps, and stepped by
         # train_step: torch's LRScheduler wraps optimizer.step when it is built, and a scheduler handed
         # to initialize would wrap APOLLO's step before the adapter specializes it for ZeRO.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(unwrap(self.optimizer), cosine_schedule(run.warmup_steps, run.steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            unwrap(self.optimizer), cosine_schedule(run.warmup_steps, run.steps)
+        )
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         total = torch.zeros((), device=self.d.device)
@@ -537,7 +561,9 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")
 
 
-def make_engine(name: str, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist, ds_config: Optional[dict]) -> Engine:
+def make_engine(
+    name: str, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist, ds_config: Optional[dict]
+) -> Engine:
     if name == "deepspeed":
         return DeepSpeedEngine(model, hp, run, d, ds_config)
     return (FSDP2Engine if name == "fsdp2" else Engine)(model, hp, run, d)

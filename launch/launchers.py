@@ -1,4 +1,5 @@
 """Where the process launchers are: next to this Python (a venv), else on PATH."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """LLaMA models of launch/train.py: the APOLLO / GaLore paper sizes, or a config JSON."""
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,17 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
     if model in SIZES:
         hidden, inter, heads, layers = SIZES[model]
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-            num_key_value_heads=heads, num_hidden_layers=layers, max_position_embeddings=max(MAX_POSITIONS, seq_len),
-            rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False, use_cache=False,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            num_hidden_layers=layers,
+            max_position_embeddings=max(MAX_POSITIONS, seq_len),
+            rms_norm_eps=1e-6,
+            initializer_range=0.02,
+            tie_word_embeddings=False,
+            use_cache=False,
         )
     cfg = LlamaConfig.from_json_file(model)  # also a checkpoint's config.json: GQA, tied embeddings, rope scaling
     if getattr(cfg, "model_type", "llama") != "llama" or json.load(open(model)).get("model_type", "llama") != "llama":
@@ -56,7 +65,9 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"--model {model}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if cfg.max_position_embeddings < seq_len:
-        raise ValueError(f"--model {model}: max_position_embeddings {cfg.max_position_embeddings} < --seq-len {seq_len}")
+        raise ValueError(
+            f"--model {model}: max_position_embeddings {cfg.max_position_embeddings} < --seq-len {seq_len}"
+        )
     cfg.use_cache = False
     return cfg
 
@@ -93,7 +104,9 @@ def _local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def materialize(model: torch.nn.Module, seed: int, device: torch.device, weights: Optional["HFWeights"] = None) -> torch.nn.Module:
+def materialize(
+    model: torch.nn.Module, seed: int, device: torch.device, weights: Optional["HFWeights"] = None
+) -> torch.nn.Module:
     """Allocate a meta-device model (plain, or sharded by fully_shard) on ``device`` and fill what this
     rank holds: from ``weights`` (a pretrained checkpoint: only the rows this rank holds are read), else
     each parameter drawn whole by `param_init` (one at a time) and only its local part kept, so the host

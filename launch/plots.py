@@ -1,4 +1,5 @@
 """Loss curves of training runs as a PNG: launch/train.py draws its own run, tools/compare_runs.py several."""
+
 from __future__ import annotations
 
 

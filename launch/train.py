@@ -15,13 +15,13 @@ Optimizer flags and --grad-clip default to the DeepSpeed JSON's "optimizer" bloc
 sizes and bf16 unless flags say otherwise; train.py owns the lr schedule (a JSON "scheduler" block is
 ignored) and writes its resolved values into the config it hands DeepSpeed.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
 import os
-import resource
 import sys
 import time
 import warnings
@@ -34,8 +34,18 @@ from launch.config import RUN_KEYS_SAVED, OptimizerConfig, RunConfig
 from launch.model import check_model_arg
 
 ROOT = data.ROOT
-DEFAULT_CONFIGS = {"apollo": "ds_configs/apollo.json", "apollo-mini": "ds_configs/apollo_mini.json", "adamw": "ds_configs/apollo.json"}
-OPTIMIZER_TYPES = {"apollo": "apollo", "apollo-mini": "apollo-mini", "apollo_mini": "apollo-mini", "adamw": "adamw", "adam": "adamw"}
+DEFAULT_CONFIGS = {
+    "apollo": "ds_configs/apollo.json",
+    "apollo-mini": "ds_configs/apollo_mini.json",
+    "adamw": "ds_configs/apollo.json",
+}
+OPTIMIZER_TYPES = {
+    "apollo": "apollo",
+    "apollo-mini": "apollo-mini",
+    "apollo_mini": "apollo-mini",
+    "adamw": "adamw",
+    "adam": "adamw",
+}
 COMMON_KEYS = ("lr", "betas", "eps", "weight_decay")
 FALLBACK = {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.0, "target_modules": ["attn", "mlp"]}
 
@@ -45,15 +55,29 @@ class UsageError(ValueError):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     a = p.add_argument
     a("--engine", choices=["auto", "single", "fsdp2", "deepspeed"], default="auto", help="see the module doc")
     a("--deepspeed", metavar="CONFIG", help="DeepSpeed JSON (implies --engine deepspeed)")
-    a("--mesh", metavar="RxS", default=None, help="FSDP2 as HSDP: R replicas x S shards (R x S = W / tp); state is sharded "
-      "over S, APOLLO communicates within a shard group only (default: 1xW, plain FSDP)")
-    a("--tp", type=int, default=1, help="FSDP2 x tensor parallel of this size (torchtitan's plan: each decoder layer's "
-      "q/k/v/gate/up column-wise, o/down row-wise); the tp ranks of a data shard see the same batch")
-    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # added by launchers; LOCAL_RANK wins
+    a(
+        "--mesh",
+        metavar="RxS",
+        default=None,
+        help="FSDP2 as HSDP: R replicas x S shards (R x S = W / tp); state is sharded "
+        "over S, APOLLO communicates within a shard group only (default: 1xW, plain FSDP)",
+    )
+    a(
+        "--tp",
+        type=int,
+        default=1,
+        help="FSDP2 x tensor parallel of this size (torchtitan's plan: each decoder layer's "
+        "q/k/v/gate/up column-wise, o/down row-wise); the tp ranks of a data shard see the same batch",
+    )
+    a(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # added by launchers; LOCAL_RANK wins
     a("--model", default="tiny", help="tiny|60m|130m|350m|1b|7b or a LlamaConfig JSON")
     a("--data", default=data.DEFAULT_CORPUS, help="text file, directory of .txt/.jsonl, tarball, or uint16 .bin")
     a("--tokenizer", default=None, help="local HF tokenizer directory (default: bytes)")
@@ -66,41 +90,87 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--lr", type=float, default=None)
     a("--weight-decay", type=float, default=None)
     a("--warmup-steps", type=int, default=None, help="linear warm-up, then cosine to 10%% (default: steps/10)")
-    a("--grad-clip", type=float, default=None, help="max grad norm, 0 = off (default: the JSON's gradient_clipping, else 1.0)")
+    a(
+        "--grad-clip",
+        type=float,
+        default=None,
+        help="max grad norm, 0 = off (default: the JSON's gradient_clipping, else 1.0)",
+    )
     a("--steps", type=int, default=1000)
     a("--global-batch-size", type=int, default=None, help="sequences per step (default: the JSON's, else 32)")
     a("--micro-batch-size", type=int, default=None, help="per rank and forward (default: the JSON's, else global/W)")
     a("--seq-len", type=int, default=256)
     a("--seed", type=int, default=0)
-    a("--dtype", choices=["fp32", "bf16"], default=None, help="default: the JSON's bf16 flag, else bf16 on GPU, fp32 on CPU")
-    a("--param-dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: the model's parameters themselves in bf16, "
-      "no fp32 copy (pure bf16 training, as the APOLLO paper's one-GPU 7B runs); --engine single only (FSDP2 and "
-      "DeepSpeed keep fp32 master weights and compute in bf16 with --dtype bf16)")
+    a(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="default: the JSON's bf16 flag, else bf16 on GPU, fp32 on CPU",
+    )
+    a(
+        "--param-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: the model's parameters themselves in bf16, "
+        "no fp32 copy (pure bf16 training, as the APOLLO paper's one-GPU 7B runs); --engine single only (FSDP2 and "
+        "DeepSpeed keep fp32 master weights and compute in bf16 with --dtype bf16)",
+    )
     a("--eval-every", type=int, default=50)
     a("--eval-samples", type=int, default=64, help="validation windows per evaluation")
     a("--save-dir", default=None)
     a("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end, with --save-dir)")
-    a("--resume", default=None, help="a step directory or a --save-dir with a 'latest' file, or a canonical checkpoint; "
-      "the run's settings (model, batch, sequence length, schedule, optimizer hyperparameters) come from it unless given")
+    a(
+        "--resume",
+        default=None,
+        help="a step directory or a --save-dir with a 'latest' file, or a canonical checkpoint; "
+        "the run's settings (model, batch, sequence length, schedule, optimizer hyperparameters) come from it unless given",
+    )
     a("--activation-checkpointing", action="store_true", help="recompute each decoder layer's activations in backward")
-    a("--layerwise", action="store_true", help="layer-wise APOLLO: each weight is updated inside backward as soon as its "
-      "gradient is complete, and the gradient freed (saves the model's gradient memory); single and fsdp2 engines, "
-      "no gradient accumulation, no --grad-clip (its default becomes 0)")
-    a("--weight-quant", choices=["none", "int8"], default="none", help="int8: Q-APOLLO, the target linears' weights stored "
-      "as int8 with one scale per 128 inputs, updated with stochastic rounding (needs --layerwise, --engine single; "
-      "give it again with --resume)")
-    a("--init-from", metavar="DIR", default=None, help="start from a local Hugging Face LLaMA checkpoint (config.json + "
-      "safetensors, sharded or not; each rank reads what it holds); its tokenizer too unless --tokenizer is given")
-    a("--probe-micro-batches", metavar="LIST", default=None, help="benchmark mode: run --steps steps at each "
-      "micro-batch size of the increasing LIST (e.g. 1,2,4,8) in turn, in this one process (global batch = W x size, no "
-      "accumulation, no eval or checkpoints), logging each step's tokens/s and peak memory with its size; the job ends "
-      "at the first out-of-memory (tools/bench_dist.py --max-batch reads the rows)")
-    a("--dist-timeout", type=float, default=600,
-      help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)")
+    a(
+        "--layerwise",
+        action="store_true",
+        help="layer-wise APOLLO: each weight is updated inside backward as soon as its "
+        "gradient is complete, and the gradient freed (saves the model's gradient memory); single and fsdp2 engines, "
+        "no gradient accumulation, no --grad-clip (its default becomes 0)",
+    )
+    a(
+        "--weight-quant",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: Q-APOLLO, the target linears' weights stored "
+        "as int8 with one scale per 128 inputs, updated with stochastic rounding (needs --layerwise, --engine single; "
+        "give it again with --resume)",
+    )
+    a(
+        "--init-from",
+        metavar="DIR",
+        default=None,
+        help="start from a local Hugging Face LLaMA checkpoint (config.json + "
+        "safetensors, sharded or not; each rank reads what it holds); its tokenizer too unless --tokenizer is given",
+    )
+    a(
+        "--probe-micro-batches",
+        metavar="LIST",
+        default=None,
+        help="benchmark mode: run --steps steps at each "
+        "micro-batch size of the increasing LIST (e.g. 1,2,4,8) in turn, in this one process (global batch = W x size, no "
+        "accumulation, no eval or checkpoints), logging each step's tokens/s and peak memory with its size; the job ends "
+        "at the first out-of-memory (tools/bench_dist.py --max-batch reads the rows)",
+    )
+    a(
+        "--dist-timeout",
+        type=float,
+        default=600,
+        help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)",
+    )
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs a line per eval instead)")
-    a("--tensorboard", metavar="DIR", default=None,
-      help="also write the metrics as TensorBoard scalars (train/loss, train/lr, val/loss, ...) into DIR (rank 0)")
+    a(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write the metrics as TensorBoard scalars (train/loss, train/lr, val/loss, ...) into DIR (rank 0)",
+    )
     args = p.parse_args(argv)
     for action in p._actions:  # a second parse with no defaults tells which flags were given
         action.default = argparse.SUPPRESS
@@ -129,7 +199,9 @@ def optimizer_block(cfg: Optional[dict], where: str) -> tuple[Optional[str], dic
         return None, {}
     name = OPTIMIZER_TYPES.get(str(block.get("type", "")).lower())
     if name is None:
-        raise UsageError(f"{where}: optimizer type {block.get('type')!r} not supported here (APOLLO, APOLLO-Mini, AdamW)")
+        raise UsageError(
+            f"{where}: optimizer type {block.get('type')!r} not supported here (APOLLO, APOLLO-Mini, AdamW)"
+        )
     return name, dict(block.get("params") or {})
 
 
@@ -151,8 +223,10 @@ def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> Optim
     json_name, params = optimizer_block(defaults, args.deepspeed or "default config")
     unknown = sorted(set(params) - set(PARAM_KEYS)) if json_name in ("apollo", "apollo-mini") else []
     if unknown:  # a misspelt key would otherwise be dropped below and its default used silently
-        raise UsageError(f"{args.deepspeed or 'default config'}: unknown keys {unknown} in the optimizer params: "
-                         f"expected some of {list(PARAM_KEYS)}")
+        raise UsageError(
+            f"{args.deepspeed or 'default config'}: unknown keys {unknown} in the optimizer params: "
+            f"expected some of {list(PARAM_KEYS)}"
+        )
     name = args.optimizer or json_name or "apollo"
     hp: dict[str, Any] = {"optimizer": name, **FALLBACK}
     if name != "adamw":
@@ -209,23 +283,44 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
     import torch
 
     dtype = args.dtype or ("bf16" if (bf16_json if args.deepspeed else torch.cuda.is_available()) else "fp32")
-    grad_clip = args.grad_clip if args.grad_clip is not None else float(defaults.get("gradient_clipping", 1.0))  # DeepSpeed's default
+    grad_clip = (
+        args.grad_clip if args.grad_clip is not None else float(defaults.get("gradient_clipping", 1.0))
+    )  # DeepSpeed's default
     if args.layerwise:
         grad_clip = check_layerwise(args, engine, global_batch // (dp * micro))
     if args.param_dtype != "fp32" and engine != "single":
-        raise UsageError(f"--param-dtype {args.param_dtype} runs in one process (--engine single), this run's engine is "
-                         f"{engine}: its master weights stay fp32, use --dtype bf16 for bf16 compute")
+        raise UsageError(
+            f"--param-dtype {args.param_dtype} runs in one process (--engine single), this run's engine is "
+            f"{engine}: its master weights stay fp32, use --dtype bf16 for bf16 compute"
+        )
     if args.weight_quant == "int8" and not (args.layerwise and engine == "single"):
-        raise UsageError(f"--weight-quant int8 needs --layerwise and --engine single (int8 weights are updated in "
-                         f"backward, in one process), this run has engine {engine}{'' if args.layerwise else ', no --layerwise'}")
+        raise UsageError(
+            f"--weight-quant int8 needs --layerwise and --engine single (int8 weights are updated in "
+            f"backward, in one process), this run has engine {engine}{'' if args.layerwise else ', no --layerwise'}"
+        )
     return RunConfig(
-        engine=engine, world=world, global_batch_size=global_batch, micro_batch_size=micro,
-        grad_accum=global_batch // (dp * micro), dtype=dtype, grad_clip=grad_clip,
-        steps=args.steps, warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
-        seq_len=args.seq_len, seed=args.seed, model=args.model, data=args.data,
-        save_dir=args.save_dir, metrics_file=args.metrics_file, activation_checkpointing=bool(args.activation_checkpointing),
-        init_from=args.init_from, mesh=mesh, tp=tp, layerwise=bool(args.layerwise),
-        weight_quant=args.weight_quant, param_dtype=args.param_dtype,
+        engine=engine,
+        world=world,
+        global_batch_size=global_batch,
+        micro_batch_size=micro,
+        grad_accum=global_batch // (dp * micro),
+        dtype=dtype,
+        grad_clip=grad_clip,
+        steps=args.steps,
+        warmup_steps=args.steps // 10 if args.warmup_steps is None else args.warmup_steps,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        model=args.model,
+        data=args.data,
+        save_dir=args.save_dir,
+        metrics_file=args.metrics_file,
+        activation_checkpointing=bool(args.activation_checkpointing),
+        init_from=args.init_from,
+        mesh=mesh,
+        tp=tp,
+        layerwise=bool(args.layerwise),
+        weight_quant=args.weight_quant,
+        param_dtype=args.param_dtype,
     )
 
 
@@ -233,13 +328,19 @@ def check_layerwise(args: argparse.Namespace, engine: str, grad_accum: int) -> f
     """--layerwise: UsageError for what cannot hold when each weight is updated inside backward; returns
     the gradient clipping (0: off, the default under --layerwise)."""
     if engine == "deepspeed":
-        raise UsageError("--layerwise does not run under DeepSpeed (ZeRO owns the gradients): use --engine single or fsdp2")
+        raise UsageError(
+            "--layerwise does not run under DeepSpeed (ZeRO owns the gradients): use --engine single or fsdp2"
+        )
     if grad_accum > 1:
-        raise UsageError(f"--layerwise needs gradient accumulation 1 (each update runs in backward), this run has {grad_accum}: "
-                         "raise --micro-batch-size to global batch / W")
+        raise UsageError(
+            f"--layerwise needs gradient accumulation 1 (each update runs in backward), this run has {grad_accum}: "
+            "raise --micro-batch-size to global batch / W"
+        )
     if args.grad_clip:  # given, or from a resumed checkpoint
-        raise UsageError(f"--layerwise cannot clip by the global gradient norm (no update may wait for every gradient): "
-                         f"--grad-clip {args.grad_clip:g} must be 0")
+        raise UsageError(
+            f"--layerwise cannot clip by the global gradient norm (no update may wait for every gradient): "
+            f"--grad-clip {args.grad_clip:g} must be 0"
+        )
     return 0.0
 
 
@@ -253,7 +354,9 @@ def check_tp(args: argparse.Namespace, engine: str, world: int) -> int:
     if engine != "fsdp2":
         raise UsageError(f"--tp {tp} runs FSDP2 x tensor parallel, this run's engine is {engine}: use --engine fsdp2")
     if args.init_from:
-        raise UsageError(f"--tp {tp} with --init-from: reading a pretrained checkpoint's column blocks is not supported")
+        raise UsageError(
+            f"--tp {tp} with --init-from: reading a pretrained checkpoint's column blocks is not supported"
+        )
     return tp
 
 
@@ -275,8 +378,10 @@ def deepspeed_config(ds_cfg: dict, hp: OptimizerConfig, run: RunConfig) -> dict:
     """The JSON with train.py's resolved values written in (flags win over the file)."""
     cfg = copy.deepcopy(ds_cfg)
     cfg.update(
-        train_batch_size=run.global_batch_size, train_micro_batch_size_per_gpu=run.micro_batch_size,
-        gradient_accumulation_steps=run.grad_accum, gradient_clipping=run.grad_clip,
+        train_batch_size=run.global_batch_size,
+        train_micro_batch_size_per_gpu=run.micro_batch_size,
+        gradient_accumulation_steps=run.grad_accum,
+        gradient_clipping=run.grad_clip,
     )
     cfg.setdefault("steps_per_print", 10**9)  # progress is train.py's job
     cfg.pop("scheduler", None)  # the schedule comes from --warmup-steps / --steps
@@ -308,12 +413,16 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
     defaults = defaults_config(args, ds_cfg)
     run = resolve_run(args, ds_cfg, defaults, world)
     hp = resolve_hparams(args, defaults)
-    saved_hp = {k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()}  # betas, eps, targets...
+    saved_hp = {
+        k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()
+    }  # betas, eps, targets...
     hp = OptimizerConfig.from_dict({**hp.to_dict(), **saved_hp})
     if run.layerwise and hp.optimizer == "adamw":
         raise UsageError("--layerwise is layer-wise APOLLO: use --optimizer apollo or apollo-mini")
     model_name = os.path.basename(args.model).removesuffix(".json")
-    run.metrics_file = run.metrics_file or os.path.join("runs", f"{run.engine}-{model_name}-{hp.optimizer}", "metrics.jsonl")
+    run.metrics_file = run.metrics_file or os.path.join(
+        "runs", f"{run.engine}-{model_name}-{hp.optimizer}", "metrics.jsonl"
+    )
     from apollo_dist.checkpoint import is_canonical
 
     if args.resume and not is_canonical(args.resume):  # a canonical checkpoint loads at any W, any engine
@@ -333,8 +442,15 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
 # Flags a resumed run takes from its checkpoint unless given: flag dest -> key in trainer.json (and its
 # hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
 RUN_FLAGS = {key: key for key in RUN_KEYS_SAVED}  # RunConfig's saved fields: each is its flag's dest
-HP_FLAGS = {"optimizer": "optimizer", "lr": "lr", "weight_decay": "weight_decay", "rank": "rank", "scale": "scale",
-            "scale_type": "scale_type", "update_proj_gap": "update_proj_gap"}
+HP_FLAGS = {
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "weight_decay": "weight_decay",
+    "rank": "rank",
+    "scale": "scale",
+    "scale_type": "scale_type",
+    "update_proj_gap": "update_proj_gap",
+}
 
 
 def take_pretrained(args: argparse.Namespace) -> None:
@@ -343,7 +459,9 @@ def take_pretrained(args: argparse.Namespace) -> None:
     config = os.path.join(args.init_from, "config.json")
     if not os.path.isfile(config):
         raise UsageError(f"--init-from {args.init_from}: no config.json")
-    if not any(os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+    if not any(
+        os.path.isfile(os.path.join(args.init_from, f)) for f in ("model.safetensors", "model.safetensors.index.json")
+    ):
         raise UsageError(f"--init-from {args.init_from}: no model.safetensors or model.safetensors.index.json")
     if "model" in args.explicit and args.model != config:
         raise UsageError(f"--init-from {args.init_from} brings its own model: drop --model {args.model}")
@@ -380,8 +498,11 @@ def check_same_model_and_optimizer(path: str, meta: dict, run: RunConfig, hp: Op
     (its state would not load, or would load into the wrong shapes). Canonical checkpoints are checked
     param by param by load_canonical."""
     saved = meta.get("hparams") or {}
-    pairs = [("model", meta.get("model"), run.model), ("optimizer", saved.get("optimizer"), hp.optimizer),
-             ("weight_quant", meta.get("weight_quant"), run.weight_quant)]  # int8 weights are in the checkpoint
+    pairs = [
+        ("model", meta.get("model"), run.model),
+        ("optimizer", saved.get("optimizer"), hp.optimizer),
+        ("weight_quant", meta.get("weight_quant"), run.weight_quant),
+    ]  # int8 weights are in the checkpoint
     if hp.optimizer != "adamw":
         pairs += [(k, saved.get(k), getattr(hp, k)) for k in (*TUNABLE_LOW_RANK_KEYS, "target_modules")]
     for key, was, now in pairs:
@@ -407,11 +528,15 @@ def fmt_count(n: float) -> str:
 
 
 def describe_hparams(hp: OptimizerConfig, run: RunConfig) -> str:
-    low = "" if hp.optimizer == "adamw" else (
-        f" rank {hp.rank} scale_type {hp.scale_type} scale {hp.scale:g} proj gap {hp.update_proj_gap}"
+    low = (
+        ""
+        if hp.optimizer == "adamw"
+        else (f" rank {hp.rank} scale_type {hp.scale_type} scale {hp.scale:g} proj gap {hp.update_proj_gap}")
     )
-    return (f"{hp.optimizer}{low} lr {hp.lr:g} wd {hp.weight_decay:g}, "
-            f"warmup {run.warmup_steps} + cosine over {run.steps} steps, grad clip {run.grad_clip:g}")
+    return (
+        f"{hp.optimizer}{low} lr {hp.lr:g} wd {hp.weight_decay:g}, "
+        f"warmup {run.warmup_steps} + cosine over {run.steps} steps, grad clip {run.grad_clip:g}"
+    )
 
 
 class Metrics:
@@ -469,7 +594,9 @@ def evaluate(engine: engines.Engine, split: data.Split, run: RunConfig, n_sample
 
     d = engine.d
     acc = torch.zeros(2, device=d.device, dtype=torch.float64)
-    for x, y, w in data.val_micro_batches(split, run.seq_len, n_samples, d.data_rank, d.data_world, run.micro_batch_size, d.device):
+    for x, y, w in data.val_micro_batches(
+        split, run.seq_len, n_samples, d.data_rank, d.data_world, run.micro_batch_size, d.device
+    ):
         losses = engine.token_losses(x, y)
         acc[0] += (losses.sum(1).double() * w).sum()
         acc[1] += w.double().sum() * y.shape[1]
@@ -482,11 +609,20 @@ def timed_step(engine, split, run: RunConfig, d, step: int, micro: int, global_b
     update) and its metrics row: mean loss over ranks, tokens/s, peak memory, and ``wall_time`` (seconds
     since the epoch: launch-to-step times, tools/bench_dist.py)."""
     t0 = time.perf_counter()
-    batches = data.train_micro_batches(split, run.seq_len, run.seed, step, global_batch, d.data_rank, d.data_world, micro, d.device)
-    loss = float(d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world)  # waits for the step: the time is real
+    batches = data.train_micro_batches(
+        split, run.seq_len, run.seed, step, global_batch, d.data_rank, d.data_world, micro, d.device
+    )
+    loss = float(
+        d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world
+    )  # waits for the step: the time is real
     dt = time.perf_counter() - t0
-    return {"step": step, "loss": loss, "tokens_per_s": global_batch * run.seq_len / dt, "peak_mem_gib": peak_mem_gib(d.device),
-            "wall_time": time.time()}
+    return {
+        "step": step,
+        "loss": loss,
+        "tokens_per_s": global_batch * run.seq_len / dt,
+        "peak_mem_gib": peak_mem_gib(d.device),
+        "wall_time": time.time(),
+    }
 
 
 def probe_sizes(text: str) -> list[int]:
@@ -529,8 +665,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         run, hp, ds_cfg, tokenizer, split = validate(args)
         sizes = probe_sizes(args.probe_micro_batches) if args.probe_micro_batches else None
         if sizes and run.grad_accum != 1:
-            raise UsageError(f"--probe-micro-batches: runs without gradient accumulation, but the batch settings give "
-                             f"{run.grad_accum} micro-batches per step (pass --global-batch-size W x --micro-batch-size)")
+            raise UsageError(
+                f"--probe-micro-batches: runs without gradient accumulation, but the batch settings give "
+                f"{run.grad_accum} micro-batches per step (pass --global-batch-size W x --micro-batch-size)"
+            )
     except (UsageError, data.DataError) as e:
         if runtime.env_rank() == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -538,7 +676,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if runtime.launched_by_mpi():
         runtime.mpi_discovery()
-    import torch
     from tqdm import tqdm
 
     from launch.model import llama_config, meta_model
@@ -572,7 +709,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         engine = engines.make_engine(run.engine, model, hp, run, d, ds_full)
         if args.resume and is_canonical(args.resume):
-            start, resumed = int(resume_canonical(args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler)["step"]), "canonical"
+            start, resumed = (
+                int(
+                    resume_canonical(
+                        args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler
+                    )["step"]
+                ),
+                "canonical",
+            )
         elif args.resume:
             start, resumed = engine.load_checkpoint(args.resume), "native"
     except ValueError as e:  # input that only the built model shows wrong: target_modules, a canonical checkpoint
@@ -595,11 +739,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"  batch: global {run.global_batch_size} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run.micro_batch_size} x accumulation "
             f"{run.grad_accum} ({tokens_per_step} tokens/step)\n"
             f"  optimizer: {describe_hparams(hp, run)}\n"
-            + (f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
-               f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
-               f"layer's stay alive)\n" if run.layerwise else "")
-            + (f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
-               f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n" if n_int8 else "")
+            + (
+                f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
+                f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
+                f"layer's stay alive)\n"
+                if run.layerwise
+                else ""
+            )
+            + (
+                f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
+                f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n"
+                if n_int8
+                else ""
+            )
             + f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
             + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else ""),
             flush=True,
@@ -612,7 +764,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"step {step}: val_loss {val:.4f}", flush=True)
         return val
 
-    host_rss = {"host_rss_before_model_gib": d.all_gather_float(rss_before), "host_rss_model_built_gib": d.all_gather_float(rss_init)}
+    host_rss = {
+        "host_rss_before_model_gib": d.all_gather_float(rss_before),
+        "host_rss_model_built_gib": d.all_gather_float(rss_init),
+    }
     if sizes:
         probe_micro_batches(engine, split, run, d, sizes, metrics, host_rss)
         metrics.close()
@@ -637,8 +792,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step % args.eval_every == 0 or step == run.steps:
             val = log_eval(step, row)
         metrics.log(row)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=fmt_count(row["tokens_per_s"]), mem=f"{row['peak_mem_gib']:.2f}GiB",
-                        **({"val": f"{val:.3f}"} if val is not None else {}))
+        bar.set_postfix(
+            loss=f"{loss:.3f}",
+            tok_s=fmt_count(row["tokens_per_s"]),
+            mem=f"{row['peak_mem_gib']:.2f}GiB",
+            **({"val": f"{val:.3f}"} if val is not None else {}),
+        )
         bar.update(1)
         if run.save_dir and ((args.save_every and step % args.save_every == 0) or step == run.steps):
             path = engine.save_checkpoint(step)

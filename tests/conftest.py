@@ -1,4 +1,5 @@
 """Test set-up: the repo on sys.path and a stub for bitsandbytes (the oracle's __init__ imports it)."""
+
 import os
 import sys
 

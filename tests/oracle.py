@@ -1,4 +1,5 @@
 """The test oracle (apollo-torch 1.0.3, CC-BY-NC: run by tests only) and a small model with awkward shapes."""
+
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,9 @@ def groups(model, preset: str, rank: int | None = None, gap: int = 7):
     """Param groups for both optimizers (plain dicts, the reference's keys)."""
     from apollo_dist import param_groups
 
-    gs = param_groups(model, preset=preset, update_proj_gap=gap, rank=rank if rank is not None else (5 if preset == "apollo" else 1))
+    gs = param_groups(
+        model, preset=preset, update_proj_gap=gap, rank=rank if rank is not None else (5 if preset == "apollo" else 1)
+    )
     for g in gs:
         g.pop("param_names", None)
     return gs

@@ -1,4 +1,5 @@
 """Run a worker script under a real launcher (torchrun / deepspeed / mpirun) on CPU and read its JSON report."""
+
 from __future__ import annotations
 
 import json
@@ -7,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.launchers import launcher
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-from launch.launchers import launcher
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -35,7 +36,9 @@ def run_checked(cmd: list[str], timeout: int = 600, check: bool = True, **env: s
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node nproc script args`` (gloo on CPU), ``env`` added."""
-    return run_checked([launcher("torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout, **env)
+    return run_checked(
+        [launcher("torchrun"), "--standalone", f"--nproc_per_node={nproc}", script, *args], timeout, **env
+    )
 
 
 def report(path: Path) -> dict:

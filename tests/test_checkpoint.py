@@ -4,31 +4,47 @@ The cross-engine tests run launch/train.py (tiny LLaMA, fp32, CPU, gloo): 10 ste
 ZeRO-2, save, convert, resume at W=3 under FSDP2, at W=1 under ZeRO-3 and at W=3 under ZeRO-1, up
 to step 20, with update_proj_gap 3 so the projection refreshes after the resume (steps 12, 15, 18).
 """
+
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import oracle
 import pytest
 import torch
-
-import oracle
-from apollo_dist import APOLLO
-from apollo_dist.checkpoint import CanonicalCheckpoint, CheckpointError, LiveSource, load_canonical, save_canonical
-from apollo_dist.convert import convert
 from spawn import ROOT, run_checked, worker_env
 from workers import synthetic_ckpt
 
+from apollo_dist import APOLLO
+from apollo_dist.checkpoint import CanonicalCheckpoint, CheckpointError, LiveSource, load_canonical, save_canonical
+from apollo_dist.convert import convert
+
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TRAIN = "launch/train.py"
-FLAGS = ["--model", "tiny", "--steps", "20", "--seq-len", "32", "--global-batch-size", "6", "--rank", "8",
-         "--update-proj-gap", "3", "--eval-every", "1000", "--eval-samples", "2", "--no-progress"]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--steps",
+    "20",
+    "--seq-len",
+    "32",
+    "--global-batch-size",
+    "6",
+    "--rank",
+    "8",
+    "--update-proj-gap",
+    "3",
+    "--eval-every",
+    "1000",
+    "--eval-samples",
+    "2",
+    "--no-progress",
+]
 TOL = 1e-4
 
 
@@ -80,9 +96,22 @@ def runs(tmp_path_factory):
     under FSDP2 W=3 and ZeRO-3 W=1 (the round trip)."""
     tmp = tmp_path_factory.mktemp("resume")
     z = {s: ds_config(tmp, s) for s in (1, 2, 3)}
-    train(2, ["--deepspeed", z[2]], "--save-dir", str(tmp / "z2"), "--save-every", "10", "--metrics-file", str(tmp / "base.jsonl"))
+    train(
+        2,
+        ["--deepspeed", z[2]],
+        "--save-dir",
+        str(tmp / "z2"),
+        "--save-every",
+        "10",
+        "--metrics-file",
+        str(tmp / "base.jsonl"),
+    )
     convert(tmp / "z2", tmp / "c10", tag="step_0000010")
-    resumes = {"fsdp2-w3": (3, ["--engine", "fsdp2"]), "zero3-w1": (1, ["--deepspeed", z[3]]), "zero1-w3": (3, ["--deepspeed", z[1]])}
+    resumes = {
+        "fsdp2-w3": (3, ["--engine", "fsdp2"]),
+        "zero3-w1": (1, ["--deepspeed", z[3]]),
+        "zero1-w3": (3, ["--deepspeed", z[1]]),
+    }
     out = {"tmp": tmp, "base": losses(tmp / "base.jsonl"), "logs": {}}
     for name, (n, flags) in resumes.items():
         proc = train(n, flags, "--resume", str(tmp / "c10"), "--metrics-file", str(tmp / f"{name}.jsonl"))
@@ -93,7 +122,14 @@ def runs(tmp_path_factory):
         train(n, flags, "--resume", str(tmp / "c10"), "--save-dir", str(save), script="tests/workers/ckpt_roundtrip.py")
         convert(save, tmp / f"rt-{name}.canonical")
     # Same W, same engine, no conversion: FSDP2's DCP checkpoint (get_state_dict / set_state_dict).
-    train(3, ["--engine", "fsdp2"], "--resume", str(tmp / "rt-fsdp2-w3" / "step_0000010"), "--metrics-file", str(tmp / "dcp.jsonl"))
+    train(
+        3,
+        ["--engine", "fsdp2"],
+        "--resume",
+        str(tmp / "rt-fsdp2-w3" / "step_0000010"),
+        "--metrics-file",
+        str(tmp / "dcp.jsonl"),
+    )
     out["dcp"] = losses(tmp / "dcp.jsonl")
     return out
 
@@ -131,8 +167,13 @@ def test_dcp_missing_rank_file_is_named_by_the_cli(runs, tmp_path):
     src = tmp_path / "dcp"
     shutil.copytree(runs["tmp"] / "rt-fsdp2-w3" / "step_0000010", src)
     (src / "__2_0.distcp").unlink()
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(src), str(tmp_path / "c")], cwd=ROOT,
-                          env=worker_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", str(src), str(tmp_path / "c")],
+        cwd=ROOT,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and not (tmp_path / "c").exists()
     assert re.search(r"error: .*__2_0\.distcp: missing", proc.stderr), proc.stderr
 
@@ -271,7 +312,9 @@ def test_different_model_names_the_param(canonical):
 def test_different_apollo_hyperparameters_are_named(canonical, key, value):
     model, opt = _fresh(**{key: value})
     saved = {"rank": 5, "update_proj_gap": 3, "scale_type": "'channel'"}[key]
-    with pytest.raises(CheckpointError, match=rf"param group 1: the checkpoint has {key}={saved}, this optimizer {key}="):
+    with pytest.raises(
+        CheckpointError, match=rf"param group 1: the checkpoint has {key}={saved}, this optimizer {key}="
+    ):
         load_canonical(canonical, opt, model)
 
 
@@ -310,7 +353,10 @@ def test_deepspeed_reassembly_is_exact_with_mid_row_cuts(tmp_path):
 def test_missing_rank_file_is_named_and_nothing_is_written(tmp_path):
     step = _synthetic(tmp_path, layers=1, dim=16, world=3, vocab=50)
     (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing \(the checkpoint was written by 3 ranks\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing \(the checkpoint was written by 3 ranks\)",
+    ):
         convert(tmp_path / "ds", tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
@@ -325,8 +371,14 @@ def test_truncated_rank_file_is_named(tmp_path):
 
 
 def _peak_rss_mib(src: Path, dst: Path) -> float:
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", str(src), str(dst)], cwd=ROOT,
-                          env=worker_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", str(src), str(dst)],
+        cwd=ROOT,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return float(re.search(r"peak RSS (\d+) MiB", proc.stdout).group(1))
 
@@ -346,8 +398,21 @@ def test_conversion_memory_is_bounded_by_one_parameter(tmp_path):
 
 
 def test_help_explains_sources_outputs_and_safety():
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_checkpoint.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     text = proc.stdout
-    for needle in ("DeepSpeed", "ZeRO stage 1, 2 or 3", "DCP", "--tag", "latest", "--export-hf", "from_pretrained",
-                   "SHA-256", "temporary", "--overwrite", "one parameter"):
+    for needle in (
+        "DeepSpeed",
+        "ZeRO stage 1, 2 or 3",
+        "DCP",
+        "--tag",
+        "latest",
+        "--export-hf",
+        "from_pretrained",
+        "SHA-256",
+        "temporary",
+        "--overwrite",
+        "one parameter",
+    ):
         assert needle in text, needle

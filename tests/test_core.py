@@ -1,15 +1,16 @@
 """The sharded APOLLO core against the apollo-torch oracle: one process, simulated layouts, FSDP2."""
+
 from __future__ import annotations
 
 import io
 
+import oracle
 import pytest
 import torch
+from spawn import report, torchrun
 
-import oracle
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.layout import ParamLayout, position_owners, touched_channels
-from spawn import report, torchrun
 
 WORKER = "tests/workers/core_equivalence.py"
 
@@ -47,7 +48,11 @@ def test_position_owners_tile_channels_and_keep_local_rows():
             lay = ParamLayout(m, n, ranges, owners)
             shared = lay.shared_mask()
             for c in range(lay.channels):  # local <=> one toucher that also owns it
-                touchers = [w for w, (a, b) in enumerate(ranges) if touched_channels(m, n, a, b)[0] <= c < touched_channels(m, n, a, b)[1]]
+                touchers = [
+                    w
+                    for w, (a, b) in enumerate(ranges)
+                    if touched_channels(m, n, a, b)[0] <= c < touched_channels(m, n, a, b)[1]
+                ]
                 owner = next(w for w, (a, b) in enumerate(owners) if a <= c < b)
                 assert bool(shared[c]) == (touchers != [owner])
 
@@ -68,7 +73,11 @@ def _one_channel_per_param_bytes(r: dict) -> int:
     low = sum(2 * 4 * rank for _, rank in r["lowrank_shapes"])
     model = oracle.TinyNet()
     lowrank_numel = {tuple(s) for s, _ in r["lowrank_shapes"]}
-    rest = sum(2 * 4 * (p[0].numel() if p.dim() > 1 else 1) for p in model.parameters() if not (p.dim() == 2 and tuple(p.shape) in lowrank_numel))
+    rest = sum(
+        2 * 4 * (p[0].numel() if p.dim() > 1 else 1)
+        for p in model.parameters()
+        if not (p.dim() == 2 and tuple(p.shape) in lowrank_numel)
+    )
     return low + rest
 
 
@@ -143,7 +152,9 @@ def test_groups_holding_tensors_of_other_shapes_are_an_error():
     refused, naming the group and both shapes; so is a group that lost params."""
     model = oracle.make_model(0)
     opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
-    opt.param_groups[1]["params"] = [p.detach().reshape(-1).clone().requires_grad_() for p in opt.param_groups[1]["params"]]
+    opt.param_groups[1]["params"] = [
+        p.detach().reshape(-1).clone().requires_grad_() for p in opt.param_groups[1]["params"]
+    ]
     with pytest.raises(ValueError, match=r"param group 1, param 0: holds a tensor of shape \(121,\)"):
         opt.step()
     opt.param_groups[1]["params"] = opt.param_groups[1]["params"][:2]
@@ -200,6 +211,7 @@ def test_invalid_hyperparameters():
 
 def test_state_dict_round_trip_continues_exactly():
     """Save after 10 steps, load into a fresh optimizer, continue: same as never stopping."""
+
     def run(split: bool):
         model = oracle.make_model()
         opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
@@ -230,7 +242,22 @@ def test_nonfinite_gradient_on_one_rank_same_decision_everywhere(tmp_path, mode)
     """A NaN in one rank's gradient shard at step 5: every rank skips that step (and the result equals
     the oracle that never took it) or every rank raises; no rank hangs in a collective."""
     out = tmp_path / "r.json"
-    torchrun(WORKER, 3, "--layout", "fsdp2", "--steps", "12", "--nan-step", "5", "--nan-rank", "1", "--nonfinite", mode, "--out", str(out))
+    torchrun(
+        WORKER,
+        3,
+        "--layout",
+        "fsdp2",
+        "--steps",
+        "12",
+        "--nan-step",
+        "5",
+        "--nan-rank",
+        "1",
+        "--nonfinite",
+        mode,
+        "--out",
+        str(out),
+    )
     r = report(out)
     if mode == "skip":
         assert r["skipped_per_rank"] == [1, 1, 1] and r["raised_per_rank"] == [0, 0, 0]

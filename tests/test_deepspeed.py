@@ -4,6 +4,7 @@ against the apollo-torch oracle, plus the errors a misconfiguration gets.
 Two launches of ``deepspeed --num_gpus W tests/workers/ds_equivalence.py`` (W = 2 with every part, W = 3
 with equivalence and checkpoints) run all engines; the tests below read their reports.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,8 @@ import socket
 import warnings
 from pathlib import Path
 
-import pytest
-
 import oracle
+import pytest
 from spawn import ROOT, launcher, report, run_checked
 
 WORKER = str(ROOT / "tests" / "workers" / "ds_equivalence.py")
@@ -30,7 +30,17 @@ def free_port() -> int:
 def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
     """``deepspeed --num_gpus world WORKER --out out args`` on CPU; the worker's report."""
     port = free_port()
-    cmd = [launcher("deepspeed"), "--num_gpus", str(world), "--master_port", str(port), WORKER, "--out", str(out), *args]
+    cmd = [
+        launcher("deepspeed"),
+        "--num_gpus",
+        str(world),
+        "--master_port",
+        str(port),
+        WORKER,
+        "--out",
+        str(out),
+        *args,
+    ]
     run_checked(cmd, timeout=600)
     # engines.shutdown unlinks DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank otherwise)
     left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
@@ -45,8 +55,17 @@ def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
 def runs(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("ds")
     return {
-        2: deepspeed_launch(2, tmp / "w2.json", "--parts", "equivalence,extras,checkpoint,fp16,bf16,zero_init,subgroups,plain,plain_bf16,plain_errors", "--ckpt-dir", str(tmp / "ck2")),
-        3: deepspeed_launch(3, tmp / "w3.json", "--parts", "equivalence,checkpoint,plain", "--ckpt-dir", str(tmp / "ck3")),
+        2: deepspeed_launch(
+            2,
+            tmp / "w2.json",
+            "--parts",
+            "equivalence,extras,checkpoint,fp16,bf16,zero_init,subgroups,plain,plain_bf16,plain_errors",
+            "--ckpt-dir",
+            str(tmp / "ck2"),
+        ),
+        3: deepspeed_launch(
+            3, tmp / "w3.json", "--parts", "equivalence,checkpoint,plain", "--ckpt-dir", str(tmp / "ck3")
+        ),
     }
 
 
@@ -172,8 +191,11 @@ def test_plain_deepspeed_initialize_bf16(runs, stage):
 
 # -- misuse: errors raised before DeepSpeed builds anything ------------------------------------------
 def _config(**extra) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
-           "optimizer": {"type": "APOLLO", "params": {"lr": 1e-3, "rank": 4}}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "APOLLO", "params": {"lr": 1e-3, "rank": 4}},
+    }
     cfg.update(extra)
     return cfg
 
@@ -232,7 +254,11 @@ def test_unsupported_precision_and_parallelism():
     with pytest.raises(NotImplementedError, match="stage 1, 2 or 3"):
         _initialize(config=_config(zero_optimization={"stage": 0}, bf16={"enabled": True}))
     with pytest.raises(NotImplementedError, match="low-precision master weights"):
-        _initialize(config=_config(zero_optimization={"stage": 2, "bf16_master_weights_and_gradients": True}, bf16={"enabled": True}))
+        _initialize(
+            config=_config(
+                zero_optimization={"stage": 2, "bf16_master_weights_and_gradients": True}, bf16={"enabled": True}
+            )
+        )
     with pytest.raises(NotImplementedError, match="model parallelism"):
         _initialize(config=_config(), mpu=object())
 
@@ -266,7 +292,9 @@ def test_adapter_reachable_as_attribute_without_importing_deepspeed_early():
     import subprocess
     import sys
 
-    code = ("import sys, apollo_dist; assert 'deepspeed' not in sys.modules; "
-            "assert callable(apollo_dist.deepspeed.initialize); print('ok')")
+    code = (
+        "import sys, apollo_dist; assert 'deepspeed' not in sys.modules; "
+        "assert callable(apollo_dist.deepspeed.initialize); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr

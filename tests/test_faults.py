@@ -12,6 +12,7 @@
 
 About 3 minutes on 2 cores without the soak (``pytest -m slow tests/test_faults.py`` runs it).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,8 @@ from typing import Optional
 
 import psutil
 import pytest
-
 from spawn import ROOT, worker_env
-from test_train import CORPUS, LAUNCHES, TINY, losses, run, train_py
+from test_train import LAUNCHES, TINY, losses, run, train_py
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -63,7 +63,9 @@ class Launch:
     def __init__(self, cmd: list[str], log: Path, **env: str):
         self.log = log
         self._out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(**env), stdout=self._out, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=worker_env(**env), stdout=self._out, stderr=subprocess.STDOUT, text=True
+        )
 
     def signal_rank_after(self, metrics: Path, step: int, rank: int, sig: int, timeout: float = 120) -> psutil.Process:
         """Send ``sig`` to rank ``rank`` once step ``step`` is logged; returns that process."""
@@ -149,7 +151,20 @@ def test_rank_killed_while_saving_leaves_latest_on_the_previous_checkpoint(refer
     assert latest_step(ckpt) == 3
 
     metrics = tmp_path / "resumed.jsonl"
-    run(LAUNCHES["zero2"](["--metrics-file", str(metrics), "--save-dir", str(ckpt), "--save-every", str(SAVE_EVERY), "--resume", str(ckpt)]))
+    run(
+        LAUNCHES["zero2"](
+            [
+                "--metrics-file",
+                str(metrics),
+                "--save-dir",
+                str(ckpt),
+                "--save-every",
+                str(SAVE_EVERY),
+                "--resume",
+                str(ckpt),
+            ]
+        )
+    )
     assert_same_losses(losses(metrics), losses(reference / "metrics.jsonl"), range(4, 11))
     assert latest_step(ckpt) == 10 and (ckpt / "step_0000006" / "trainer.json").is_file()  # step 6 rewritten whole
 
@@ -165,11 +180,18 @@ def test_rank_killed_while_rewriting_a_complete_checkpoint_leaves_it_whole(refer
     step6 = ckpt / "step_0000006"
     files = lambda: {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in step6.iterdir()}  # noqa: E731
     before = files()
-    job = Launch(LAUNCHES["zero2"](["--metrics-file", str(tmp_path / "killed.jsonl"), *save, "--resume", str(ckpt / "step_0000003")]),
-                 tmp_path / "killed.log", APOLLO_DIST_KILL_IN_SAVE="6:1")
+    job = Launch(
+        LAUNCHES["zero2"](
+            ["--metrics-file", str(tmp_path / "killed.jsonl"), *save, "--resume", str(ckpt / "step_0000003")]
+        ),
+        tmp_path / "killed.log",
+        APOLLO_DIST_KILL_IN_SAVE="6:1",
+    )
     assert job.wait() != 0
     assert "exits with return code = -9" in job.output(), job.output()[-3000:]
-    assert (ckpt / "step_0000006.new" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()  # written aside, then killed
+    assert (
+        ckpt / "step_0000006.new" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    ).is_file()  # written aside, then killed
     assert files() == before and latest_step(ckpt) == 10
 
     metrics = tmp_path / "resumed.jsonl"
@@ -185,13 +207,23 @@ def test_a_rewrite_cut_at_any_point_of_the_swap_leaves_a_complete_checkpoint(tmp
     new one once step_0000006 was moved aside), and the next save, of any step, leaves just that one."""
     from launch import engines
 
-    tag, meta = "step_0000006", lambda version: json.dumps({"format": engines.CHECKPOINT_FORMAT, "step": 6, "v": version})
-    ops = [lambda r: (r / f"{tag}.new" / "trainer.json").write_text(meta("new")),  # _write_meta
-           lambda r: os.rename(r / tag, r / f"{tag}.old"), lambda r: os.rename(r / f"{tag}.new", r / tag),  # _swap_in
-           lambda r: engines._write_latest(str(r), tag), lambda r: shutil.rmtree(r / f"{tag}.old")]
+    tag, meta = (
+        "step_0000006",
+        lambda version: json.dumps({"format": engines.CHECKPOINT_FORMAT, "step": 6, "v": version}),
+    )
+    ops = [
+        lambda r: (r / f"{tag}.new" / "trainer.json").write_text(meta("new")),  # _write_meta
+        lambda r: os.rename(r / tag, r / f"{tag}.old"),
+        lambda r: os.rename(r / f"{tag}.new", r / tag),  # _swap_in
+        lambda r: engines._write_latest(str(r), tag),
+        lambda r: shutil.rmtree(r / f"{tag}.old"),
+    ]
     for cut in range(len(ops) + 1):
         root = tmp_path / str(cut)
-        for name, files in ((tag, {"trainer.json": meta("old"), "state.pt": "old"}), (f"{tag}.new", {"state.pt": "new"})):
+        for name, files in (
+            (tag, {"trainer.json": meta("old"), "state.pt": "old"}),
+            (f"{tag}.new", {"state.pt": "new"}),
+        ):
             (root / name).mkdir(parents=True)
             for f, text in files.items():
                 (root / name / f).write_text(text)
@@ -203,7 +235,10 @@ def test_a_rewrite_cut_at_any_point_of_the_swap_leaves_a_complete_checkpoint(tmp
             _, got, m = engines.resolve_checkpoint(str(path))
             assert m["v"] == version and (root / got / "state.pt").read_text() == version, (cut, path)
         assert engines._prepare_step_dir(str(root), "step_0000009") is False
-        assert sorted(os.listdir(root)) == ["latest", tag] and json.loads((root / tag / "trainer.json").read_text())["v"] == version
+        assert (
+            sorted(os.listdir(root)) == ["latest", tag]
+            and json.loads((root / tag / "trainer.json").read_text())["v"] == version
+        )
 
 
 def test_stopped_rank_makes_the_other_time_out(tmp_path):
@@ -214,8 +249,10 @@ def test_stopped_rank_makes_the_other_time_out(tmp_path):
     warning for the job, not one per rank, saying what runs."""
     timeout = 8
     metrics = tmp_path / "metrics.jsonl"
-    job = Launch(LAUNCHES["fsdp2"](["--metrics-file", str(metrics), "--dist-timeout", str(timeout), "--rank", "200"]),
-                 tmp_path / "stopped.log")
+    job = Launch(
+        LAUNCHES["fsdp2"](["--metrics-file", str(metrics), "--dist-timeout", str(timeout), "--rank", "200"]),
+        tmp_path / "stopped.log",
+    )
     stopped = job.signal_rank_after(metrics, 2, rank=1, sig=signal.SIGSTOP)
     rank0 = rank_process(job.proc, 0)
     t0 = time.monotonic()
@@ -249,13 +286,20 @@ def test_unknown_apollo_key_in_the_deepspeed_json(tmp_path):
 
 def test_target_modules_matching_nothing(tmp_path):
     """Found once the model is built (DeepSpeed W=1 here): one line, exit 2, no traceback."""
-    proc = run(train_py("--deepspeed", _json(tmp_path / "c.json", {"target_modules": ["nothing"]}), *TINY), check=False, timeout=120)
+    proc = run(
+        train_py("--deepspeed", _json(tmp_path / "c.json", {"target_modules": ["nothing"]}), *TINY),
+        check=False,
+        timeout=120,
+    )
     assert_one_error(proc, "target_modules ['nothing'] match no 2-D weight of the model")
 
 
 NATIVE_MISMATCH = {
     "model": (["--model", "60m"], "the checkpoint has model 'tiny', this run model '60m'"),
-    "optimizer": (["--optimizer", "apollo-mini"], "the checkpoint has optimizer 'apollo', this run optimizer 'apollo-mini'"),
+    "optimizer": (
+        ["--optimizer", "apollo-mini"],
+        "the checkpoint has optimizer 'apollo', this run optimizer 'apollo-mini'",
+    ),
     "rank": (["--rank", "8"], "the checkpoint has rank 16, this run rank 8"),
 }
 
@@ -298,9 +342,31 @@ def test_canonical_resume_of_another_model_or_optimizer(canonical, case):
 # SOAK_STEPS=N shortens it (checkpoints every N/20 steps), e.g. to try it on a busy machine.
 SOAK_STEPS = int(os.environ.get("SOAK_STEPS", 2000))
 SOAK_EVERY = SOAK_STEPS // 20
-SOAK = ["--model", "tiny", "--steps", str(SOAK_STEPS), "--global-batch-size", "4", "--micro-batch-size", "2",
-        "--seq-len", "32", "--rank", "16", "--update-proj-gap", "50", "--eval-every", "500", "--eval-samples", "4",
-        "--dtype", "fp32", "--no-progress", "--save-every", str(SOAK_EVERY)]
+SOAK = [
+    "--model",
+    "tiny",
+    "--steps",
+    str(SOAK_STEPS),
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--rank",
+    "16",
+    "--update-proj-gap",
+    "50",
+    "--eval-every",
+    "500",
+    "--eval-samples",
+    "4",
+    "--dtype",
+    "fp32",
+    "--no-progress",
+    "--save-every",
+    str(SOAK_EVERY),
+]
 
 
 def complete_steps(save_dir: Path) -> list[int]:

@@ -1,10 +1,11 @@
 """GPU-only checks (run through the device machine; skipped where there is no CUDA)."""
+
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from apollo_dist import APOLLO
 from apollo_dist.kernels import MultiUpdate, scaled_update_eager
 

@@ -4,13 +4,13 @@ Lightning's shipped DeepSpeedStrategy and ModelParallelStrategy, each on every v
 against the single-GPU apollo-torch run (the Trainer's own optim="apollo_adamw", or apollo-torch on
 the full batch for Lightning). fp32; the projections are drawn by CUDA generators on both sides.
 """
+
 from __future__ import annotations
 
 import sys
 
 import pytest
 import torch
-
 from spawn import report, run_checked, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,14 +3,13 @@ accelerate and DeepSpeed, against the single-process Trainer with transformers' 
 ``optim="apollo_adamw"`` (apollo-torch, the oracle) on the same global batches; and the settings that
 would make the Trainer drop APOLLO are refused.
 """
+
 from __future__ import annotations
 
 import sys
 import warnings
 
 import pytest
-import torch
-
 from spawn import report, run_checked, torchrun
 
 WORKER = "tests/workers/hf_trainer.py"
@@ -35,7 +34,9 @@ def reference(tmp_path_factory) -> dict[int, float]:
 
 
 def _max_diff(a: dict, b: dict, steps) -> float:
-    return max(abs(float(a[str(k)] if str(k) in a else a[k]) - float(b[str(k)] if str(k) in b else b[k])) for k in steps)
+    return max(
+        abs(float(a[str(k)] if str(k) in a else a[k]) - float(b[str(k)] if str(k) in b else b[k])) for k in steps
+    )
 
 
 def test_trainer_one_process_matches_transformers_apollo(tmp_path, reference):
@@ -54,8 +55,17 @@ def test_trainer_deepspeed_matches_reference_and_resumes(tmp_path, reference, st
     full = _run(tmp_path, f"z{stage}", "--mode", "apollo_dist", "--stage", str(stage), "--save-steps", "10", world=2)
     assert full["optimizer"] == "APOLLO" and full["world"] == 2 and full["steps_taken"] == 20
     assert _max_diff(full["losses"], reference, range(1, 21)) < TOL
-    resumed = _run(tmp_path, f"z{stage}_resume", "--mode", "apollo_dist", "--stage", str(stage),
-                   "--resume", str(tmp_path / f"z{stage}" / "checkpoint-10"), world=2)
+    resumed = _run(
+        tmp_path,
+        f"z{stage}_resume",
+        "--mode",
+        "apollo_dist",
+        "--stage",
+        str(stage),
+        "--resume",
+        str(tmp_path / f"z{stage}" / "checkpoint-10"),
+        world=2,
+    )
     assert resumed["steps_taken"] == 20
     assert _max_diff(resumed["losses"], full["losses"], range(11, 21)) < 1e-6
 
@@ -80,20 +90,31 @@ def test_param_groups_follow_transformers_layout_and_weight_decay(tmp_path):
     from apollo_dist.hf import APOLLOTrainer, build_optimizer, parse_optim_args
 
     model = _model()
-    args = _args(tmp_path, weight_decay=0.1, learning_rate=3e-3, adam_beta1=0.8, optim="apollo_adamw",
-                 optim_args="rank=8,scale_type=tensor,scale=128,update_proj_gap=50")
+    args = _args(
+        tmp_path,
+        weight_decay=0.1,
+        learning_rate=3e-3,
+        adam_beta1=0.8,
+        optim="apollo_adamw",
+        optim_args="rank=8,scale_type=tensor,scale=128,update_proj_gap=50",
+    )
     trainer = APOLLOTrainer(model=model, args=args, train_dataset=[])
     opt = trainer.create_optimizer()
     names = [n for g in opt.param_groups for n in g["param_names"]]
     low = opt.param_groups[-1]
     assert low["rank"] == 8 and low["scale_type"] == "tensor" and low["scale"] == 128.0 and low["update_proj_gap"] == 50
     assert all(".self_attn." in n or ".mlp." in n for n in low["param_names"])
-    assert names[-len(low["params"]):] == low["param_names"]  # the low-rank weights come last
+    assert names[-len(low["params"]) :] == low["param_names"]  # the low-rank weights come last
     assert [n for n, _ in model.named_parameters() if n not in low["param_names"]] == sorted(
-        names[: -len(low["params"])], key=[n for n, _ in model.named_parameters()].index)
+        names[: -len(low["params"])], key=[n for n, _ in model.named_parameters()].index
+    )
     no_decay = [g for g in opt.param_groups if g["weight_decay"] == 0.0]
     assert no_decay and all("norm" in n for g in no_decay for n in g["param_names"])
-    assert low["weight_decay"] == 0.1 and opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["betas"] == (0.8, 0.999)
+    assert (
+        low["weight_decay"] == 0.1
+        and opt.param_groups[0]["lr"] == 3e-3
+        and opt.param_groups[0]["betas"] == (0.8, 0.999)
+    )
     assert parse_optim_args("rank=4, projection_tf32=true") == {"rank": 4, "projection_tf32": True}
     with pytest.raises(ValueError, match="unknown APOLLO key 'ranks'"):
         build_optimizer(_args(tmp_path, optim_args="ranks=4"), model)
@@ -116,7 +137,7 @@ def test_trainer_settings_that_would_drop_apollo_are_refused(tmp_path):
     def ds(config):  # real TrainingArguments with a DeepSpeed config (not built into an engine here)
         return _args(tmp_path, optim="apollo_adamw", deepspeed=config)
 
-    with pytest.raises(ValueError, match="\"optimizer\" block .* replaces APOLLO"):
+    with pytest.raises(ValueError, match='"optimizer" block .* replaces APOLLO'):
         check_trainer_setup(ds({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(NotImplementedError, match="DeepSpeedCPUAdam"):
         check_trainer_setup(ds({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))

@@ -9,6 +9,7 @@ layout); a NaN loss on one rank. Three launches of launch/train.py cover the tra
 (--mesh 2x2) to step 20 with a DCP checkpoint at 10, converted to the canonical form, resumed under
 FSDP2 W=3 and ZeRO-2 W=2. About 2 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from spawn import report, run_checked, torchrun
+from test_core import _one_channel_per_param_bytes
 
 from apollo_dist import APOLLO
 from apollo_dist.convert import convert
-from spawn import report, run_checked, torchrun
-from test_core import _one_channel_per_param_bytes
 
 MESHES = ["2x2", "1x4", "4x1"]
 PRESETS = ["apollo", "apollo-mini"]
@@ -30,16 +31,34 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def hsdp(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("hsdp") / "r.json"
-    torchrun("tests/workers/hsdp.py", 4, "--meshes", ",".join(MESHES), "--presets", ",".join(PRESETS),
-             "--dcp-resume", "2x2:1x4", "--nan-step", "5", "--nan-rank", "1", "--tp-meshes", ",".join(MESHES),
-             "--tp-resume", "2x2:1x4", "--grids", "2x2", "--out", str(out))
+    torchrun(
+        "tests/workers/hsdp.py",
+        4,
+        "--meshes",
+        ",".join(MESHES),
+        "--presets",
+        ",".join(PRESETS),
+        "--dcp-resume",
+        "2x2:1x4",
+        "--nan-step",
+        "5",
+        "--nan-rank",
+        "1",
+        "--tp-meshes",
+        ",".join(MESHES),
+        "--tp-resume",
+        "2x2:1x4",
+        "--grids",
+        "2x2",
+        "--out",
+        str(out),
+    )
     return report(out)
 
 
 def _lowrank_channel_bytes(r: dict) -> int:
     """One channel (a row of both moments) per low-rank param: the slack of the per-rank state bound."""
     return sum(2 * 4 * rank for _, rank in r["lowrank_shapes"])
-
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -84,7 +103,9 @@ def test_collectives_on_the_sharding_ranks_only_and_constant(hsdp):
         assert set(r["collectives_per_step"]) == {expect}, key
     for deep, base in (("deep", "2x2/apollo"), ("deep-tp", "tp2x2/apollo")):
         d = hsdp[deep]
-        assert not any(d["collectives_elsewhere"]) and set(d["collectives_per_step"]) == set(hsdp[base]["collectives_per_step"])
+        assert not any(d["collectives_elsewhere"]) and set(d["collectives_per_step"]) == set(
+            hsdp[base]["collectives_per_step"]
+        )
 
 
 def test_dcp_checkpoint_reshards_between_meshes(hsdp):
@@ -139,10 +160,29 @@ def test_hsdp_nccl_matches_oracle(tmp_path):
     only, the DCP and canonical resumes and the non-finite skip too."""
     world = 4 if torch.cuda.device_count() >= 4 else min(torch.cuda.device_count(), 2)
     meshes, out = _meshes(world), tmp_path / "r.json"
-    torchrun("tests/workers/hsdp.py", world, "--meshes", ",".join(meshes), "--presets", ",".join(PRESETS),
-             "--dcp-resume", f"{meshes[0]}:{meshes[-1]}", "--nan-step", "5", "--nan-rank", str(world - 1),
-             "--tp-meshes", ",".join(meshes), "--tp-resume", f"{meshes[0]}:{meshes[-1]}",
-             "--device", "cuda", "--out", str(out), DS_ACCELERATOR="cuda")
+    torchrun(
+        "tests/workers/hsdp.py",
+        world,
+        "--meshes",
+        ",".join(meshes),
+        "--presets",
+        ",".join(PRESETS),
+        "--dcp-resume",
+        f"{meshes[0]}:{meshes[-1]}",
+        "--nan-step",
+        "5",
+        "--nan-rank",
+        str(world - 1),
+        "--tp-meshes",
+        ",".join(meshes),
+        "--tp-resume",
+        f"{meshes[0]}:{meshes[-1]}",
+        "--device",
+        "cuda",
+        "--out",
+        str(out),
+        DS_ACCELERATOR="cuda",
+    )
     r = report(out)
     assert {f"{m}/{p}" for m in meshes for p in PRESETS} | {f"tp{m}/{p}" for m in meshes for p in PRESETS} <= set(r)
     for key, v in r.items():
@@ -155,8 +195,25 @@ def test_hsdp_nccl_matches_oracle(tmp_path):
 
 
 # -- the training job: --mesh, DCP, canonical, other engines ----------------------------------------
-FLAGS = ["--model", "tiny", "--steps", "20", "--seq-len", "32", "--global-batch-size", "12", "--rank", "8",
-         "--update-proj-gap", "3", "--eval-every", "1000", "--eval-samples", "2", "--no-progress"]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--steps",
+    "20",
+    "--seq-len",
+    "32",
+    "--global-batch-size",
+    "12",
+    "--rank",
+    "8",
+    "--update-proj-gap",
+    "3",
+    "--eval-every",
+    "1000",
+    "--eval-samples",
+    "2",
+    "--no-progress",
+]
 
 
 def _train(nproc: int, *args: str) -> None:
@@ -175,13 +232,27 @@ def resumes(tmp_path_factory) -> dict:
     """HSDP 2x2 to step 20 (DCP checkpoint at 10); step 10 converted; resumed at FSDP2 W=3, ZeRO-2 W=2 and
     HSDP x TP (a 2 x 1 x 2 mesh: replicate, shard, tp) W=4."""
     tmp = tmp_path_factory.mktemp("hsdp-resume")
-    _train(4, "--engine", "fsdp2", "--mesh", "2x2", "--save-dir", str(tmp / "hsdp"), "--save-every", "10",
-           "--metrics-file", str(tmp / "base.jsonl"))
+    _train(
+        4,
+        "--engine",
+        "fsdp2",
+        "--mesh",
+        "2x2",
+        "--save-dir",
+        str(tmp / "hsdp"),
+        "--save-every",
+        "10",
+        "--metrics-file",
+        str(tmp / "base.jsonl"),
+    )
     convert(tmp / "hsdp" / "step_0000010", tmp / "c10")
     (tmp / "z2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     out = {"base": _losses(tmp / "base.jsonl")}
-    for name, n, flags in (("fsdp2-w3", 3, ["--engine", "fsdp2"]), ("zero2-w2", 2, ["--deepspeed", str(tmp / "z2.json")]),
-                           ("hsdp-tp-w4", 4, ["--engine", "fsdp2", "--mesh", "2x1", "--tp", "2"])):
+    for name, n, flags in (
+        ("fsdp2-w3", 3, ["--engine", "fsdp2"]),
+        ("zero2-w2", 2, ["--deepspeed", str(tmp / "z2.json")]),
+        ("hsdp-tp-w4", 4, ["--engine", "fsdp2", "--mesh", "2x1", "--tp", "2"]),
+    ):
         _train(n, *flags, "--resume", str(tmp / "c10"), "--metrics-file", str(tmp / f"{name}.jsonl"))
         out[name] = _losses(tmp / f"{name}.jsonl")
     return out
@@ -198,22 +269,33 @@ def test_hsdp_checkpoint_resumes_under_other_engines(resumes, name):
     assert max(diffs.values()) < TOL, diffs
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--engine", "fsdp2", "--mesh", "3x2"], "--mesh 3x2: R x S = 6, the launcher started W = 4 ranks"),
-    (["--deepspeed", "x.json", "--mesh", "2x2"], "--mesh 2x2 shapes FSDP2's device mesh, this run's engine is deepspeed"),
-    (["--engine", "fsdp2", "--mesh", "2by2"], "--mesh 2by2: expected RxS"),
-    (["--engine", "fsdp2", "--tp", "3"], "--tp 3: must be >= 1 and divide W = 4"),
-    (["--engine", "fsdp2", "--tp", "2", "--mesh", "2x2"], "--mesh 2x2: R x S = 4, W / tp = 2 data-parallel ranks"),
-    (["--engine", "fsdp2", "--tp", "2", "--global-batch-size", "3"], "not divisible by W / tp x micro-batch = 2 x 1 = 2"),
-    (["--engine", "fsdp2", "--tp", "2", "--init-from", "x"], "--tp 2 with --init-from"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--engine", "fsdp2", "--mesh", "3x2"], "--mesh 3x2: R x S = 6, the launcher started W = 4 ranks"),
+        (
+            ["--deepspeed", "x.json", "--mesh", "2x2"],
+            "--mesh 2x2 shapes FSDP2's device mesh, this run's engine is deepspeed",
+        ),
+        (["--engine", "fsdp2", "--mesh", "2by2"], "--mesh 2by2: expected RxS"),
+        (["--engine", "fsdp2", "--tp", "3"], "--tp 3: must be >= 1 and divide W = 4"),
+        (["--engine", "fsdp2", "--tp", "2", "--mesh", "2x2"], "--mesh 2x2: R x S = 4, W / tp = 2 data-parallel ranks"),
+        (
+            ["--engine", "fsdp2", "--tp", "2", "--global-batch-size", "3"],
+            "not divisible by W / tp x micro-batch = 2 x 1 = 2",
+        ),
+        (["--engine", "fsdp2", "--tp", "2", "--init-from", "x"], "--tp 2 with --init-from"),
+    ],
+)
 def test_mesh_and_tp_flag_errors_are_one_line(flags, message):
     from launch import train
 
     with pytest.raises(train.UsageError) as e:
         train.resolve_run(train.parse_args(flags), None, {}, 4)
     assert message in str(e.value) and "\n" not in str(e.value)
-    run = train.resolve_run(train.parse_args(["--engine", "fsdp2", "--mesh", "1x2", "--tp", "2", "--global-batch-size", "4"]), None, {}, 4)
+    run = train.resolve_run(
+        train.parse_args(["--engine", "fsdp2", "--mesh", "1x2", "--tp", "2", "--global-batch-size", "4"]), None, {}, 4
+    )
     assert (run.mesh, run.tp, run.micro_batch_size) == ((1, 2), 2, 2)
 
 
@@ -237,7 +319,12 @@ def test_unsupported_placements_name_param_placements_and_mesh(world_of_one):
     cases = [
         ((1,), ("tp",), [Partial()], r"Partial\(sum\).*1-D mesh of shape \(1,\) \('tp',\)"),
         ((1, 1), ("dp", "tp"), [_StridedShard(0, split_factor=2), Shard(1)], r"_StridedShard.*2-D mesh"),
-        ((1, 1, 1), ("a", "b", "c"), [Replicate(), _StridedShard(0, split_factor=3), Shard(0)], r"3-D mesh of shape \(1, 1, 1\)"),
+        (
+            (1, 1, 1),
+            ("a", "b", "c"),
+            [Replicate(), _StridedShard(0, split_factor=3), Shard(0)],
+            r"3-D mesh of shape \(1, 1, 1\)",
+        ),
     ]
     for shape, names, placements, message in cases:
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
@@ -245,7 +332,12 @@ def test_unsupported_placements_name_param_placements_and_mesh(world_of_one):
         with pytest.raises(NotImplementedError, match=r"param 0 \(shape \(6, 4\)\).*" + message):
             APOLLO([{"params": [p], "rank": 2}])
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
-    a, b = (torch.nn.Parameter(DTensor.from_local(torch.zeros(6, 4), mesh, pl, run_check=False))
-            for pl in ([Shard(0), Shard(1)], [Shard(0), Replicate()]))
-    with pytest.raises(NotImplementedError, match=r"param 1: split over mesh dims \[0\] of \('dp', 'tp'\), other low-rank params over \[0, 1\]"):
+    a, b = (
+        torch.nn.Parameter(DTensor.from_local(torch.zeros(6, 4), mesh, pl, run_check=False))
+        for pl in ([Shard(0), Shard(1)], [Shard(0), Replicate()])
+    )
+    with pytest.raises(
+        NotImplementedError,
+        match=r"param 1: split over mesh dims \[0\] of \('dp', 'tp'\), other low-rank params over \[0, 1\]",
+    ):
         APOLLO([{"params": [a, b], "rank": 2}])

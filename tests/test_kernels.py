@@ -1,13 +1,13 @@
 """The fused Triton kernels, checked on CPU by Triton's interpreter (TRITON_INTERPRET=1 in a subprocess:
 it must be set before triton is imported): each against its eager twin, then wired into the optimizer
 against the oracle, one process and sharded (mid-row cuts, shared channels)."""
+
 from __future__ import annotations
 
 import json
 import sys
 
 import pytest
-
 from spawn import report, run_checked, torchrun
 
 INTERPRET = {"TRITON_INTERPRET": "1"}

@@ -1,16 +1,17 @@
 """Layer-wise APOLLO (updates inside backward, gradients freed at once) against the ordinary step."""
+
 from __future__ import annotations
 
 import os
 
+import oracle
 import pytest
 import torch
+from spawn import report, torchrun
 
-import oracle
 from apollo_dist import APOLLO
 from apollo_dist.binding import Binding
 from apollo_dist.layerwise import per_param_binding
-from spawn import report, torchrun
 
 WORKER = "tests/workers/layerwise_fsdp2.py"
 
@@ -89,7 +90,7 @@ def test_state_dict_is_the_ordinary_one_and_resumes_exactly():
 
 def test_gradient_accumulation_is_an_error():
     model = oracle.make_model(0)
-    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    _opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)  # alive: its hooks run in backward
     oracle.loss_fn(model, *oracle.batch(0)).backward()
     with pytest.raises(RuntimeError, match=r"param \d+ \(shape .*\) got a second gradient before optimizer.step\(\)"):
         oracle.loss_fn(model, *oracle.batch(1)).backward()
@@ -102,7 +103,9 @@ def test_step_checks_every_param_was_updated_once():
         opt.step()
     # the head gets no gradient (a loss over the blocks' output only): it was not updated
     model.blocks[1](model.blocks[0](model.embed(oracle.batch(0)[0]))).square().mean().backward()
-    with pytest.raises(RuntimeError, match=r"1 trainable params got no gradient .* positions \[9\] \(shapes \[\(37, 11\)\]\)"):
+    with pytest.raises(
+        RuntimeError, match=r"1 trainable params got no gradient .* positions \[9\] \(shapes \[\(37, 11\)\]\)"
+    ):
         opt.step()
     opt.zero_grad()  # harmless: the gradients are already gone
 
@@ -111,7 +114,7 @@ def test_nonfinite_gradient_raises_in_backward_and_skip_is_refused():
     model = oracle.make_model(0)
     with pytest.raises(ValueError, match="nonfinite='skip' with layerwise=True"):
         APOLLO(oracle.groups(model, "apollo"), layerwise=True, nonfinite="skip")
-    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    _opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)  # alive: its hooks run in backward
     model.blocks[0].mlp["up"].weight.register_hook(lambda g: g * float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite gradient in param \d+ \(shape \(23, 11\)\) at step 1"):
         oracle.loss_fn(model, *oracle.batch(0)).backward()
@@ -161,6 +164,7 @@ def test_train_py_refuses_what_layerwise_cannot_do(flags, world, message):
 @pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
 def test_cuda_layerwise_matches_ordinary_step(preset):
     """On CUDA (per-param buckets through the Triton kernels): the ordinary step's parameters to < 1e-5."""
+
     def run(layerwise: bool) -> torch.nn.Module:
         model = oracle.make_model(0).cuda()
         opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise)

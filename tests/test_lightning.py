@@ -31,10 +31,10 @@ after the check), given ``parallel_devices=[cpu:0, cpu:1]`` (a constructor argum
 index and keeps tensors on the CPU), which satisfies 2. and 3. Everything else (config, deepspeed.initialize
 with the client optimizer, DeepSpeedPrecision's backward/step, the fit loop) is Lightning's own code.
 """
+
 from __future__ import annotations
 
 import pytest
-
 from spawn import ROOT, report, torchrun
 
 WORKER = str(ROOT / "tests" / "workers" / "lightning_worker.py")
@@ -77,14 +77,19 @@ def check_case(r: dict) -> None:
 def test_deepspeed_strategy_refuses_cpu_accelerator(deepspeed_run):
     """Refusal 1 of the module docstring (Trainer(strategy=DeepSpeedStrategy(stage=2), accelerator="cpu"))."""
     r = deepspeed_run["deepspeed/refused/as_shipped"]
-    assert r["refused"] == "RuntimeError: The DeepSpeed strategy is only supported on CUDA GPUs but `CPUAccelerator` is used."
+    assert (
+        r["refused"]
+        == "RuntimeError: The DeepSpeed strategy is only supported on CUDA GPUs but `CPUAccelerator` is used."
+    )
     assert r["where"].rsplit(":", 1)[0].endswith("lightning/pytorch/strategies/deepspeed.py")
 
 
 def test_deepspeed_strategy_refuses_cpu_devices_without_index(deepspeed_run):
     """Refusal 2 of the module docstring (CUDA check lifted, Lightning's own CPU devices)."""
     r = deepspeed_run["deepspeed/refused/cuda_guard_lifted"]
-    assert r["refused"].startswith("RuntimeError: The selected device indices [None, None] don't match the local rank values")
+    assert r["refused"].startswith(
+        "RuntimeError: The selected device indices [None, None] don't match the local rank values"
+    )
     assert r["where"].rsplit(":", 1)[0].endswith("lightning/fabric/strategies/deepspeed.py")
 
 

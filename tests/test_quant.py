@@ -1,12 +1,13 @@
 """int8 weights (Q-APOLLO): group-wise quantization, stochastic rounding, layer-wise training and exact resume."""
+
 from __future__ import annotations
 
 import io
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.quant import Int8Linear, dequantize_groupwise, quantize_groupwise, quantize_model
 
@@ -42,7 +43,13 @@ def test_stochastic_rounding_is_unbiased():
     w = base + 0.3 * step * (q0.abs() != 127)  # each group's absmax element stays: the scales stay the same
     nearest = dequantize_groupwise(*quantize_groupwise(w, group), group)
     torch.testing.assert_close(nearest, base, rtol=1e-6, atol=0)  # the update is lost
-    mean = sum(dequantize_groupwise(*quantize_groupwise(w, group, torch.Generator().manual_seed(s)), group) for s in range(draws)) / draws
+    mean = (
+        sum(
+            dequantize_groupwise(*quantize_groupwise(w, group, torch.Generator().manual_seed(s)), group)
+            for s in range(draws)
+        )
+        / draws
+    )
     stderr = 0.5 * step / draws**0.5  # std of one draw <= step / 2
     assert bool(((mean - w).abs() <= 5 * stderr + 1e-7).all())  # every element
     bias = float(((mean - w) / step).mean())  # in steps, over the 1024 elements: nearest rounding's is -0.3
@@ -91,7 +98,10 @@ def test_int8_layerwise_trains_like_fp32_and_stores_int8():
     assert "blocks.0.mlp.up.weight" not in sd and sd["blocks.0.mlp.up.weight_int8"].dtype == torch.int8
     assert sd["blocks.0.mlp.down.weight_scale"].shape == (32, 3)  # 48 inputs: groups of 20, 20, 8
     deq = {n: m.dequantize() for n, m in int8.named_modules() if isinstance(m, Int8Linear)}
-    drift = max(float((deq[n] - fp32.get_submodule(n).weight.detach()).norm() / fp32.get_submodule(n).weight.detach().norm()) for n in deq)
+    drift = max(
+        float((deq[n] - fp32.get_submodule(n).weight.detach()).norm() / fp32.get_submodule(n).weight.detach().norm())
+        for n in deq
+    )
     assert drift < 0.1  # the weights stay near the fp32 run's (measured 0.074: rounding noise, 30 steps at lr 3e-2)
 
 
@@ -157,17 +167,62 @@ def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus, par
 
     from spawn import run_checked
 
-    flags = ["launch/train.py", "--engine", "single", "--model", "tiny", "--steps", "4", "--global-batch-size", "2",
-             "--seq-len", "32", "--rank", "8", "--eval-every", "100", "--eval-samples", "2", "--dtype", "fp32", "--no-progress"]
+    flags = [
+        "launch/train.py",
+        "--engine",
+        "single",
+        "--model",
+        "tiny",
+        "--steps",
+        "4",
+        "--global-batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--rank",
+        "8",
+        "--eval-every",
+        "100",
+        "--eval-samples",
+        "2",
+        "--dtype",
+        "fp32",
+        "--no-progress",
+    ]
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
-    run_checked([sys.executable, *flags, "--layerwise", "--weight-quant", "int8", "--param-dtype", param_dtype, "--metrics-file", str(whole),
-                 "--save-dir", str(tmp_path / "ckpt"), "--save-every", "2"], timeout=300)
+    run_checked(
+        [
+            sys.executable,
+            *flags,
+            "--layerwise",
+            "--weight-quant",
+            "int8",
+            "--param-dtype",
+            param_dtype,
+            "--metrics-file",
+            str(whole),
+            "--save-dir",
+            str(tmp_path / "ckpt"),
+            "--save-every",
+            "2",
+        ],
+        timeout=300,
+    )
     step2 = str(tmp_path / "ckpt" / "step_0000002")
-    run_checked([sys.executable, "launch/train.py", "--no-progress", "--metrics-file", str(resumed), "--resume", step2], timeout=300)
+    run_checked(
+        [sys.executable, "launch/train.py", "--no-progress", "--metrics-file", str(resumed), "--resume", step2],
+        timeout=300,
+    )
     loss = lambda p: {r["step"]: r["loss"] for r in map(json.loads, p.read_text().splitlines()) if "loss" in r}  # noqa: E731
     assert loss(resumed) == {s: v for s, v in loss(whole).items() if s > 2}
     saved = torch.load(tmp_path / "ckpt" / "step_0000004" / "state.pt", map_location="cpu", weights_only=True)["model"]
-    assert saved["model.norm.weight"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[param_dtype]  # no fp32 copy
+    assert (
+        saved["model.norm.weight"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[param_dtype]
+    )  # no fp32 copy
     assert json.loads((tmp_path / "ckpt" / "step_0000004" / "trainer.json").read_text())["param_dtype"] == param_dtype
-    proc = run_checked([sys.executable, "launch/train.py", "--resume", step2, "--weight-quant", "none", "--layerwise"], check=False)
-    assert proc.returncode == 2 and "the checkpoint has weight_quant 'int8', this run weight_quant 'none'" in proc.stderr
+    proc = run_checked(
+        [sys.executable, "launch/train.py", "--resume", step2, "--weight-quant", "none", "--layerwise"], check=False
+    )
+    assert (
+        proc.returncode == 2 and "the checkpoint has weight_quant 'int8', this run weight_quant 'none'" in proc.stderr
+    )

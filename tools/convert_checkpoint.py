@@ -3,6 +3,7 @@ its model weights for Hugging Face transformers.
 
     python tools/convert_checkpoint.py SRC DST [--tag TAG] [--export-hf DIR] [--overwrite]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,12 +55,33 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", type=Path, help="checkpoint to read (see below)")
-    p.add_argument("dst", metavar="DST", type=Path, nargs="?", help="canonical checkpoint directory to write (optional with --export-hf)")
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        type=Path,
+        nargs="?",
+        help="canonical checkpoint directory to write (optional with --export-hf)",
+    )
     p.add_argument("--tag", help="DeepSpeed checkpoint tag under SRC (default: the one `latest` names)")
-    p.add_argument("--export-hf", metavar="DIR", type=Path, help="also write model weights + config.json for from_pretrained")
-    p.add_argument("--hf-config", metavar="PATH", type=Path, help="config.json (or a directory holding one) for --export-hf")
-    p.add_argument("--hf-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the exported weights (default fp32)")
-    p.add_argument("--shard-size", type=float, default=2.0, metavar="GIB", help="max size of a canonical safetensors file (default 2)")
+    p.add_argument(
+        "--export-hf", metavar="DIR", type=Path, help="also write model weights + config.json for from_pretrained"
+    )
+    p.add_argument(
+        "--hf-config", metavar="PATH", type=Path, help="config.json (or a directory holding one) for --export-hf"
+    )
+    p.add_argument(
+        "--hf-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="dtype of the exported weights (default fp32)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=float,
+        default=2.0,
+        metavar="GIB",
+        help="max size of a canonical safetensors file (default 2)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST / DIR (still atomically)")
     p.add_argument("--no-verify", action="store_true", help="skip SHA-256 checks of a canonical SRC")
     p.add_argument("--quiet", action="store_true", help="no summary line")
@@ -104,8 +126,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         hf_config = resolve_hf_config(args) if args.export_hf is not None else None
         out = convert(
-            args.src, args.dst, export_hf=args.export_hf, hf_config=hf_config, tag=args.tag, overwrite=args.overwrite,
-            hf_dtype=args.hf_dtype, shard_bytes=int(args.shard_size * 2**30), verify=not args.no_verify,
+            args.src,
+            args.dst,
+            export_hf=args.export_hf,
+            hf_config=hf_config,
+            tag=args.tag,
+            overwrite=args.overwrite,
+            hf_dtype=args.hf_dtype,
+            shard_bytes=int(args.shard_size * 2**30),
+            verify=not args.no_verify,
         )
     except (CheckpointError, ValueError, OSError) as e:  # CheckpointError is a ValueError: one line, exit 1
         print(f"convert_checkpoint.py: error: {e}", file=sys.stderr)
@@ -114,11 +143,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         src = out["source"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB -> MiB
         wrote = " and ".join(str(p) for p in (args.dst, args.export_hf) if p is not None)
-        print(f"converted {args.src} ({src.get('engine')}, W={src.get('world_size')}, {out['params']} params) -> {wrote} "
-              f"in {time.perf_counter() - t0:.1f}s, peak RSS {peak:.0f} MiB")
+        print(
+            f"converted {args.src} ({src.get('engine')}, W={src.get('world_size')}, {out['params']} params) -> {wrote} "
+            f"in {time.perf_counter() - t0:.1f}s, peak RSS {peak:.0f} MiB"
+        )
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # unpickling DeepSpeed objects imports deepspeed: never probe for GPUs
+    os.environ.setdefault(
+        "DS_ACCELERATOR", "cpu"
+    )  # unpickling DeepSpeed objects imports deepspeed: never probe for GPUs
     sys.exit(main())

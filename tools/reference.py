@@ -1,6 +1,7 @@
 """The reference APOLLO, apollo-torch 1.0.3 (CC-BY-NC), loaded for comparisons: the test oracle
 (tests/oracle.py), tools/bench.py's apollo-torch rows and tools/train_reference.py. The library never
 imports it; install it with `pip install --no-deps apollo-torch==1.0.3`."""
+
 from __future__ import annotations
 
 import sys

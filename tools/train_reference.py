@@ -6,6 +6,7 @@ For quality comparisons only (BENCHMARKS.md): same model, data, schedule and par
 process. apollo-torch is CC-BY-NC and a test oracle: the library never imports it; install it with
 `pip install --no-deps apollo-torch==1.0.3`.
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,6 +31,8 @@ def build_reference(model, hp, layerwise: bool = False):
 
 if __name__ == "__main__":
     if "--deepspeed" in sys.argv or "fsdp2" in sys.argv:
-        raise SystemExit("train_reference.py: apollo-torch runs only with --engine single (it crashes under ZeRO-2/3 and FSDP2)")
+        raise SystemExit(
+            "train_reference.py: apollo-torch runs only with --engine single (it crashes under ZeRO-2/3 and FSDP2)"
+        )
     engines.build_optimizer = build_reference
     sys.exit(train.main())

@@ -23,6 +23,7 @@ Modules: `format` (what a checkpoint holds and describes), `streaming` (safetens
 tensor, staged directories), `canonical` (writing and reading the directory), `state_dicts` (canonical
 tensors assembled from APOLLO state dicts), `live` (loading into, and saving from, a live optimizer).
 """
+
 from .canonical import CanonicalCheckpoint, canonical_index, is_canonical, save_canonical, write_canonical
 from .format import (
     FORMAT,
@@ -43,10 +44,33 @@ from .state_dicts import RankState, assemble_param, meta_from_state_dicts
 from .streaming import SafetensorsStream, ShardedWriter, check_destination, nbytes, sha256_file, staged_directories
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "INDEX_FILE", "SHARD_BYTES",
-    "CanonicalCheckpoint", "CheckpointError", "LiveSource", "Meta", "ParamEntry", "RankState", "SafetensorsStream",
-    "ShardedWriter", "Source",
-    "assemble_param", "canonical_entries", "canonical_index", "check_destination", "check_same_hyperparameters",
-    "group_hyperparameters", "is_canonical", "jsonable", "load_canonical", "meta_from_state_dicts", "nbytes",
-    "resume_canonical", "save_canonical", "sha256_file", "staged_directories", "write_canonical",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "SHARD_BYTES",
+    "CanonicalCheckpoint",
+    "CheckpointError",
+    "LiveSource",
+    "Meta",
+    "ParamEntry",
+    "RankState",
+    "SafetensorsStream",
+    "ShardedWriter",
+    "Source",
+    "assemble_param",
+    "canonical_entries",
+    "canonical_index",
+    "check_destination",
+    "check_same_hyperparameters",
+    "group_hyperparameters",
+    "is_canonical",
+    "jsonable",
+    "load_canonical",
+    "meta_from_state_dicts",
+    "nbytes",
+    "resume_canonical",
+    "save_canonical",
+    "sha256_file",
+    "staged_directories",
+    "write_canonical",
 ]

@@ -4,6 +4,7 @@
 opens one, checks its index and files, and reads whole tensors or only the slices a rank holds
 (``safe_open(...).get_slice``).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,19 +15,34 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .format import FORMAT, FORMAT_VERSION, INDEX_FILE, SHARD_BYTES, CheckpointError, Meta, ParamEntry, Source, canonical_entries, jsonable
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    SHARD_BYTES,
+    CheckpointError,
+    Meta,
+    ParamEntry,
+    Source,
+    canonical_entries,
+    jsonable,
+)
 from .streaming import ShardedWriter, sha256_file, staged_directories
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def write_canonical(source: Source, out: Path, shard_bytes: int = SHARD_BYTES, on_param: Optional[Callable] = None) -> dict[str, Any]:
+def write_canonical(
+    source: Source, out: Path, shard_bytes: int = SHARD_BYTES, on_param: Optional[Callable] = None
+) -> dict[str, Any]:
     """Write ``source`` as a canonical checkpoint into the (empty, usually temporary) directory ``out``.
 
     Reads and writes one parameter at a time. ``on_param(entry, tensors)`` sees each param's tensors
     as they pass (the converter exports model weights from it). Returns the index it wrote.
     """
     meta = source.meta
-    writer = ShardedWriter(out, [(e.name, canonical_entries(e)) for e in meta.params], "state-{:05d}-of-{:05d}.safetensors", shard_bytes)
+    writer = ShardedWriter(
+        out, [(e.name, canonical_entries(e)) for e in meta.params], "state-{:05d}-of-{:05d}.safetensors", shard_bytes
+    )
     try:
         for e in meta.params:
             tensors = source.read(e)
@@ -34,7 +50,9 @@ def write_canonical(source: Source, out: Path, shard_bytes: int = SHARD_BYTES, o
                 t = tensors.get(key)
                 if t is None or tuple(t.shape) != shape:
                     got = None if t is None else tuple(t.shape)
-                    raise CheckpointError(f"param {e.name}: {key} has shape {got} in {meta.source.get('path', 'the source')}, expected {shape}")
+                    raise CheckpointError(
+                        f"param {e.name}: {key} has shape {got} in {meta.source.get('path', 'the source')}, expected {shape}"
+                    )
             if on_param is not None:
                 on_param(e, tensors)
             writer.put({f"{e.name}/{k}": v for k, v in tensors.items()})
@@ -61,11 +79,16 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
         "trainer": jsonable(meta.trainer),
         "source": jsonable(meta.source),
         "param_groups": [
-            {**jsonable(g), "params": [e.name for e in meta.params if e.group == gi]} for gi, g in enumerate(meta.groups)
+            {**jsonable(g), "params": [e.name for e in meta.params if e.group == gi]}
+            for gi, g in enumerate(meta.groups)
         ],
         "params": {
             e.name: {
-                "group": e.group, "shape": list(e.shape), "seed": e.seed, "rank": e.r, "file": where[e.name],
+                "group": e.group,
+                "shape": list(e.shape),
+                "seed": e.seed,
+                "rank": e.r,
+                "file": where[e.name],
                 "tensors": {k: {"shape": list(s), "dtype": "float32"} for k, s in e.tensor_shapes().items()},
             }
             for e in meta.params
@@ -74,7 +97,9 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
     }
 
 
-def save_canonical(source: Source, dst: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+def save_canonical(
+    source: Source, dst: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES
+) -> dict[str, Any]:
     """`write_canonical` into a temporary directory renamed to ``dst`` at the end (atomic)."""
     with staged_directories(Path(dst), overwrite=overwrite) as (tmp,):
         return write_canonical(source, tmp, shard_bytes)
@@ -107,14 +132,18 @@ class CanonicalCheckpoint:
         if fmt != FORMAT:
             raise CheckpointError(f"{index_path}: format {fmt!r}, expected {FORMAT!r}")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{index_path}: format_version {version!r}; this apollo_dist reads up to {FORMAT_VERSION}")
+            raise CheckpointError(
+                f"{index_path}: format_version {version!r}; this apollo_dist reads up to {FORMAT_VERSION}"
+            )
         for fname, info in self.index["files"].items():
             fpath = self.path / fname
             if not fpath.is_file():
                 raise CheckpointError(f"{fpath}: missing (named in {index_path})")
             size = fpath.stat().st_size
             if size != info["bytes"]:
-                raise CheckpointError(f"{fpath}: {size} bytes, the index records {info['bytes']} (truncated or replaced)")
+                raise CheckpointError(
+                    f"{fpath}: {size} bytes, the index records {info['bytes']} (truncated or replaced)"
+                )
         self.meta = self._meta()
         self._open: dict[str, Any] = {}
 
@@ -125,7 +154,9 @@ class CanonicalCheckpoint:
             for name, p in ix["params"].items()
         ]
         groups = [{k: v for k, v in g.items() if k != "params"} for g in ix["param_groups"]]
-        return Meta(params, groups, ix["generator_device"], ix.get("optimizer", {}), ix.get("trainer", {}), ix.get("source", {}))
+        return Meta(
+            params, groups, ix["generator_device"], ix.get("optimizer", {}), ix.get("trainer", {}), ix.get("source", {})
+        )
 
     @property
     def files(self) -> list[str]:
@@ -137,8 +168,10 @@ class CanonicalCheckpoint:
         for fname in self.files if files is None else files:
             digest = sha256_file(self.path / fname)
             if digest != self.index["files"][fname]["sha256"]:
-                raise CheckpointError(f"{self.path / fname}: SHA-256 {digest[:16]}... differs from the index's "
-                                      f"{self.index['files'][fname]['sha256'][:16]}... (corrupted)")
+                raise CheckpointError(
+                    f"{self.path / fname}: SHA-256 {digest[:16]}... differs from the index's "
+                    f"{self.index['files'][fname]['sha256'][:16]}... (corrupted)"
+                )
 
     def handle(self, name: str):
         """The open safetensors file holding param ``name`` (memory-mapped; nothing read yet)."""

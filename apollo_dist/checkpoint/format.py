@@ -2,6 +2,7 @@
 but the tensors), the `Source` protocol of anything readable one parameter at a time, and the checks of
 param-group hyperparameters. The directory layout is in the package's docstring (apollo_dist.checkpoint).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -93,7 +94,12 @@ def check_same_hyperparameters(where: str, saved: dict[str, Any], live: dict[str
     (each changes what the optimizer computes from the same state)."""
     for key in LOW_RANK_KEYS:
         a, b = saved.get(key), live.get(key)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and float(a) == float(b):
+        if (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and not isinstance(a, bool)
+            and float(a) == float(b)
+        ):
             continue
         if a != b:
             raise CheckpointError(f"{where}: the checkpoint has {key}={a!r}, this optimizer {key}={b!r}")

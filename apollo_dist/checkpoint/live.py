@@ -1,6 +1,7 @@
 """A live APOLLO and canonical checkpoints: loading one into it at any world size under any engine
 (`load_canonical`, `resume_canonical` for training scripts), and saving a single-process one without a
 native checkpoint in between (`LiveSource`)."""
+
 from __future__ import annotations
 
 import warnings
@@ -66,21 +67,29 @@ def _check_groups(path: Path, saved_groups: list[dict[str, Any]], live_groups: l
         raise CheckpointError(f"{path}: {len(saved_groups)} param groups, this optimizer has {len(live_groups)}")
     for gi, (saved, live) in enumerate(zip(saved_groups, live_groups)):
         if ("rank" in saved) != ("rank" in live):
-            raise CheckpointError(f"{path}: param group {gi} is {'low-rank' if 'rank' in saved else 'plain Adam'} in the checkpoint, not in this optimizer")
+            raise CheckpointError(
+                f"{path}: param group {gi} is {'low-rank' if 'rank' in saved else 'plain Adam'} in the checkpoint, not in this optimizer"
+            )
         check_same_hyperparameters(f"{path}: param group {gi}", saved, live)
 
 
 def _param_record(ckpt: CanonicalCheckpoint, name: Optional[str], s: Slot, group_index: int) -> dict[str, Any]:
     """The index's record of the param of slot ``s``, checked against it (name, shape, group)."""
     if name is None:
-        raise CheckpointError(f"optimizer param at position {s.index} has no name: pass the model (or groups with param_names)")
+        raise CheckpointError(
+            f"optimizer param at position {s.index} has no name: pass the model (or groups with param_names)"
+        )
     rec = ckpt.index["params"].get(name)
     if rec is None:
         raise CheckpointError(f"{ckpt.path}: no param {name!r} (a different model?)")
     if tuple(rec["shape"]) != tuple(s.shape):
-        raise CheckpointError(f"{ckpt.path}: param {name} has shape {tuple(rec['shape'])}, the model's is {tuple(s.shape)}")
+        raise CheckpointError(
+            f"{ckpt.path}: param {name} has shape {tuple(rec['shape'])}, the model's is {tuple(s.shape)}"
+        )
     if rec["group"] != group_index:
-        raise CheckpointError(f"{ckpt.path}: param {name} is in group {rec['group']}, in this optimizer in group {group_index}")
+        raise CheckpointError(
+            f"{ckpt.path}: param {name} is in group {rec['group']}, in this optimizer in group {group_index}"
+        )
     return rec
 
 
@@ -172,7 +181,9 @@ def load_canonical(
     return trainer
 
 
-def resume_canonical(path: Path, optimizer: Any, model: torch.nn.Module, scheduler: Any = None, verify: bool = True) -> dict[str, Any]:
+def resume_canonical(
+    path: Path, optimizer: Any, model: torch.nn.Module, scheduler: Any = None, verify: bool = True
+) -> dict[str, Any]:
     """`load_canonical` for a training script, whatever the engine: finds the APOLLO inside optimizer
     wrappers (``.optimizer``: DeepSpeed's ZeRO optimizer, accelerate's), restores the lr scheduler's
     state too. ``model``: the module whose parameter names the checkpoint uses (where an engine wraps
@@ -198,11 +209,15 @@ class LiveSource:
     """A single-process APOLLO (world size 1) as a `Source`: save it canonically without a native
     checkpoint in between. Sharded runs save natively and convert (tools/convert_checkpoint.py)."""
 
-    def __init__(self, optimizer: APOLLO, model: Optional[torch.nn.Module] = None, trainer: Optional[dict[str, Any]] = None):
+    def __init__(
+        self, optimizer: APOLLO, model: Optional[torch.nn.Module] = None, trainer: Optional[dict[str, Any]] = None
+    ):
         refuse_int8(optimizer.slots(), "canonical checkpoints (LiveSource)")
         sd = optimizer.state_dict()
         if sd["apollo_layout"]["world_size"] != 1:
-            raise CheckpointError("LiveSource needs a single-process optimizer: save sharded runs natively and convert them")
+            raise CheckpointError(
+                "LiveSource needs a single-process optimizer: save sharded runs natively and convert them"
+            )
         by_id = _param_names(optimizer, model)
         ordered = [p for g in optimizer.param_groups for p in g["params"]]
         names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(ordered)]

@@ -2,6 +2,7 @@
 its state and its master weights) assembled into the whole param and its moments, offline. Shared by the
 readers of DeepSpeed checkpoints (apollo_dist.native_checkpoints) and of a live optimizer (`LiveSource`).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,9 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[
         if lay is None:
             raise CheckpointError(f"{rs.where}: no layout for param {entry.name}")
         if "block" in lay:  # DeepSpeed and one-process layouts hold flat ranges; blocks come with DCP (global tensors)
-            raise CheckpointError(f"{rs.where}: param {entry.name} is held as a block {lay['block']}: not assembled offline")
+            raise CheckpointError(
+                f"{rs.where}: param {entry.name} is held as a block {lay['block']}: not assembled offline"
+            )
         a, b = lay["start"], lay["end"]
         state = rs.state.get(idx, {})
         if b > a:
@@ -63,16 +66,22 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[
             if limiter is None:
                 limiter = q
             elif not torch.equal(limiter, q):
-                raise CheckpointError(f"{rs.where}: param {entry.name}: limiter norm {q.item()} differs from rank 0's {limiter.item()}")
+                raise CheckpointError(
+                    f"{rs.where}: param {entry.name}: limiter norm {q.item()} differs from rank 0's {limiter.item()}"
+                )
         elif b > a:
             for k in moments:
                 moments[k][a:b] = _local(state[k]).reshape(-1)
     if covered != numel:
-        raise CheckpointError(f"param {entry.name}: the rank files hold {covered} of its {numel} elements (a rank file missing?)")
+        raise CheckpointError(
+            f"param {entry.name}: the rank files hold {covered} of its {numel} elements (a rank file missing?)"
+        )
     out = {"weight": weight.view(entry.shape)}
     if entry.lowrank:
         if owned != moments["exp_avg"].shape[0]:
-            raise CheckpointError(f"param {entry.name}: the rank files own {owned} of its {moments['exp_avg'].shape[0]} channels")
+            raise CheckpointError(
+                f"param {entry.name}: the rank files own {owned} of its {moments['exp_avg'].shape[0]} channels"
+            )
         tall = entry.shape[0] >= entry.shape[1]
         out.update({k: v if tall else v.t().contiguous() for k, v in moments.items()})
         out["limiter_norm"] = limiter
@@ -101,8 +110,11 @@ def meta_from_state_dicts(
             index_of[name] = idx
     first = optim_sd["param_groups"][0] if optim_sd["param_groups"] else {}
     meta = Meta(
-        params, groups, layout["generator_device"],
+        params,
+        groups,
+        layout["generator_device"],
         {"scale_front": bool(first.get("scale_front", False)), "disable_nl": bool(first.get("disable_nl", False))},
-        trainer, {**source, "world_size": layout["world_size"]},
+        trainer,
+        {**source, "world_size": layout["world_size"]},
     )
     return meta, index_of

@@ -1,6 +1,7 @@
 """Streaming safetensors I/O and atomic destinations: files written tensor by tensor (only the tensor being
 written is in memory), split into shards of a bounded size, into temporary directories renamed into place
 only when everything succeeded. Used for canonical checkpoints and for exported model weights."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,14 @@ import torch
 
 from .format import SHARD_BYTES, CheckpointError
 
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]  # a tensor to write: (key, dtype, shape)
 
@@ -88,8 +96,14 @@ class ShardedWriter:
     ``pattern``: file names, formatted with (shard number, number of shards).
     """
 
-    def __init__(self, out: Path, items: list[tuple[str, list[Entry]]], pattern: str, shard_bytes: int = SHARD_BYTES,
-                 metadata: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        out: Path,
+        items: list[tuple[str, list[Entry]]],
+        pattern: str,
+        shard_bytes: int = SHARD_BYTES,
+        metadata: Optional[dict[str, str]] = None,
+    ):
         self.out, self.items, self.metadata = Path(out), items, metadata
         self.shards: list[list[int]] = [[]]
         size = 0

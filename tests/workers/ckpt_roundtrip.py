@@ -1,6 +1,7 @@
 """Worker (torchrun): build launch/train.py's engine from its flags, load a canonical checkpoint
 (--resume) and save it straight back natively (no step), for the canonical -> engine -> native ->
 convert -> canonical round trip of tests/test_checkpoint.py. Flags are train.py's plus --save-dir."""
+
 from __future__ import annotations
 
 from apollo_dist.checkpoint import resume_canonical
@@ -16,7 +17,11 @@ def main() -> None:
     model = build_model(llama_config(args.model, tokenizer.vocab_size, args.seq_len), args.seed)
     ds_full = train.deepspeed_config(ds_cfg, hp, run) if run.engine == "deepspeed" else None
     engine = engines.make_engine(run.engine, model, hp, run, d, ds_full)
-    step = int(resume_canonical(args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler)["step"])
+    step = int(
+        resume_canonical(
+            args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler
+        )["step"]
+    )
     engine.save_checkpoint(step)
     shutdown()
 

@@ -12,15 +12,16 @@
 Rank 0 writes a JSON report: max relative difference to the oracle, state bytes per rank, collectives
 per step.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
+import oracle
 import torch
 import torch.distributed as dist
 
-import oracle
 from apollo_dist import APOLLO, Slot
 from apollo_dist.runtime import shutdown
 
@@ -28,7 +29,14 @@ from apollo_dist.runtime import shutdown
 class CollectiveCounter:
     """Counts calls of the collectives APOLLO uses (patched on torch.distributed while stepping)."""
 
-    NAMES = ("reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce", "all_gather", "broadcast", "reduce_scatter")
+    NAMES = (
+        "reduce_scatter_tensor",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "reduce_scatter",
+    )
 
     def __init__(self):
         self.count = 0
@@ -113,7 +121,6 @@ def main() -> None:
     model = oracle.TinyNet(layers=args.layers)
     ref = oracle.TinyNet(layers=args.layers)
     ref.load_state_dict(model.state_dict())
-    params = [p for g in oracle.groups(model, args.preset) for p in g["params"]]
 
     if args.layout == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -139,8 +146,12 @@ def main() -> None:
         from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
         opt = APOLLO(oracle.groups(model, args.preset), **oracle.HPARAMS, nonfinite=args.nonfinite)
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                                transformer_cls_names_to_wrap=["Block"], reshard_after_forward=True)
+        plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["Block"],
+            reshard_after_forward=True,
+        )
         accelerator = Accelerator(fsdp_plugin=plugin)
         model, opt = accelerator.prepare(model, opt)
         assert all(type(p).__name__ == "DTensor" for p in model.parameters()), accelerator.distributed_type
@@ -189,10 +200,18 @@ def main() -> None:
                 ref_opt.step()
             ref_opt.zero_grad()
         ref_bytes = sum(
-            v.numel() * v.element_size() for st in ref_opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")
+            v.numel() * v.element_size()
+            for st in ref_opt.state.values()
+            for k, v in st.items()
+            if k in ("exp_avg", "exp_avg_sq")
         )
-        worst = max(float((full[n].detach() - q.detach()).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.named_parameters())
-        lowrank = [(tuple(p.shape), g["rank"]) for g in oracle.groups(ref, args.preset) if "rank" in g for p in g["params"]]
+        worst = max(
+            float((full[n].detach() - q.detach()).abs().max() / q.abs().max().clamp_min(1e-12))
+            for n, q in ref.named_parameters()
+        )
+        lowrank = [
+            (tuple(p.shape), g["rank"]) for g in oracle.groups(ref, args.preset) if "rank" in g for p in g["params"]
+        ]
         report = {
             "world": world,
             "max_rel_diff": worst,
@@ -207,6 +226,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump(report, f)
     shutdown()  # no rank leaves while rank 0 still computes the oracle
+
 
 if __name__ == "__main__":
     main()

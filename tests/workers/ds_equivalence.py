@@ -17,6 +17,7 @@ Parts (``--parts``, comma separated):
   subgroups    ZeRO-3 with sub_group_size below a group's size: clear error.
 Rank 0 writes a JSON report to ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,9 @@ import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import oracle  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
-import oracle  # noqa: E402
 
 oracle.stub_bitsandbytes()
 import deepspeed  # noqa: E402
@@ -57,10 +57,17 @@ def base_config(stage: int, micro: int, accum: int = 1, clip: float = 0.0) -> di
     """Tiny buckets so ZeRO cuts parameters anywhere; DeepSpeed clips at 1.0 unless told otherwise."""
     zero = {"stage": stage, "reduce_bucket_size": 50, "allgather_bucket_size": 50}
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50, stage3_max_live_parameters=100)
+        zero.update(
+            stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50, stage3_max_live_parameters=100
+        )
     return {
-        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum, "train_batch_size": "auto",
-        "gradient_clipping": clip, "zero_optimization": zero, "steps_per_print": 10**9, "wall_clock_breakdown": False,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": "auto",
+        "gradient_clipping": clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
     }
 
 
@@ -98,7 +105,9 @@ def rel_diff(got: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
     return max(float((got[n] - q.detach()).abs().max() / q.detach().abs().max()) for n, q in ref.named_parameters())
 
 
-def oracle_run(preset: str, steps: int = STEPS, clip: float = 0.0, warmup: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def oracle_run(
+    preset: str, steps: int = STEPS, clip: float = 0.0, warmup: bool = False
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """apollo-torch in this process on the full global batch, with DeepSpeed's clipping and schedule."""
     model = oracle.make_model(0)
     opt = oracle.oracle_class()(oracle.groups(model, preset), **oracle.HPARAMS)
@@ -162,9 +171,16 @@ def part_equivalence(report: dict) -> None:
         for preset, (ref, ref_opt) in refs.items():
             model = oracle.make_model(0)
             opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
-            engine, *_ = ads.initialize(model=model, optimizer=opt, config=base_config(stage, GLOBAL_BATCH // dist.get_world_size()))
+            engine, *_ = ads.initialize(
+                model=model, optimizer=opt, config=base_config(stage, GLOBAL_BATCH // dist.get_world_size())
+            )
             train(engine, STEPS)
-            ref_total = sum(v.numel() * v.element_size() for st in ref_opt.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+            ref_total = sum(
+                v.numel() * v.element_size()
+                for st in ref_opt.state.values()
+                for k, v in st.items()
+                if k in ("exp_avg", "exp_avg_sq")
+            )
             report[f"eq/stage{stage}/{preset}"] = {
                 "max_rel_diff": rel_diff(full_params(engine, model), ref),
                 "state_bytes": gather_list(state_bytes(opt)),
@@ -181,14 +197,19 @@ def part_zero_init(report: dict) -> None:
     ref, _ = oracle_run("apollo")
     cfg = base_config(3, GLOBAL_BATCH // dist.get_world_size())
     hp = oracle.HPARAMS
-    cfg["optimizer"] = {"type": "APOLLO", "params": {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "rank": 5, "update_proj_gap": 7}}
+    cfg["optimizer"] = {
+        "type": "APOLLO",
+        "params": {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "rank": 5, "update_proj_gap": 7},
+    }
     init_cfg = {k: v for k, v in cfg.items() if v != "auto"}  # zero.Init reads the config without the adapter
     with deepspeed.zero.Init(config_dict_or_path=init_cfg):
         model = oracle.make_model(0)
     engine, opt, _, _ = ads.initialize(model=model, config=cfg)
     train(engine, STEPS)
-    report["zero_init/stage3"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                  "lowrank_params": sum(len(b.slots) for b in engine.optimizer.optimizer.buckets if isinstance(b, LowRankBucket))}
+    report["zero_init/stage3"] = {
+        "max_rel_diff": rel_diff(full_params(engine, model), ref),
+        "lowrank_params": sum(len(b.slots) for b in engine.optimizer.optimizer.buckets if isinstance(b, LowRankBucket)),
+    }
     engine.destroy()
 
 
@@ -198,8 +219,17 @@ def extras_config(stage: int) -> dict:
     cfg = base_config(stage, GLOBAL_BATCH // W // 2, accum=2, clip=1.0)
     cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True)  # the GPU configs' settings
     hp = oracle.HPARAMS
-    cfg["optimizer"] = {"type": "APOLLO", "params": {"lr": hp["lr"], "weight_decay": hp["weight_decay"], "betas": list(hp["betas"]),
-                                                     "rank": 5, "update_proj_gap": 7, "target_modules": ["attn", "mlp"]}}
+    cfg["optimizer"] = {
+        "type": "APOLLO",
+        "params": {
+            "lr": hp["lr"],
+            "weight_decay": hp["weight_decay"],
+            "betas": list(hp["betas"]),
+            "rank": 5,
+            "update_proj_gap": 7,
+            "target_modules": ["attn", "mlp"],
+        },
+    }
     cfg["scheduler"] = {"type": "WarmupLR", "params": WARMUP}
     return cfg
 
@@ -210,8 +240,11 @@ def part_extras(report: dict) -> None:
         model = oracle.make_model(0)
         engine, opt, _, sched = ads.initialize(model=model, config=extras_config(stage))
         train(engine, STEPS, accum=2)
-        report[f"extras/stage{stage}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "lr": opt.param_groups[0]["lr"],
-                                          "steps": int(engine.optimizer.optimizer.buckets[-1].step_count)}
+        report[f"extras/stage{stage}"] = {
+            "max_rel_diff": rel_diff(full_params(engine, model), ref),
+            "lr": opt.param_groups[0]["lr"],
+            "steps": int(engine.optimizer.optimizer.buckets[-1].step_count),
+        }
         engine.destroy()
     # A torch LR scheduler handed to initialize (built before the adapter binds the layout).
     ref, _ = oracle_run("apollo")
@@ -219,10 +252,14 @@ def part_extras(report: dict) -> None:
     cfg = extras_config(2)
     cfg.pop("scheduler")
     cfg.update(gradient_clipping=0.0)
-    engine, opt, _, sched = ads.initialize(model=model, config=cfg, lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0))
+    engine, opt, _, sched = ads.initialize(
+        model=model, config=cfg, lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda i: 1.0)
+    )
     train(engine, STEPS, accum=2)
-    report["extras/client_scheduler"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                         "steps": int(engine.optimizer.optimizer.buckets[-1].step_count)}
+    report["extras/client_scheduler"] = {
+        "max_rel_diff": rel_diff(full_params(engine, model), ref),
+        "steps": int(engine.optimizer.optimizer.buckets[-1].step_count),
+    }
     engine.destroy()
 
 
@@ -289,7 +326,13 @@ def part_fp16(report: dict) -> None:
         model = oracle.make_model(0)
         opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
         cfg = base_config(stage, GLOBAL_BATCH // dist.get_world_size(), clip=1.0)
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}
+        cfg["fp16"] = {
+            "enabled": True,
+            "initial_scale_power": 8,
+            "loss_scale_window": 1000,
+            "hysteresis": 1,
+            "min_loss_scale": 1,
+        }
         engine, *_ = ads.initialize(model=model, optimizer=opt, config=cfg)
         train(engine, 3)
         before, skipped, scale = apollo_snapshot(opt), engine.skipped_steps, engine.optimizer.loss_scale
@@ -320,8 +363,11 @@ def part_bf16(report: dict) -> None:
             cfg["data_types"] = {"grad_accum_dtype": accum_dtype}
         engine, *_ = ads.initialize(model=model, optimizer=opt, config=cfg)
         train(engine, 10)
-        report[f"bf16/stage{stage}"] = {"wrapper": type(engine.optimizer).__name__, "max_rel_diff": rel_diff(full_params(engine, model), ref),
-                                        "steps": int(opt.buckets[-1].step_count)}
+        report[f"bf16/stage{stage}"] = {
+            "wrapper": type(engine.optimizer).__name__,
+            "max_rel_diff": rel_diff(full_params(engine, model), ref),
+            "steps": int(opt.buckets[-1].step_count),
+        }
         engine.destroy()
 
 
@@ -333,10 +379,16 @@ def part_subgroups(report: dict) -> None:
         opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
         cfg = plain_config(base_config(3, GLOBAL_BATCH // dist.get_world_size()))
         cfg["zero_optimization"]["sub_group_size"] = 100
-        engine, *_ = (ads.initialize if how == "adapter" else deepspeed.initialize)(model=model, optimizer=opt, config=cfg)
+        engine, *_ = (ads.initialize if how == "adapter" else deepspeed.initialize)(
+            model=model, optimizer=opt, config=cfg
+        )
         train(engine, STEPS)
-        report[f"subgroups/{how}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "buckets": len(opt.buckets),
-                                      "sub_groups": len(engine.optimizer.fp16_groups), "steps": opt.steps_taken}
+        report[f"subgroups/{how}"] = {
+            "max_rel_diff": rel_diff(full_params(engine, model), ref),
+            "buckets": len(opt.buckets),
+            "sub_groups": len(engine.optimizer.fp16_groups),
+            "steps": opt.steps_taken,
+        }
         engine.destroy()
 
 
@@ -357,10 +409,17 @@ def part_plain(report: dict) -> None:
         for stage in (1, 2, 3):
             model = oracle.make_model(0)
             opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
-            engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=plain_config(base_config(stage, GLOBAL_BATCH // W // 2, accum=2, clip=1.0)))
+            engine, ds_opt, _, _ = deepspeed.initialize(
+                model=model,
+                optimizer=opt,
+                config=plain_config(base_config(stage, GLOBAL_BATCH // W // 2, accum=2, clip=1.0)),
+            )
             train(engine, STEPS, accum=2)
-            report[f"plain/stage{stage}/{preset}"] = {"max_rel_diff": rel_diff(full_params(engine, model), ref), "steps": opt.steps_taken,
-                                                      "wrapper": type(ds_opt).__name__}
+            report[f"plain/stage{stage}/{preset}"] = {
+                "max_rel_diff": rel_diff(full_params(engine, model), ref),
+                "steps": opt.steps_taken,
+                "wrapper": type(ds_opt).__name__,
+            }
             engine.destroy()
 
 
@@ -375,8 +434,14 @@ def part_plain_errors(report: dict) -> None:
     W = dist.get_world_size()
     cases = {
         "bf16_stage0": {"bf16": {"enabled": True}},  # FP16_UnfusedOptimizer: fp32 copies, a zero-grad step at init
-        "offload_stage2": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
-        "offload_stage3": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
+        "offload_stage2": {
+            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+        },
+        "offload_stage3": {
+            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
+            "zero_force_ds_cpu_optimizer": False,
+        },
     }
     for name, extra in cases.items():
         model = oracle.make_model(0)
@@ -386,9 +451,14 @@ def part_plain_errors(report: dict) -> None:
         try:
             engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
             train(engine, 10)
-            report[f"plain_errors/{name}"] = {"error": None, "wrapper": type(ds_opt).__name__, "binding": opt._binding.kind,
-                                              "steps": opt.steps_taken, "skipped": engine.skipped_steps,
-                                              "max_rel_diff": rel_diff(full_params(engine, model), oracle_run("apollo", steps=10)[0])}
+            report[f"plain_errors/{name}"] = {
+                "error": None,
+                "wrapper": type(ds_opt).__name__,
+                "binding": opt._binding.kind,
+                "steps": opt.steps_taken,
+                "skipped": engine.skipped_steps,
+                "max_rel_diff": rel_diff(full_params(engine, model), oracle_run("apollo", steps=10)[0]),
+            }
         except (ValueError, NotImplementedError) as e:
             report[f"plain_errors/{name}"] = {"error": f"{type(e).__name__}: {e}"}
 
@@ -407,14 +477,21 @@ def part_plain_bf16(report: dict) -> None:
             cfg["bf16"] = {"enabled": True}
             if stage == 1:
                 cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-            engine, ds_opt, _, _ = (ads.initialize if how == "adapter" else deepspeed.initialize)(model=model, optimizer=opt, config=cfg)
+            engine, ds_opt, _, _ = (ads.initialize if how == "adapter" else deepspeed.initialize)(
+                model=model, optimizer=opt, config=cfg
+            )
             train(engine, 10, accum=2)
             finals[how] = full_params(engine, model)
             wrapper, steps = type(ds_opt).__name__, opt.steps_taken
             engine.destroy()
         report[f"plain_bf16/stage{stage}"] = {
-            "diff_vs_adapter": max(float((finals["plain"][n] - finals["adapter"][n]).abs().max() / finals["adapter"][n].abs().max()) for n in finals["plain"]),
-            "max_rel_diff_vs_fp32_oracle": rel_diff(finals["plain"], ref), "wrapper": wrapper, "steps": steps,
+            "diff_vs_adapter": max(
+                float((finals["plain"][n] - finals["adapter"][n]).abs().max() / finals["adapter"][n].abs().max())
+                for n in finals["plain"]
+            ),
+            "max_rel_diff_vs_fp32_oracle": rel_diff(finals["plain"], ref),
+            "wrapper": wrapper,
+            "steps": steps,
         }
 
 
@@ -428,9 +505,18 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     report: dict = {"world": dist.get_world_size()}
-    parts = {"equivalence": part_equivalence, "extras": part_extras, "fp16": part_fp16, "bf16": part_bf16, "subgroups": part_subgroups, "zero_init": part_zero_init,
-             "plain": part_plain, "plain_bf16": part_plain_bf16, "plain_errors": part_plain_errors,
-             "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir)}
+    parts = {
+        "equivalence": part_equivalence,
+        "extras": part_extras,
+        "fp16": part_fp16,
+        "bf16": part_bf16,
+        "subgroups": part_subgroups,
+        "zero_init": part_zero_init,
+        "plain": part_plain,
+        "plain_bf16": part_plain_bf16,
+        "plain_errors": part_plain_errors,
+        "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir),
+    }
     for name in args.parts.split(","):
         t0 = time.time()
         try:

@@ -6,6 +6,7 @@
 The global batch is the same for every world size (sequential sampling, ``GLOBAL`` rows per step).
 ``--save-steps K`` writes Trainer checkpoints; ``--resume DIR`` continues from one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,9 +15,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 import oracle  # noqa: E402
+import torch  # noqa: E402
 
 oracle.stub_bitsandbytes()
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
@@ -29,8 +29,16 @@ OPTIM_ARGS = "rank=4,update_proj_gap=5"  # projection refreshes at steps 5, 10, 
 def make_model() -> LlamaForCausalLM:
     """2 layers, GQA (4 heads, 2 KV heads), an MLP of 44 (tall and wide weights not divisible by 3)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=SEQ, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=44,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -74,24 +82,53 @@ def main() -> None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
     if a.stage:
-        ds_config = {"zero_optimization": {"stage": a.stage}, "train_micro_batch_size_per_gpu": "auto",
-                     "train_batch_size": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
+        ds_config = {
+            "zero_optimization": {"stage": a.stage},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+        }
     args = TrainingArguments(
-        output_dir=a.dir, per_device_train_batch_size=GLOBAL // world, max_steps=a.steps, learning_rate=1e-2,
+        output_dir=a.dir,
+        per_device_train_batch_size=GLOBAL // world,
+        max_steps=a.steps,
+        learning_rate=1e-2,
         adam_epsilon=1e-6,  # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: 1e-6)
-        logging_steps=1, report_to=[], seed=0, dataloader_num_workers=0,
-        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, save_only_model=False,
-        optim="apollo_adamw", optim_target_modules=["attn", "mlp"], optim_args=OPTIM_ARGS,
-        deepspeed=ds_config, ddp_backend="gloo" if world > 1 and not gpu else None, use_cpu=ds_config is None and not gpu,
+        logging_steps=1,
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        save_only_model=False,
+        optim="apollo_adamw",
+        optim_target_modules=["attn", "mlp"],
+        optim_args=OPTIM_ARGS,
+        deepspeed=ds_config,
+        ddp_backend="gloo" if world > 1 and not gpu else None,
+        use_cpu=ds_config is None and not gpu,
         accelerator_config={"use_configured_state": bool(ds_config) and not gpu},
-        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                                                  "reshard_after_forward": True}} if a.fsdp2 else {}),
+        **(
+            {
+                "fsdp": "full_shard",
+                "fsdp_config": {
+                    "fsdp_version": 2,
+                    "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                    "reshard_after_forward": True,
+                },
+            }
+            if a.fsdp2
+            else {}
+        ),
     )
     if a.mode == "reference":
         base = Trainer
     else:
         from apollo_dist.hf import APOLLOTrainer as base
-    trainer = type("SequentialTrainer", (Sequential, base), {})(model=make_model(), args=args, train_dataset=dataset(a.steps))
+    trainer = type("SequentialTrainer", (Sequential, base), {})(
+        model=make_model(), args=args, train_dataset=dataset(a.steps)
+    )
     trainer.train(resume_from_checkpoint=a.resume)
     losses = {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
     opt = trainer.optimizer
@@ -99,8 +136,15 @@ def main() -> None:
     inner = getattr(inner, "optimizer", inner)  # AcceleratedOptimizer -> DeepSpeed's wrapper -> APOLLO
     if trainer.args.process_index == 0:
         with open(a.out, "w") as f:
-            json.dump({"losses": losses, "world": world, "optimizer": type(inner).__name__,
-                       "steps_taken": getattr(inner, "steps_taken", None)}, f)
+            json.dump(
+                {
+                    "losses": losses,
+                    "world": world,
+                    "optimizer": type(inner).__name__,
+                    "steps_taken": getattr(inner, "steps_taken", None),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -10,20 +10,21 @@ and that checkpoint converted to the canonical form and loaded on the first mesh
 max relative difference to the oracle, Adam-moment bytes per rank, APOLLO's collectives per step
 (all, and those on another group than the shard sub-mesh's), the replicas' agreement on the state.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 
+import oracle
 import torch
 import torch.distributed as dist
+from core_equivalence import CollectiveCounter, state_bytes  # the worker beside this one
 
-import oracle
 from apollo_dist import APOLLO
 from apollo_dist.core import LowRankBucket
 from apollo_dist.runtime import shutdown
-from core_equivalence import CollectiveCounter, state_bytes  # the worker beside this one
 
 DEVICE = torch.device("cpu")  # --device cuda: this rank's GPU (NCCL)
 
@@ -51,7 +52,11 @@ def dcp_state(model, opt) -> dict:
     return {"model": model_sd, "optim": optim_sd}
 
 
-TP_DIMS = {"d": 12, "h": 24, "vocab": 40}  # tensor parallel needs dims divisible by the TP size (DTensor's row-wise input)
+TP_DIMS = {
+    "d": 12,
+    "h": 24,
+    "vocab": 40,
+}  # tensor parallel needs dims divisible by the TP size (DTensor's row-wise input)
 TP_PLAN = {"attn.q": "colwise", "attn.o": "rowwise", "mlp.up": "colwise", "mlp.down": "rowwise"}
 
 
@@ -73,8 +78,14 @@ def build(mesh_shape: tuple[int, int], layers: int, tp: bool):
     torch.manual_seed(0)
     model = oracle.TinyNet(layers=layers, **(TP_DIMS if tp else {})).to(DEVICE)
     if tp:
-        parallelize_module(model, mesh["tp"], {"embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-                                               "head": ColwiseParallel(output_layouts=Replicate())})
+        parallelize_module(
+            model,
+            mesh["tp"],
+            {
+                "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+                "head": ColwiseParallel(output_layouts=Replicate()),
+            },
+        )
     for block in model.blocks:
         if tp:
             styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
@@ -84,9 +95,18 @@ def build(mesh_shape: tuple[int, int], layers: int, tp: bool):
     return model, mesh
 
 
-def run(mesh_shape: tuple[int, int], preset: str, steps: int, layers: int, start: int = 0,
-        load: str | None = None, save: str | None = None, canonical: str | None = None,
-        nan: tuple[int, int] | None = None, tp: bool = False) -> dict:
+def run(
+    mesh_shape: tuple[int, int],
+    preset: str,
+    steps: int,
+    layers: int,
+    start: int = 0,
+    load: str | None = None,
+    save: str | None = None,
+    canonical: str | None = None,
+    nan: tuple[int, int] | None = None,
+    tp: bool = False,
+) -> dict:
     """Train steps [start, steps) on an (R, S) HSDP mesh, or with ``tp`` on a (D, T) FSDP2 x TP mesh; this
     rank's results (full params gathered). ``load``: a DCP checkpoint to start from (written on another
     mesh: DCP reshards), ``canonical``: a canonical one (apollo_dist.checkpoint.load_canonical); ``save``:
@@ -131,14 +151,22 @@ def run(mesh_shape: tuple[int, int], preset: str, steps: int, layers: int, start
         dcp.save(dcp_state(model, opt), checkpoint_id=save)
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     # the replicas of a shard hold the same state: compare the local moments across the replicate group
-    local = torch.cat([getattr(v, "_local_tensor", v).reshape(-1) for st in opt.state.values()
-                       for k, v in sorted(st.items()) if k in ("exp_avg", "exp_avg_sq", "limiter_norm")])
+    local = torch.cat(
+        [
+            getattr(v, "_local_tensor", v).reshape(-1)
+            for st in opt.state.values()
+            for k, v in sorted(st.items())
+            if k in ("exp_avg", "exp_avg_sq", "limiter_norm")
+        ]
+    )
     replicas_equal = True
     if not tp:
         copies = [torch.zeros_like(local) for _ in range(mesh_shape[0])]
         dist.all_gather(copies, local, group=mesh.get_group("replicate"))
         replicas_equal = all(torch.equal(c, copies[0]) for c in copies)
-    moment_placements = {tuple(map(str, v.placements)) for st in opt.state.values() for k, v in st.items() if k == "exp_avg"}
+    moment_placements = {
+        tuple(map(str, v.placements)) for st in opt.state.values() for k, v in st.items() if k == "exp_avg"
+    }
     sb = torch.tensor([state_bytes(opt), lowrank_state_bytes(opt)], device=DEVICE)
     every = [torch.zeros(2, dtype=sb.dtype, device=DEVICE) for _ in range(world)]
     dist.all_gather(every, sb)
@@ -146,10 +174,16 @@ def run(mesh_shape: tuple[int, int], preset: str, steps: int, layers: int, start
     dist.all_gather(skipped, torch.tensor([opt.skipped_steps], device=DEVICE))
     return {
         "skipped_per_rank": [int(v) for v in skipped],
-        "full": full, "collectives_per_step": counts, "collectives_elsewhere": elsewhere, "replicas_equal": replicas_equal,
-        "state_bytes": [int(e[0]) for e in every], "lowrank_state_bytes": [int(e[1]) for e in every],
+        "full": full,
+        "collectives_per_step": counts,
+        "collectives_elsewhere": elsewhere,
+        "replicas_equal": replicas_equal,
+        "state_bytes": [int(e[0]) for e in every],
+        "lowrank_state_bytes": [int(e[1]) for e in every],
         "shard_size": world if tp else mesh_shape[1],
-        "param_placements": sorted(placements), "moment_placements": sorted(moment_placements), "tp": tp,
+        "param_placements": sorted(placements),
+        "moment_placements": sorted(moment_placements),
+        "tp": tp,
     }
 
 
@@ -214,14 +248,25 @@ def grid_run(grid: tuple[int, int], preset: str, steps: int, start: int = 0, can
     sb = torch.tensor([state_bytes(opt), lowrank_state_bytes(opt)], device=DEVICE)
     every = [torch.zeros(2, dtype=sb.dtype, device=DEVICE) for _ in range(world)]
     dist.all_gather(every, sb)
-    return {"full": {n: p.detach() for n, p in model.named_parameters()}, "collectives_per_step": counts,
-            "collectives_elsewhere": [0] * len(counts), "state_bytes": [int(e[0]) for e in every],
-            "lowrank_state_bytes": [int(e[1]) for e in every], "shard_size": world, "replicas_equal": True}
+    return {
+        "full": {n: p.detach() for n, p in model.named_parameters()},
+        "collectives_per_step": counts,
+        "collectives_elsewhere": [0] * len(counts),
+        "state_bytes": [int(e[0]) for e in every],
+        "lowrank_state_bytes": [int(e[1]) for e in every],
+        "shard_size": world,
+        "replicas_equal": True,
+    }
 
 
 def lowrank_state_bytes(opt: APOLLO) -> int:
     """Bytes of the low-rank moments this rank holds (the channels it owns)."""
-    return sum(t.numel() * t.element_size() for b in opt.buckets if isinstance(b, LowRankBucket) for t in (b.exp_avg, b.exp_avg_sq))
+    return sum(
+        t.numel() * t.element_size()
+        for b in opt.buckets
+        if isinstance(b, LowRankBucket)
+        for t in (b.exp_avg, b.exp_avg_sq)
+    )
 
 
 def oracle_run(preset: str, tp: bool, skip: int, steps: int) -> tuple:
@@ -237,8 +282,10 @@ def oracle_run(preset: str, tp: bool, skip: int, steps: int) -> tuple:
         ref_opt.zero_grad()
     lowrank_params = {id(q) for g in ref_opt.param_groups if "rank" in g for q in g["params"]}
     moments = [(id(q), v) for q, st in ref_opt.state.items() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
-    ref_bytes = (sum(v.numel() * v.element_size() for _, v in moments),
-                 sum(v.numel() * v.element_size() for q, v in moments if q in lowrank_params))
+    ref_bytes = (
+        sum(v.numel() * v.element_size() for _, v in moments),
+        sum(v.numel() * v.element_size() for q, v in moments if q in lowrank_params),
+    )
     lowrank = [(tuple(q.shape), g["rank"]) for g in oracle.groups(ref, preset) if "rank" in g for q in g["params"]]
     return ref, ref_bytes, lowrank
 
@@ -249,14 +296,22 @@ def main() -> None:
     ap.add_argument("--presets", default="apollo,apollo-mini")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--count-layers", type=int, default=5, help="also a few steps of a deeper model on the first mesh")
-    ap.add_argument("--dcp-resume", default="2x2:1x4", help="FROM:TO meshes: half the steps on FROM, DCP save, "
-                    "load on TO, the other half (first preset); empty: none")
+    ap.add_argument(
+        "--dcp-resume",
+        default="2x2:1x4",
+        help="FROM:TO meshes: half the steps on FROM, DCP save, load on TO, the other half (first preset); empty: none",
+    )
     ap.add_argument("--tp-meshes", default="", help="comma-separated DxT: FSDP2 x TP runs (12/24-wide model)")
     ap.add_argument("--tp-resume", default="", help="FROM:TO TP meshes, like --dcp-resume")
-    ap.add_argument("--grids", default="", help="comma-separated RxC: also the block layout of `grid_run` (R x C = W), "
-                    "first preset")
-    ap.add_argument("--nan-step", type=int, default=-1, help="also a run on the first mesh whose --nan-rank's loss is NaN "
-                    "at this step (-1: none)")
+    ap.add_argument(
+        "--grids", default="", help="comma-separated RxC: also the block layout of `grid_run` (R x C = W), first preset"
+    )
+    ap.add_argument(
+        "--nan-step",
+        type=int,
+        default=-1,
+        help="also a run on the first mesh whose --nan-rank's loss is NaN at this step (-1: none)",
+    )
     ap.add_argument("--nan-rank", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--out", required=True)
@@ -292,11 +347,13 @@ def main() -> None:
 
             convert(path, path + ".canonical")
         dist.barrier()
-        results[f"{tag}{name}:canonical:{tag}{name}/{presets[0]}"] = run(src, presets[0], args.steps, 2, start=half,
-                                                                         canonical=path + ".canonical", tp=tp)
+        results[f"{tag}{name}:canonical:{tag}{name}/{presets[0]}"] = run(
+            src, presets[0], args.steps, 2, start=half, canonical=path + ".canonical", tp=tp
+        )
         for g in filter(None, args.grids.split(",")[:1]) if not tp else ():  # and into the first block layout
             results[f"{name}:canonical:grid{g}/{presets[0]}"] = grid_run(
-                tuple(int(v) for v in g.split("x")), presets[0], args.steps, start=half, canonical=path + ".canonical")
+                tuple(int(v) for v in g.split("x")), presets[0], args.steps, start=half, canonical=path + ".canonical"
+            )
 
     for g in filter(None, args.grids.split(",")):
         results[f"grid{g}/{presets[0]}"] = grid_run(tuple(int(v) for v in g.split("x")), presets[0], args.steps)
@@ -305,7 +362,9 @@ def main() -> None:
             results[f"tp{m}/{p}"] = run(tuple(int(v) for v in m.split("x")), p, args.steps, 2, tp=True)
     if args.nan_step >= 0:  # one rank's loss NaN: every replica group must skip that step (first mesh, preset)
         r, s = meshes[0]
-        results[f"{r}x{s}:nan/{presets[0]}"] = run(meshes[0], presets[0], args.steps, 2, nan=(args.nan_step, args.nan_rank))
+        results[f"{r}x{s}:nan/{presets[0]}"] = run(
+            meshes[0], presets[0], args.steps, 2, nan=(args.nan_step, args.nan_rank)
+        )
 
     if rank == 0:
         report, refs = {}, {}
@@ -314,14 +373,24 @@ def main() -> None:
             if (p, tp, skip) not in refs:
                 refs[(p, tp, skip)] = oracle_run(p, tp, skip, args.steps)
             ref, ref_bytes, lowrank = refs[(p, tp, skip)]
-            worst = max(float((res["full"][n] - q.detach()).abs().max() / q.abs().max().clamp_min(1e-12))
-                        for n, q in ref.named_parameters())
-            report[key] = {**{k: v for k, v in res.items() if k != "full"}, "max_rel_diff": worst,
-                           "ref_state_bytes": ref_bytes[0], "ref_lowrank_state_bytes": ref_bytes[1], "lowrank_shapes": lowrank}
+            worst = max(
+                float((res["full"][n] - q.detach()).abs().max() / q.abs().max().clamp_min(1e-12))
+                for n, q in ref.named_parameters()
+            )
+            report[key] = {
+                **{k: v for k, v in res.items() if k != "full"},
+                "max_rel_diff": worst,
+                "ref_state_bytes": ref_bytes[0],
+                "ref_lowrank_state_bytes": ref_bytes[1],
+                "lowrank_shapes": lowrank,
+            }
         for key, d in (("deep", deep), ("deep-tp", deep_tp)):
             if d is not None:
-                report[key] = {"layers": args.count_layers, "collectives_per_step": d["collectives_per_step"],
-                               "collectives_elsewhere": d["collectives_elsewhere"]}
+                report[key] = {
+                    "layers": args.count_layers,
+                    "collectives_per_step": d["collectives_per_step"],
+                    "collectives_elsewhere": d["collectives_elsewhere"],
+                }
         with open(args.out, "w") as f:
             json.dump(report, f)
     shutdown()

@@ -1,6 +1,7 @@
 """The Triton kernels of apollo_dist.kernels, run on CPU tensors by Triton's interpreter
 (TRITON_INTERPRET=1, set by the caller before anything imports triton), against their eager twins
 and, wired into the optimizer, against the oracle. Prints one JSON line of measured differences."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import os
 import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+import oracle  # noqa: E402
 import torch  # noqa: E402
 
-import oracle  # noqa: E402
 from apollo_dist import APOLLO, kernels  # noqa: E402
 
 assert kernels.fused(torch.zeros(1)), "the interpreter should take CPU tensors"
@@ -105,8 +106,12 @@ class Counted:
 for name in KERNELS:
     setattr(kernels, name, Counted(name))
 for preset in sys.argv[1:] or ["apollo", "apollo-mini"]:
-    diffs[f"optimizer_{preset}"] = oracle.max_rel_diff(oracle.train(APOLLO, preset), oracle.train(oracle.oracle_class(), preset))
+    diffs[f"optimizer_{preset}"] = oracle.max_rel_diff(
+        oracle.train(APOLLO, preset), oracle.train(oracle.oracle_class(), preset)
+    )
 # TF32 asked for: rank 5 goes through the projection kernel too (fp32 in the interpreter: same result)
-diffs["optimizer_apollo_tf32"] = oracle.max_rel_diff(oracle.train(APOLLO, "apollo", projection_tf32=True), oracle.train(oracle.oracle_class(), "apollo"))
+diffs["optimizer_apollo_tf32"] = oracle.max_rel_diff(
+    oracle.train(APOLLO, "apollo", projection_tf32=True), oracle.train(oracle.oracle_class(), "apollo")
+)
 
 print(json.dumps({"diffs": diffs, "launches": launches}))

@@ -6,15 +6,16 @@ FSDP2 calls after each reduce-scatter. A probe hook registered before the optimi
 records the elements of sharded gradients alive on this rank whenever a gradient completes.
 Rank 0 writes a JSON report: max relative difference per preset, live and total gradient elements per rank.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
+import oracle
 import torch
 import torch.distributed as dist
 
-import oracle
 from apollo_dist import APOLLO
 from apollo_dist.runtime import shutdown
 
@@ -59,11 +60,20 @@ def main() -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {"world": world, "max_rel_diff": {}, "max_abs_diff": {}, "live_grad_numel": {}, "ordinary_grad_numel": {}, "total_numel": 0}
+    report = {
+        "world": world,
+        "max_rel_diff": {},
+        "max_abs_diff": {},
+        "live_grad_numel": {},
+        "ordinary_grad_numel": {},
+        "total_numel": 0,
+    }
     for preset in ("apollo", "apollo-mini"):
         ref, ordinary_live, total = train(preset, args.steps, rank, world, layerwise=False)
         ours, live, _ = train(preset, args.steps, rank, world, layerwise=True)
-        report["max_rel_diff"][preset] = max(float((ours[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.items())
+        report["max_rel_diff"][preset] = max(
+            float((ours[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.items()
+        )
         report["max_abs_diff"][preset] = max(float((ours[n] - q).abs().max()) for n, q in ref.items())
         every = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
         dist.all_gather(every, torch.tensor([live, ordinary_live, total]))

@@ -20,6 +20,7 @@ Full parameters are gathered in ``on_train_end`` (ZeRO-3: ``deepspeed.zero.Gathe
 oracle, ``steps`` (``APOLLO.steps_taken``), ``global_step`` (Lightning's), the optimizer Lightning steps,
 the elements APOLLO holds on each rank; per refusal the error and the file:line that raised it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,10 @@ import traceback
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import oracle  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import oracle  # noqa: E402
 
 oracle.stub_bitsandbytes()
 
@@ -114,9 +114,19 @@ class ApolloModule(pl.LightningModule):
 
 def trainer(strategy) -> pl.Trainer:
     return pl.Trainer(
-        strategy=strategy, accelerator="gpu" if GPU else "cpu", devices=WORLD, num_nodes=1, precision="32-true", max_steps=STEPS,
-        gradient_clip_val=None, use_distributed_sampler=False, enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        strategy=strategy,
+        accelerator="gpu" if GPU else "cpu",
+        devices=WORLD,
+        num_nodes=1,
+        precision="32-true",
+        max_steps=STEPS,
+        gradient_clip_val=None,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
 
 
@@ -135,7 +145,10 @@ def oracle_run(preset: str) -> torch.nn.Module:
 
 def rel_diff(got: dict[str, torch.Tensor], ref: torch.nn.Module) -> float:
     """max over params of ||got - ref||_inf / ||ref||_inf."""
-    return max(float((got[n].to(q.device) - q.detach()).abs().max() / q.detach().abs().max()) for n, q in ref.named_parameters())
+    return max(
+        float((got[n].to(q.device) - q.detach()).abs().max() / q.detach().abs().max())
+        for n, q in ref.named_parameters()
+    )
 
 
 def fit_case(strategy, preset: str, fsdp2: bool = False) -> dict:
@@ -152,8 +165,12 @@ def fit_case(strategy, preset: str, fsdp2: bool = False) -> dict:
         "partly_held_params": [h[1] for h in module.held],
         "total_elements": sum(p.numel() for p in oracle.make_model(0).parameters()),
         "dtensor_params": module.dtensors,
-        "ds_config": {k: t.strategy.config.get(k) for k in ("zero_optimization", "gradient_clipping", "train_micro_batch_size_per_gpu")}
-        if hasattr(t.strategy, "config") else None,
+        "ds_config": {
+            k: t.strategy.config.get(k)
+            for k in ("zero_optimization", "gradient_clipping", "train_micro_batch_size_per_gpu")
+        }
+        if hasattr(t.strategy, "config")
+        else None,
     }
 
 
@@ -194,8 +211,13 @@ def deepspeed_cases(report: dict) -> None:
     if GPU:  # the shipped strategy, as users run it
         for stage in (2, 3):
             for preset in PRESETS:
-                run_case(report, f"deepspeed/stage{stage}/{preset}",
-                         lambda: fit_case(DeepSpeedStrategy(stage=stage, allgather_bucket_size=50, reduce_bucket_size=50), preset))
+                run_case(
+                    report,
+                    f"deepspeed/stage{stage}/{preset}",
+                    lambda: fit_case(
+                        DeepSpeedStrategy(stage=stage, allgather_bucket_size=50, reduce_bucket_size=50), preset
+                    ),
+                )
         return
     # As shipped: refused on CPU; with the CUDA guard lifted but Lightning's own CPU devices (index None):
     # refused next (both before any process group exists).
@@ -206,9 +228,16 @@ def deepspeed_cases(report: dict) -> None:
     # real model's are with the defaults.
     for stage in (2, 3):
         for preset in PRESETS:
-            run_case(report, f"deepspeed/stage{stage}/{preset}",
-                     lambda: fit_case(CPUDeepSpeedStrategy(stage=stage, parallel_devices=indexed_cpus(),
-                                                           allgather_bucket_size=50, reduce_bucket_size=50), preset))
+            run_case(
+                report,
+                f"deepspeed/stage{stage}/{preset}",
+                lambda: fit_case(
+                    CPUDeepSpeedStrategy(
+                        stage=stage, parallel_devices=indexed_cpus(), allgather_bucket_size=50, reduce_bucket_size=50
+                    ),
+                    preset,
+                ),
+            )
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------
@@ -216,7 +245,13 @@ def fsdp2_cases(report: dict) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     for preset in PRESETS:
-        run_case(report, f"fsdp2/{preset}", lambda: fit_case(ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), preset, fsdp2=True))
+        run_case(
+            report,
+            f"fsdp2/{preset}",
+            lambda: fit_case(
+                ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1), preset, fsdp2=True
+            ),
+        )
 
 
 def run_case(report: dict, name: str, fn) -> None:

@@ -7,6 +7,7 @@ checked against `expected(...)`. Params are cut mid-row by the flat partition (a
 
     python tests/workers/synthetic_ckpt.py OUT --layers 24 --dim 4096 --world 2    (writes OUT/step_0000010)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,24 @@ import torch
 from apollo_dist.layout import position_owners
 
 RANK = 64
-HP = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True, "generator_device": "cpu",
-      "scale_front": False, "disable_nl": False}
-LOW = {"rank": RANK, "proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
+HP = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.0,
+    "correct_bias": True,
+    "generator_device": "cpu",
+    "scale_front": False,
+    "disable_nl": False,
+}
+LOW = {
+    "rank": RANK,
+    "proj": "random",
+    "proj_type": "std",
+    "scale_type": "channel",
+    "scale": 1.0,
+    "update_proj_gap": 200,
+}
 
 
 def model_params(layers: int, dim: int, vocab: int) -> list[list[tuple[str, tuple[int, int] | tuple[int]]]]:
@@ -72,7 +88,9 @@ def write(out: Path, layers: int, dim: int, world: int, vocab: int = 8000, step:
             if g2 != gi:
                 continue
             numel = math.prod(shape)
-            ranges[i] = [(min(max(w * piece - off, 0), numel), min(max((w + 1) * piece - off, 0), numel)) for w in range(world)]
+            ranges[i] = [
+                (min(max(w * piece - off, 0), numel), min(max((w + 1) * piece - off, 0), numel)) for w in range(world)
+            ]
             ranges[i] = [(a, b) if b > a else (0, 0) for a, b in ranges[i]]
             off += numel
     for w in range(world):
@@ -110,19 +128,39 @@ def write(out: Path, layers: int, dim: int, world: int, vocab: int = 8000, step:
             flats.append(flat[:pos])  # DeepSpeed saves the partition without its padding
             mappings.append(mapping)
         param_groups = [
-            {**HP, **(LOW if gi == 1 else {}), "params": [i for g2, i, _, _ in indexed if g2 == gi],
-             "param_names": [n for g2, _, n, _ in indexed if g2 == gi]}
+            {
+                **HP,
+                **(LOW if gi == 1 else {}),
+                "params": [i for g2, i, _, _ in indexed if g2 == gi],
+                "param_names": [n for g2, _, n, _ in indexed if g2 == gi],
+            }
             for gi in range(len(groups))
         ]
-        apollo_sd = {"state": state, "param_groups": param_groups,
-                     "apollo_layout": {"version": 1, "world_size": world, "rank": w, "generator_device": "cpu", "params": layout}}
-        osd = {"zero_stage": 2, "partition_count": world, "base_optimizer_state": apollo_sd,
-               "single_partition_of_fp32_groups": flats, "param_slice_mappings": mappings}
+        apollo_sd = {
+            "state": state,
+            "param_groups": param_groups,
+            "apollo_layout": {
+                "version": 1,
+                "world_size": world,
+                "rank": w,
+                "generator_device": "cpu",
+                "params": layout,
+            },
+        }
+        osd = {
+            "zero_stage": 2,
+            "partition_count": world,
+            "base_optimizer_state": apollo_sd,
+            "single_partition_of_fp32_groups": flats,
+            "param_slice_mappings": mappings,
+        }
         torch.save({"optimizer_state_dict": osd}, step_dir / f"zero_pp_rank_{w}_mp_rank_00_optim_states.pt")
         del state, flats, apollo_sd, osd
     shapes = [OrderedDict((n, torch.Size(s)) for n, s in params) for params in groups]
-    torch.save({"param_shapes": shapes, "lr_scheduler": None, "step": step, "global_steps": step},
-               step_dir / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"param_shapes": shapes, "lr_scheduler": None, "step": step, "global_steps": step},
+        step_dir / "mp_rank_00_model_states.pt",
+    )
     (out / "latest").write_text(step_dir.name)
     return step_dir
 
