@@ -249,21 +249,14 @@ def initialize(
         # DeepSpeed would call it with model_parameters; call it here so an APOLLO it returns gets bound.
         optimizer = optimizer(model_parameters if model_parameters is not None else model.parameters())
     opt = _take_optimizer(config, optimizer, model, model_parameters)
+    # Everything but the optimizer, as given (distributed_port only when given: DeepSpeed has its own default).
+    passed = dict(args=args, model=model, model_parameters=model_parameters, training_data=training_data)
+    passed.update(lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn)
+    passed.update(config=config, mesh_param=mesh_param)
+    if distributed_port is not None:
+        passed["distributed_port"] = distributed_port
     if opt is None:  # not APOLLO: plain DeepSpeed
-        return deepspeed.initialize(
-            args=args,
-            model=model,
-            optimizer=optimizer,
-            model_parameters=model_parameters,
-            training_data=training_data,
-            lr_scheduler=lr_scheduler,
-            mpu=mpu,
-            dist_init_required=dist_init_required,
-            collate_fn=collate_fn,
-            config=config,
-            mesh_param=mesh_param,
-            **({} if distributed_port is None else {"distributed_port": distributed_port}),
-        )
+        return deepspeed.initialize(optimizer=optimizer, **passed)
     _check_supported(config, mpu, model)
     if opt.layerwise:
         from .layerwise import DEEPSPEED_REFUSED
@@ -277,20 +270,7 @@ def initialize(
         # One ZeRO-3 sub-group per param group, unless the user chose a size (checked after init).
         zero.setdefault("sub_group_size", 10**15)
     config["zero_allow_untested_optimizer"] = True
-    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
-        args=args,
-        model=model,
-        optimizer=opt,
-        model_parameters=model_parameters,
-        training_data=training_data,
-        lr_scheduler=lr_scheduler,
-        mpu=mpu,
-        dist_init_required=dist_init_required,
-        collate_fn=collate_fn,
-        config=config,
-        mesh_param=mesh_param,
-        **({} if distributed_port is None else {"distributed_port": distributed_port}),
-    )
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(optimizer=opt, **passed)
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")
     opt.ensure_bound()  # what DeepSpeed left in the groups, now: an unsupported layout fails here, not mid-run

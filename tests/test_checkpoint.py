@@ -26,25 +26,10 @@ from apollo_dist.convert import convert
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 TRAIN = "launch/train.py"
-FLAGS = [
-    "--model",
-    "tiny",
-    "--steps",
-    "20",
-    "--seq-len",
-    "32",
-    "--global-batch-size",
-    "6",
-    "--rank",
-    "8",
-    "--update-proj-gap",
-    "3",
-    "--eval-every",
-    "1000",
-    "--eval-samples",
-    "2",
-    "--no-progress",
-]
+FLAGS = (
+    "--model tiny --steps 20 --seq-len 32 --global-batch-size 6 --rank 8 --update-proj-gap 3 "
+    "--eval-every 1000 --eval-samples 2 --no-progress"
+).split()
 TOL = 1e-4
 
 

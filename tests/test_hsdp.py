@@ -195,25 +195,10 @@ def test_hsdp_nccl_matches_oracle(tmp_path):
 
 
 # -- the training job: --mesh, DCP, canonical, other engines ----------------------------------------
-FLAGS = [
-    "--model",
-    "tiny",
-    "--steps",
-    "20",
-    "--seq-len",
-    "32",
-    "--global-batch-size",
-    "12",
-    "--rank",
-    "8",
-    "--update-proj-gap",
-    "3",
-    "--eval-every",
-    "1000",
-    "--eval-samples",
-    "2",
-    "--no-progress",
-]
+FLAGS = (
+    "--model tiny --steps 20 --seq-len 32 --global-batch-size 12 --rank 8 --update-proj-gap 3 "
+    "--eval-every 1000 --eval-samples 2 --no-progress"
+).split()
 
 
 def _train(nproc: int, *args: str) -> None:

@@ -14,27 +14,10 @@ import torch
 from spawn import run_checked
 
 pytestmark = pytest.mark.usefixtures("corpus")
-COMMON = [
-    "--model",
-    "tiny",
-    "--steps",
-    "1",
-    "--lr",
-    "0",
-    "--weight-decay",
-    "0",
-    "--global-batch-size",
-    "6",
-    "--seq-len",
-    "32",
-    "--eval-every",
-    "100",
-    "--eval-samples",
-    "2",
-    "--dtype",
-    "fp32",
-    "--no-progress",
-]
+COMMON = (
+    "--model tiny --steps 1 --lr 0 --weight-decay 0 --global-batch-size 6 --seq-len 32 "
+    "--eval-every 100 --eval-samples 2 --dtype fp32 --no-progress"
+).split()
 ZERO3 = {"DS_CONFIG": "ds_configs/apollo_zero3.json"}
 
 
@@ -182,21 +165,9 @@ def test_init_from_a_saved_model_under_another_engine_and_world_size(tmp_path):
     LlamaForCausalLM.from_pretrained(hf).save_pretrained(sharded, max_shard_size="200KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     want = _val_loss_at(a / "m.jsonl", 3)
-    common = [
-        "--steps",
-        "1",
-        "--global-batch-size",
-        "6",
-        "--seq-len",
-        "32",
-        "--eval-every",
-        "1",
-        "--eval-samples",
-        "8",
-        "--dtype",
-        "fp32",
-        "--no-progress",
-    ]
+    common = (
+        "--steps 1 --global-batch-size 6 --seq-len 32 --eval-every 1 --eval-samples 8 --dtype fp32 --no-progress"
+    ).split()
     for engine, world, src in (("single", 1, hf), ("fsdp2", 3, sharded), ("zero3", 2, sharded)):
         m = tmp_path / f"{engine}.jsonl"
         _launch(engine, world, "--init-from", str(src), *common, "--metrics-file", str(m))

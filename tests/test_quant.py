@@ -167,28 +167,10 @@ def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus, par
 
     from spawn import run_checked
 
-    flags = [
-        "launch/train.py",
-        "--engine",
-        "single",
-        "--model",
-        "tiny",
-        "--steps",
-        "4",
-        "--global-batch-size",
-        "2",
-        "--seq-len",
-        "32",
-        "--rank",
-        "8",
-        "--eval-every",
-        "100",
-        "--eval-samples",
-        "2",
-        "--dtype",
-        "fp32",
-        "--no-progress",
-    ]
+    flags = (
+        "launch/train.py --engine single --model tiny --steps 4 --global-batch-size 2 --seq-len 32 "
+        "--rank 8 --eval-every 100 --eval-samples 2 --dtype fp32 --no-progress"
+    ).split()
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
     run_checked(
         [

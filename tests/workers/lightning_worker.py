@@ -208,36 +208,28 @@ def deepspeed_cases(report: dict) -> None:
             tb = traceback.extract_tb(e.__traceback__)[-1]
             return {"refused": f"{type(e).__name__}: {e}", "where": f"{tb.filename}:{tb.lineno}"}
 
-    if GPU:  # the shipped strategy, as users run it
+    def zero_cases(make_strategy) -> None:
+        """ZeRO 2 and 3, both presets. Buckets of 50 elements (the strategy's own arguments) so that this tiny
+        model's gradients are reduced in many buckets, as a real model's are with the defaults."""
         for stage in (2, 3):
             for preset in PRESETS:
+                buckets = {"allgather_bucket_size": 50, "reduce_bucket_size": 50}
+                # run_case calls the lambda at once: stage and preset are this iteration's
                 run_case(
                     report,
                     f"deepspeed/stage{stage}/{preset}",
-                    lambda: fit_case(
-                        DeepSpeedStrategy(stage=stage, allgather_bucket_size=50, reduce_bucket_size=50), preset
-                    ),
+                    lambda: fit_case(make_strategy(stage=stage, **buckets), preset),
                 )
+
+    if GPU:  # the shipped strategy, as users run it
+        zero_cases(DeepSpeedStrategy)
         return
     # As shipped: refused on CPU; with the CUDA guard lifted but Lightning's own CPU devices (index None):
     # refused next (both before any process group exists).
     report["deepspeed/refused/as_shipped"] = refusal(DeepSpeedStrategy(stage=2))
     report["deepspeed/refused/cuda_guard_lifted"] = refusal(CPUDeepSpeedStrategy(stage=2))
-    # CUDA guard lifted, indexed CPU devices: ZeRO 2 and 3, both presets. Buckets of 50 elements (the
-    # strategy's own arguments) so that this tiny model's gradients are reduced in many buckets, as a
-    # real model's are with the defaults.
-    for stage in (2, 3):
-        for preset in PRESETS:
-            run_case(
-                report,
-                f"deepspeed/stage{stage}/{preset}",
-                lambda: fit_case(
-                    CPUDeepSpeedStrategy(
-                        stage=stage, parallel_devices=indexed_cpus(), allgather_bucket_size=50, reduce_bucket_size=50
-                    ),
-                    preset,
-                ),
-            )
+    # CUDA guard lifted, indexed CPU devices.
+    zero_cases(lambda **kw: CPUDeepSpeedStrategy(parallel_devices=indexed_cpus(), **kw))
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------
