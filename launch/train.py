@@ -659,6 +659,135 @@ def probe_micro_batches(engine, split, run: RunConfig, d, sizes: list[int], metr
             print(f"micro-batch {mb}: fits ({run.steps} steps, peak {peak_mem_gib(d.device):.2f} GiB)", flush=True)
 
 
+def start_up_summary(
+    args: argparse.Namespace,
+    run: RunConfig,
+    hp: OptimizerConfig,
+    engine: Any,
+    d: Any,
+    config: Any,
+    split: data.Split,
+    tokenizer: Any,
+    n_params: int,
+    n_int8: int,
+    rss: tuple[float, float],
+    resumed_at: tuple[int, str],
+) -> str:
+    """The lines rank 0 prints before training: engine, model, data, batch, optimizer, the memory the
+    layer-wise and int8 modes save, host memory ``rss`` (before, with the model built) and the resume."""
+    rss_before, rss_init = rss
+    start, resumed = resumed_at
+    tokens_per_step = run.global_batch_size * run.seq_len
+    return (
+        f"apollo_dist train: engine {engine.describe()}, W={d.world} on {d.device.type}\n"
+        f"  model: {args.model} LLaMA, {fmt_count(n_params)} params (hidden {config.hidden_size}, "
+        f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run.seq_len}\n"
+        f"  data: {args.data}: {fmt_count(len(split.train))} train / {fmt_count(len(split.val))} val tokens, "
+        f"{type(tokenizer).__name__}\n"
+        f"  batch: global {run.global_batch_size} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run.micro_batch_size} x accumulation "
+        f"{run.grad_accum} ({tokens_per_step} tokens/step)\n"
+        f"  optimizer: {describe_hparams(hp, run)}\n"
+        + (
+            f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
+            f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
+            f"layer's stay alive)\n"
+            if run.layerwise
+            else ""
+        )
+        + (
+            f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
+            f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n"
+            if n_int8
+            else ""
+        )
+        + f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
+        + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else "")
+    )
+
+
+def done_summary(
+    rows: list[dict],
+    args: argparse.Namespace,
+    run: RunConfig,
+    hp: OptimizerConfig,
+    engine: Any,
+    d: Any,
+    seen: int,
+    elapsed: float,
+) -> str:
+    """Rank 0's last line (losses first -> last, tokens/s, peak memory, where the metrics went), after
+    plotting the metrics next to their file."""
+    png = os.path.splitext(run.metrics_file)[0] + ".png"
+    plot(rows, png, f"{args.model} LLaMA, {hp.optimizer}, {engine.describe()}, W={d.world}")
+    train = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]  # step 1 includes warm-up
+    return (
+        f"done: {seen} steps in {elapsed:.1f}s; "
+        + (f"train loss {train[0]:.3f} -> {train[-1]:.3f}; " if train else "")
+        + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
+        + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
+        f"metrics {run.metrics_file}; plot {png}"
+    )
+
+
+def train(
+    engine: Any,
+    split: data.Split,
+    run: RunConfig,
+    d: Any,
+    args: argparse.Namespace,
+    metrics: Metrics,
+    start: int,
+    host_rss: dict,
+) -> tuple[int, float]:
+    """Steps start+1 .. run.steps (an evaluation at step 0 of a fresh run, every --eval-every and at the end;
+    checkpoints every --save-every and at the end); returns (steps run, seconds)."""
+    from tqdm import tqdm
+
+    is_main = d.rank == 0
+
+    def log_eval(step: int, row: dict) -> float:
+        val = evaluate(engine, split, run, args.eval_samples)
+        row["val_loss"] = val
+        if is_main and args.no_progress:
+            print(f"step {step}: val_loss {val:.4f}", flush=True)
+        return val
+
+    if start == 0:
+        first = {"step": 0, **host_rss}
+        log_eval(0, first)
+        metrics.log(first)
+    bar = tqdm(total=run.steps, initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
+    t_start, seen, val = time.perf_counter(), 0, None
+    for step in range(start + 1, run.steps + 1):
+        lr = engine.lr()
+        row = {**timed_step(engine, split, run, d, step, run.micro_batch_size, run.global_batch_size), "lr": lr}
+        loss = row["loss"]
+        seen += 1
+        if step == start + 1:
+            per_rank = d.all_gather_int(engine.optimizer_state_bytes())
+            row["optimizer_state_bytes_per_rank"] = per_rank
+            if is_main:
+                bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
+        if step % args.eval_every == 0 or step == run.steps:
+            val = log_eval(step, row)
+        metrics.log(row)
+        bar.set_postfix(
+            loss=f"{loss:.3f}",
+            tok_s=fmt_count(row["tokens_per_s"]),
+            mem=f"{row['peak_mem_gib']:.2f}GiB",
+            **({"val": f"{val:.3f}"} if val is not None else {}),
+        )
+        bar.update(1)
+        if run.save_dir and ((args.save_every and step % args.save_every == 0) or step == run.steps):
+            path = engine.save_checkpoint(step)
+            if is_main:
+                bar.write(f"  checkpoint: {path}")
+    bar.close()
+    return seen, time.perf_counter() - t_start
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -676,8 +805,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if runtime.launched_by_mpi():
         runtime.mpi_discovery()
-    from tqdm import tqdm
-
     from launch.model import llama_config, meta_model
 
     if run.engine == "deepspeed":
@@ -728,41 +855,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_int8 = sum(b.numel() for n, b in engine.model.named_buffers() if n.endswith("weight_int8"))
     is_main = d.rank == 0
     metrics = Metrics(run.metrics_file, start, is_main, args.tensorboard)
-    tokens_per_step = run.global_batch_size * run.seq_len
     if is_main:
         print(
-            f"apollo_dist train: engine {engine.describe()}, W={d.world} on {d.device.type}\n"
-            f"  model: {args.model} LLaMA, {fmt_count(n_params)} params (hidden {config.hidden_size}, "
-            f"{config.num_hidden_layers} layers, vocab {config.vocab_size}), seq_len {run.seq_len}\n"
-            f"  data: {args.data}: {fmt_count(len(split.train))} train / {fmt_count(len(split.val))} val tokens, "
-            f"{type(tokenizer).__name__}\n"
-            f"  batch: global {run.global_batch_size} = {'W' if d.tp == 1 else 'W / tp'} {d.data_world} x micro {run.micro_batch_size} x accumulation "
-            f"{run.grad_accum} ({tokens_per_step} tokens/step)\n"
-            f"  optimizer: {describe_hparams(hp, run)}\n"
-            + (
-                f"  layer-wise updates: each weight updated in backward and its gradient freed at once; saves about "
-                f"{n_params * 4 / d.world / 2**20:.1f} MiB of fp32 gradients per rank (the model's, / W; at most one "
-                f"layer's stay alive)\n"
-                if run.layerwise
-                else ""
-            )
-            + (
-                f"  int8 weights: {fmt_count(n_int8)} weights of the target linears as int8 + fp32 scales per 128 inputs "
-                f"(~1.03 B instead of 4 B each: saves about {n_int8 * (4 - 1 - 4 / 128) / 2**20:.1f} MiB)\n"
-                if n_int8
-                else ""
-            )
-            + f"  host memory (rank 0): peak RSS {rss_init:.2f} GiB with the model built ({rss_before:.2f} GiB before)\n"
-            + (f"  resumed from {args.resume} ({resumed} checkpoint) at step {start}\n" if resumed else ""),
+            start_up_summary(
+                args,
+                run,
+                hp,
+                engine,
+                d,
+                config,
+                split,
+                tokenizer,
+                n_params,
+                n_int8,
+                (rss_before, rss_init),
+                (start, resumed),
+            ),
             flush=True,
         )
-
-    def log_eval(step: int, row: dict) -> float:
-        val = evaluate(engine, split, run, args.eval_samples)
-        row["val_loss"] = val
-        if is_main and args.no_progress:
-            print(f"step {step}: val_loss {val:.4f}", flush=True)
-        return val
 
     host_rss = {
         "host_rss_before_model_gib": d.all_gather_float(rss_before),
@@ -773,54 +883,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         metrics.close()
         runtime.shutdown()
         return 0
-    if start == 0:
-        first = {"step": 0, **host_rss}
-        log_eval(0, first)
-        metrics.log(first)
-    bar = tqdm(total=run.steps, initial=start, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
-    t_start, seen, val = time.perf_counter(), 0, None
-    for step in range(start + 1, run.steps + 1):
-        lr = engine.lr()
-        row = {**timed_step(engine, split, run, d, step, run.micro_batch_size, run.global_batch_size), "lr": lr}
-        loss = row["loss"]
-        seen += 1
-        if step == start + 1:
-            per_rank = d.all_gather_int(engine.optimizer_state_bytes())
-            row["optimizer_state_bytes_per_rank"] = per_rank
-            if is_main:
-                bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
-        if step % args.eval_every == 0 or step == run.steps:
-            val = log_eval(step, row)
-        metrics.log(row)
-        bar.set_postfix(
-            loss=f"{loss:.3f}",
-            tok_s=fmt_count(row["tokens_per_s"]),
-            mem=f"{row['peak_mem_gib']:.2f}GiB",
-            **({"val": f"{val:.3f}"} if val is not None else {}),
-        )
-        bar.update(1)
-        if run.save_dir and ((args.save_every and step % args.save_every == 0) or step == run.steps):
-            path = engine.save_checkpoint(step)
-            if is_main:
-                bar.write(f"  checkpoint: {path}")
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-
+    seen, elapsed = train(engine, split, run, d, args, metrics, start, host_rss)
     if is_main:
-        rows = metrics.rows()
-        png = os.path.splitext(run.metrics_file)[0] + ".png"
-        plot(rows, png, f"{args.model} LLaMA, {hp.optimizer}, {engine.describe()}, W={d.world}")
-        train = [r["loss"] for r in rows if "loss" in r]
-        vals = [r["val_loss"] for r in rows if "val_loss" in r]
-        toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]  # step 1 includes warm-up
-        print(
-            f"done: {seen} steps in {elapsed:.1f}s; "
-            + (f"train loss {train[0]:.3f} -> {train[-1]:.3f}; " if train else "")
-            + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
-            + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
-            f"metrics {run.metrics_file}; plot {png}",
-            flush=True,
-        )
+        print(done_summary(metrics.rows(), args, run, hp, engine, d, seen, elapsed), flush=True)
     metrics.close()
     runtime.shutdown()
     return 0
