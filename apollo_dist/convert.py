@@ -13,17 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (
-    SHARD_BYTES,
-    CanonicalCheckpoint,
-    CheckpointError,
-    ParamEntry,
-    ShardedWriter,
-    check_destination,
-    nbytes,
-    staged_directories,
-    write_canonical,
-)
+from .checkpoint.canonical import CanonicalCheckpoint, write_canonical
+from .checkpoint.format import SHARD_BYTES, CheckpointError, ParamEntry
+from .checkpoint.streaming import ShardedWriter, check_destination, nbytes, staged_directories
 from .native_checkpoints import open_source
 
 HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

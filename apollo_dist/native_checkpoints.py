@@ -24,17 +24,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .checkpoint import (
-    CanonicalCheckpoint,
-    CheckpointError,
-    Meta,
-    ParamEntry,
-    RankState,
-    assemble_param,
-    group_hyperparameters,
-    jsonable,
-    meta_from_state_dicts,
-)
+from .checkpoint.canonical import CanonicalCheckpoint
+from .checkpoint.format import CheckpointError, Meta, ParamEntry, group_hyperparameters, jsonable
+from .checkpoint.state_dicts import RankState, assemble_param, meta_from_state_dicts
 
 # What a training script may leave in a native checkpoint's step directory for the conversion to carry
 # over (launch/train.py writes it): a JSON object with "step" (the data position), "scheduler" (the lr

@@ -413,9 +413,7 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
     defaults = defaults_config(args, ds_cfg)
     run = resolve_run(args, ds_cfg, defaults, world)
     hp = resolve_hparams(args, defaults)
-    saved_hp = {
-        k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS.values()
-    }  # betas, eps, targets...
+    saved_hp = {k: v for k, v in (saved.get("hparams") or {}).items() if k not in HP_FLAGS}  # betas, eps, targets...
     hp = OptimizerConfig.from_dict({**hp.to_dict(), **saved_hp})
     if run.layerwise and hp.optimizer == "adamw":
         raise UsageError("--layerwise is layer-wise APOLLO: use --optimizer apollo or apollo-mini")
@@ -439,18 +437,10 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
     return run, hp, ds_cfg, tokenizer, split
 
 
-# Flags a resumed run takes from its checkpoint unless given: flag dest -> key in trainer.json (and its
-# hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
-RUN_FLAGS = {key: key for key in RUN_KEYS_SAVED}  # RunConfig's saved fields: each is its flag's dest
-HP_FLAGS = {
-    "optimizer": "optimizer",
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "rank": "rank",
-    "scale": "scale",
-    "scale_type": "scale_type",
-    "update_proj_gap": "update_proj_gap",
-}
+# Flags a resumed run takes from its checkpoint unless given (each flag's dest is its key in trainer.json,
+# or in its hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
+RUN_FLAGS = RUN_KEYS_SAVED  # RunConfig's saved fields
+HP_FLAGS = ("optimizer", "lr", "weight_decay", *TUNABLE_LOW_RANK_KEYS)
 
 
 def take_pretrained(args: argparse.Namespace) -> None:
@@ -488,9 +478,9 @@ def take_saved_settings(args: argparse.Namespace, saved: dict) -> None:
     """Fill every flag of RUN_FLAGS / HP_FLAGS that was not given from the checkpoint's settings."""
     hparams = saved.get("hparams") or {}
     for flags, source in ((RUN_FLAGS, saved), (HP_FLAGS, hparams)):
-        for dest, key in flags.items():
-            if dest not in args.explicit and source.get(key) is not None:
-                setattr(args, dest, source[key])
+        for key in flags:
+            if key not in args.explicit and source.get(key) is not None:
+                setattr(args, key, source[key])
 
 
 def check_same_model_and_optimizer(path: str, meta: dict, run: RunConfig, hp: OptimizerConfig) -> None:

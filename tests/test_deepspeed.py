@@ -8,7 +8,6 @@ with equivalence and checkpoints) run all engines; the tests below read their re
 from __future__ import annotations
 
 import json
-import socket
 import warnings
 from pathlib import Path
 
@@ -16,15 +15,11 @@ import oracle
 import pytest
 from spawn import ROOT, launcher, report, run_checked
 
+from apollo_dist.runtime import free_port
+
 WORKER = str(ROOT / "tests" / "workers" / "ds_equivalence.py")
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 TOL = 1e-4  # the bar; DeepSpeed's gradient averaging alone gives ~1e-6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launch(world: int, out: Path, *args: str) -> dict:

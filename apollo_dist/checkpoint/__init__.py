@@ -24,53 +24,20 @@ tensor, staged directories), `canonical` (writing and reading the directory), `s
 tensors assembled from APOLLO state dicts), `live` (loading into, and saving from, a live optimizer).
 """
 
-from .canonical import CanonicalCheckpoint, canonical_index, is_canonical, save_canonical, write_canonical
-from .format import (
-    FORMAT,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    SHARD_BYTES,
-    CheckpointError,
-    Meta,
-    ParamEntry,
-    Source,
-    canonical_entries,
-    check_same_hyperparameters,
-    group_hyperparameters,
-    jsonable,
-)
+# The public API; the modules' other names are imported from the modules themselves.
+from .canonical import CanonicalCheckpoint, is_canonical, save_canonical
+from .format import CheckpointError, Meta, ParamEntry, Source
 from .live import LiveSource, load_canonical, resume_canonical
-from .state_dicts import RankState, assemble_param, meta_from_state_dicts
-from .streaming import SafetensorsStream, ShardedWriter, check_destination, nbytes, sha256_file, staged_directories
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "INDEX_FILE",
-    "SHARD_BYTES",
     "CanonicalCheckpoint",
     "CheckpointError",
     "LiveSource",
     "Meta",
     "ParamEntry",
-    "RankState",
-    "SafetensorsStream",
-    "ShardedWriter",
     "Source",
-    "assemble_param",
-    "canonical_entries",
-    "canonical_index",
-    "check_destination",
-    "check_same_hyperparameters",
-    "group_hyperparameters",
     "is_canonical",
-    "jsonable",
     "load_canonical",
-    "meta_from_state_dicts",
-    "nbytes",
     "resume_canonical",
     "save_canonical",
-    "sha256_file",
-    "staged_directories",
-    "write_canonical",
 ]

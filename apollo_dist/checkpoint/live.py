@@ -4,6 +4,7 @@ native checkpoint in between (`LiveSource`)."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -104,8 +105,13 @@ def _sync_model_param(slot: Slot, ckpt: CanonicalCheckpoint, name: str) -> None:
     with torch.no_grad():
         if slot.model_copy is not None:
             slot.model_copy().copy_(slot.data)
-        elif p.numel():
+        elif p.numel() == math.prod(slot.shape):
             p.data.view(-1).copy_(ckpt.read_flat(name, "weight", 0, p.numel()))
+        else:  # e.g. a ZeRO-3 placeholder bound without its partition: the model would keep stale weights
+            raise CheckpointError(
+                f"{name}: the model's tensor holds {p.numel()} of the param's {math.prod(slot.shape)} elements and "
+                "its slot names no model_copy (the engine's own copy of the weights): cannot load into this layout"
+            )
 
 
 def _load_slot(ckpt: CanonicalCheckpoint, b: Any, i: int, name: str, seed: int) -> None:
@@ -189,7 +195,9 @@ def resume_canonical(
     state too. ``model``: the module whose parameter names the checkpoint uses (where an engine wraps
     the model, the wrapped module: DeepSpeed's ``engine.module``).
     Returns the trainer state (``step`` = the data position to continue after)."""
-    apollo = optimizer
+    apollo = (
+        optimizer  # down to APOLLO itself: accelerate's wrapper is a torch Optimizer too (runtime.unwrap stops there)
+    )
     while not isinstance(apollo, APOLLO) and hasattr(apollo, "optimizer"):
         apollo = apollo.optimizer
     if not isinstance(apollo, APOLLO):
