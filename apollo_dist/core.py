@@ -5,8 +5,11 @@ runs the reference's plain Adam on everything else. Each works on `Slot`s (this 
 flat element range of one parameter, or a rectangular block of it), so the same code serves one
 process, FSDP2 (FSDP, HSDP, x tensor parallel), ZeRO-1/2/3 and layouts given through ``APOLLO.bind``.
 
-A step is ``prepare`` (step 1), then ``finish`` (steps 2-6), each step one method of LowRankBucket
-(DESIGN.md §1's numbers in brackets):
+A step is ``begin`` (on the host: this step's scalars, the projections of a new epoch, the gradients),
+``prepare`` (step 1), then ``finish`` (steps 2-6), each step one method of LowRankBucket (DESIGN.md §1's
+numbers in brackets). ``prepare`` and ``finish`` only launch device work (no host sync, no host-side
+value that changes between steps), so the optimizer may capture them in a CUDA graph (apollo_dist.step_graph);
+the step counter ``t`` is advanced by the optimizer once the step is known to have been taken.
   1. ``prepare``: R = G P^T (tall) / P^T G (wide) for the channels this rank touches (kept channel-major, C x r) [1];
   2. ``_owned_R``: one reduce-scatter sends partial R of shared channels to their owner;
   3. ``_adam``: the owner runs Adam on R and computes the scaling factor of each channel [2, 3];
@@ -38,7 +41,16 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .kernels import MultiAdam, MultiProjection, MultiUpdate, channel_adam_, scaled_update_eager
+from .kernels import (
+    MultiAdam,
+    MultiProjection,
+    MultiUpdate,
+    StepScalars,
+    channel_adam_,
+    fused,
+    scaled_update_eager,
+    skipped,
+)
 from .layout import ParamLayout, build_comm_plan, touched_channels
 from .projection import SeedChain, projection_shape, random_projection
 
@@ -209,31 +221,45 @@ class AdamBucket:
         )
         self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
+        self.scalars = StepScalars(device)
         self._grads: Optional[list[torch.Tensor]] = None
 
-    def prepare(self, group: dict) -> None:
-        """Fetch this step's gradients."""
+    def begin(self, group: dict) -> None:
+        """On the host: this step's bias-corrected lr and decay; fetch the gradients."""
+        step_size = bias_corrected_step_size(
+            group["lr"], group["betas"], int(self.step_count) + 1, group["correct_bias"]
+        )
+        self.scalars.set(step_size, -group["lr"] * group["weight_decay"])
         self._grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
 
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients ``begin`` fetched (their addresses key a captured step)."""
+        return self._grads or []
+
+    def fused(self) -> bool:
+        """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
+        return not self.slots or (self.adam.on_gpu and fused(*self._grads))
+
+    def prepare(self, group: dict) -> None:
+        """Nothing to compute before the non-finite check."""
+
     def nonfinite(self) -> torch.Tensor:
-        """1.0 (a 0-dim tensor) if a gradient ``prepare`` fetched holds inf/NaN, else 0.0 (one extra read)."""
+        """1.0 (a 0-dim tensor) if a gradient ``begin`` fetched holds inf/NaN, else 0.0 (one extra read)."""
         if not self._grads:
-            return torch.zeros(())
+            return torch.zeros((), device=self.scalars.tensor.device)
         return (~torch.isfinite(torch.stack(torch._foreach_norm(self._grads)).sum())).float()
 
     def discard(self) -> None:
-        """Drop what ``prepare`` fetched without updating anything (a skipped step)."""
+        """Drop the gradients ``begin`` fetched, after the step or instead of it (no reference to them
+        outlives the step: zero_grad frees them)."""
         self._grads = None
 
-    def finish(self, group: dict) -> None:
-        """The update with the gradients ``prepare`` fetched."""
-        grads, self._grads = self._grads, None
+    def finish(self, group: dict, skip: Optional[torch.Tensor] = None) -> None:
+        """The update with the gradients ``begin`` fetched; none where ``skip`` (0-dim, on the device) > 0."""
         if not self.slots:
             return
         b1, b2 = group["betas"]
-        self.step_count += 1
-        step_size = bias_corrected_step_size(group["lr"], group["betas"], int(self.step_count), group["correct_bias"])
-        self.adam(grads, b1, b2, group["eps"], step_size, -group["lr"] * group["weight_decay"])
+        self.adam(self._grads, b1, b2, group["eps"], self.scalars, skip)
 
 
 class LowRankBucket:
@@ -278,6 +304,7 @@ class LowRankBucket:
         self.exp_avg_sq = torch.zeros(sum(owned), r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
         self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
+        self.scalars = StepScalars(device)  # this step's lr * sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale), decay
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
         self.project = MultiProjection(
@@ -304,7 +331,8 @@ class LowRankBucket:
 
     # -- projections --------------------------------------------------------------------------
     def _refresh_projections(self, epoch: int) -> None:
-        """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with."""
+        """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with (written into
+        the previous epoch's buffers: a captured step keeps reading the same addresses)."""
         for i, s in enumerate(self.slots):
             g = self.geom[i]
             if g.rows == 0:
@@ -313,9 +341,13 @@ class LowRankBucket:
             P = random_projection(projection_shape(g.m, g.n, self.r), self.r, self.seeds[i](epoch), self.device)
             # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
             if g.tall:
-                self.proj[i] = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width].contiguous()
+                P = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width]
             else:
-                self.proj[i] = P[g.row0 : g.row0 + g.rows].contiguous()
+                P = P[g.row0 : g.row0 + g.rows]
+            if self.proj[i] is None:
+                self.proj[i] = P.contiguous()
+            else:
+                self.proj[i].copy_(P)
         self.proj_epoch = epoch
 
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
@@ -336,13 +368,31 @@ class LowRankBucket:
         return padded.view(g.rows, g.n)
 
     # -- the step -----------------------------------------------------------------------------
-    def prepare(self, group: dict) -> None:
-        """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels."""
+    def begin(self, group: dict) -> None:
+        """On the host: the projections of a new epoch, this step's scalars, the gradients."""
         t = int(self.step_count)  # 0 before the first update
         epoch = t // int(group["update_proj_gap"])
         if epoch != self.proj_epoch:
             self._refresh_projections(epoch)
-        self._grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
+        step_size = bias_corrected_step_size(group["lr"], group["betas"], t + 1, group["correct_bias"])
+        self.scalars.set(step_size * math.sqrt(group["scale"]), -group["lr"] * group["weight_decay"])
+        self._grads = [self._grad_rows(i) for i in range(len(self.slots))]
+
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients ``begin`` fetched, with the projections they meet (the addresses key a captured step)."""
+        return [g for g in (self._grads or []) if g is not None] + [p for p in self.proj if p is not None]
+
+    def fused(self) -> bool:
+        """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
+        if not self.slots:
+            return True
+        if self.unaligned or not self.update.on_gpu or not fused(self.T_R, self.exp_avg, self.exp_avg_sq):
+            return False
+        return fused(*(self._grads[i] for i in self.aligned))
+
+    def prepare(self, group: dict) -> None:
+        """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels."""
+        grads = self._grads
         self.project(
             [grads[i] for i in self.active],
             [self.proj[i] for i in self.active],
@@ -356,24 +406,23 @@ class LowRankBucket:
         return (~torch.isfinite(self.T_g.sum())).float()
 
     def discard(self) -> None:
-        """Drop what ``prepare`` fetched without updating anything (a skipped step)."""
+        """Drop the gradients ``begin`` fetched, after the step or instead of it (no reference to them
+        outlives the step: zero_grad frees them)."""
         self._grads = None
 
-    def finish(self, group: dict) -> None:
-        """Steps 2-6 with what ``prepare`` computed."""
-        grads, self._grads = self._grads, None
-        t = int(self.step_count)
+    def finish(self, group: dict, skip: Optional[torch.Tensor] = None) -> None:
+        """Steps 2-6 with what ``prepare`` computed; no write where ``skip`` (0-dim, on the device) > 0
+        (the collectives still run: every rank takes part)."""
+        grads = self._grads
         R, R_g = self._owned_R()  # 2
-        self.step_count += 1
-        t += 1
         channel = group["scale_type"] == "channel"
-        s_own, norms = self._adam(R, R_g, group, channel)  # 3
+        s_own, norms = self._adam(R, R_g, group, channel, skip)  # 3
         s, u_sq = self._scaling_factors(s_own, norms, channel)  # 4
-        limiter = self._limiter(u_sq, group)  # 5
-        step_size = bias_corrected_step_size(group["lr"], group["betas"], t, group["correct_bias"])
-        coef_param = step_size * math.sqrt(group["scale"]) / limiter
+        limiter = self._limiter(u_sq, group, skip)  # 5
+        # step_size * sqrt(scale) / limiter per param (the host's float times 1 / limiter, as a float / tensor is)
+        coef_param = self.scalars.tensor[0] * limiter.reciprocal()
         coef = s * coef_param[self.t_param] if channel else (s * coef_param)[self.t_param]  # per touched channel
-        self._update(grads, coef, -group["lr"] * group["weight_decay"])  # 6
+        self._update(grads, coef, skip)  # 6
 
     def _owned_R(self) -> tuple[torch.Tensor, torch.Tensor]:
         """2. R and ||G_c||^2 of the owned channels: local ones copied, shared ones reduce-scattered from
@@ -397,14 +446,14 @@ class LowRankBucket:
         return R, R_g
 
     def _adam(
-        self, R: torch.Tensor, R_g: torch.Tensor, group: dict, channel: bool
+        self, R: torch.Tensor, R_g: torch.Tensor, group: dict, channel: bool, skip: Optional[torch.Tensor]
     ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """3. Adam on R (owned channels), the normalized gradient N, the scaling factor per owned channel.
 
         Returns (s_own, or None for scale_type "tensor"; this rank's per-param sums over its owned channels
         of ||N_c||^2, ||R_c||^2 and s_c^2 ||G_c||^2 (channel) or ||G_c||^2 (tensor), a 3 x params tensor)."""
         b1, b2 = group["betas"]
-        n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"])
+        n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"], skip)
         s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS) if channel else None
         norms = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
         return s_own, norms
@@ -436,20 +485,24 @@ class LowRankBucket:
                 s_touch[plan.send_src] = s_shared[plan.send_dst]
         return s_touch, u_or_g_sq
 
-    def _limiter(self, u_sq: torch.Tensor, group: dict) -> torch.Tensor:
-        """5. The norm-growth limiter per parameter (vectorized over the bucket); updates q."""
+    def _limiter(self, u_sq: torch.Tensor, group: dict, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        """5. The norm-growth limiter per parameter (vectorized over the bucket); updates q (unless ``skip``)."""
         u_norm = u_sq.sqrt() * (math.sqrt(group["scale"]) if group["scale_front"] else 1.0)
         if group["disable_nl"]:
             return torch.ones_like(u_norm)
         q = self.limiter_norm
         limiter = torch.where(q >= 0, torch.clamp_min(u_norm / (q + NORM_EPS), LIMITER_GROWTH) / LIMITER_GROWTH, 1.0)
-        self.limiter_norm.copy_(u_norm / limiter)
+        q_new = u_norm / limiter
+        self.limiter_norm.copy_(q_new if skip is None else torch.where(skip > 0, q, q_new))
         return limiter
 
-    def _update(self, grads: list[Optional[torch.Tensor]], coef: torch.Tensor, decay: float) -> None:
+    def _update(self, grads: list[Optional[torch.Tensor]], coef: torch.Tensor, skip: Optional[torch.Tensor]) -> None:
         """6. p -= G * coef (coef = step_size * s * sqrt(scale) / limiter per touched channel); then the
         decoupled weight decay p *= 1 + decay (one fused pass on GPU)."""
-        self.update([grads[i] for i in self.aligned], coef, decay)
+        self.update([grads[i] for i in self.aligned], coef, self.scalars, skip)
+        if self.unaligned and skipped(skip):
+            return
+        decay = self.scalars.decay
         for i in self.unaligned:  # a piece cut mid-row: update its zero-padded rows, keep the held elements
             s, G, g = self.slots[i], grads[i], self.geom[i]
             block = s.data.new_zeros(g.rows * g.n)

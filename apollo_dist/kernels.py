@@ -17,7 +17,7 @@ with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how th
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -70,6 +70,42 @@ class _Pointers:
         return self.table
 
 
+class StepScalars:
+    """A bucket's per-step numbers: ``step_size`` (the bias-corrected lr; for APOLLO times sqrt(scale)) and
+    ``decay`` (-lr * weight_decay), as floats for the eager ops and as one fp32 device tensor that the fused
+    kernels read, so that a captured CUDA graph replays with this step's values."""
+
+    def __init__(self, device: torch.device):
+        self.step_size, self.decay = 0.0, 0.0
+        self.tensor = torch.zeros(2, device=device)
+
+    def set(self, step_size: float, decay: float) -> None:
+        self.step_size, self.decay = step_size, decay
+        host = torch.tensor([step_size, decay], dtype=torch.float32)  # rounded as a kernel's float argument is
+        if self.tensor.is_cuda:  # no host sync: the pinned allocator keeps the buffer until the copy ran
+            self.tensor.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            self.tensor.copy_(host)
+
+
+def skipped(skip: Optional[torch.Tensor]) -> bool:
+    """The eager paths' reading of a device-side skip flag (a host sync; the fused kernels read it on the
+    device instead, see `APOLLO.step`)."""
+    return skip is not None and bool(skip.item() > 0)
+
+
+_ZEROS: dict[torch.device, torch.Tensor] = {}
+
+
+def _flag(skip: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``skip``, or a 0 on ``device`` for the kernels' pointer argument."""
+    if skip is not None:
+        return skip
+    if device not in _ZEROS:
+        _ZEROS[device] = torch.zeros((), device=device)
+    return _ZEROS[device]
+
+
 # --- 1. projection and channel norms ----------------------------------------------------------
 
 
@@ -119,6 +155,7 @@ if triton is not None:
         R_PAD: tl.constexpr,
         INTERPRETED: tl.constexpr,
         K_MAX: tl.constexpr,
+        WITH_R: tl.constexpr = True,  # False: only ||G_c||^2 (R comes from cuBLAS)
     ):
         job = tl.program_id(0)
         i = tl.load(job_slot + job)
@@ -138,25 +175,30 @@ if triton is not None:
             for k0 in range(0, K_MAX if INTERPRETED else n, BLOCK_K):
                 k = k0 + kk
                 gt = tl.load(g + c[:, None] * n + k[None, :], mask=(c[:, None] < rows) & (k[None, :] < n), other=0.0)
-                pt = tl.load(p + j[None, :] * n + k[:, None], mask=(k[:, None] < n) & (j[None, :] < r), other=0.0)
-                if R_PAD == 1:
-                    acc += tl.sum(gt * tl.reshape(pt, (1, BLOCK_K)), axis=1)[:, None]
-                else:
-                    acc = tl.dot(gt, pt, acc, input_precision="tf32")
+                if WITH_R:
+                    pt = tl.load(p + j[None, :] * n + k[:, None], mask=(k[:, None] < n) & (j[None, :] < r), other=0.0)
+                    if R_PAD == 1:
+                        acc += tl.sum(gt * tl.reshape(pt, (1, BLOCK_K)), axis=1)[:, None]
+                    else:
+                        acc = tl.dot(gt, pt, acc, input_precision="tf32")
                 sq += tl.sum(gt * gt, axis=1)
         else:  # channels = columns of G; P holds this slot's rows, rows x r
             n_ch = n
             for k0 in range(0, K_MAX if INTERPRETED else rows, BLOCK_K):
                 k = k0 + kk
                 gt = tl.load(g + k[:, None] * n + c[None, :], mask=(k[:, None] < rows) & (c[None, :] < n), other=0.0)
-                pt = tl.load(p + k[:, None] * r + j[None, :], mask=(k[:, None] < rows) & (j[None, :] < r), other=0.0)
-                if R_PAD == 1:
-                    acc += tl.sum(gt * pt, axis=0)[:, None]
-                else:
-                    acc = tl.dot(tl.trans(gt), pt, acc, input_precision="tf32")
+                if WITH_R:
+                    pt = tl.load(
+                        p + k[:, None] * r + j[None, :], mask=(k[:, None] < rows) & (j[None, :] < r), other=0.0
+                    )
+                    if R_PAD == 1:
+                        acc += tl.sum(gt * pt, axis=0)[:, None]
+                    else:
+                        acc = tl.dot(tl.trans(gt), pt, acc, input_precision="tf32")
                 sq += tl.sum(gt * gt, axis=0)
         out = tl.load(out_t + i) + c
-        tl.store(T_R + out[:, None] * r + j[None, :], acc, mask=(c[:, None] < n_ch) & (j[None, :] < r))
+        if WITH_R:
+            tl.store(T_R + out[:, None] * r + j[None, :], acc, mask=(c[:, None] < n_ch) & (j[None, :] < r))
         tl.store(T_g + out, sq, mask=c < n_ch)
 
 
@@ -167,6 +209,8 @@ class MultiProjection:
     first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``).
     """
 
+    NORM_BLOCK_C = 64  # channels per program when the launch computes only ||G_c||^2
+
     def __init__(self, slots: Sequence[tuple[int, int, bool, int]], r: int, device: torch.device):
         self.slots, self.r = list(slots), r
         self.r_pad = 1 if r == 1 else max(16, _pow2(r))
@@ -175,7 +219,8 @@ class MultiProjection:
         self.block_c = 64 if self.r_pad == 1 else max(16, min(128, 32768 // self.r_pad))
         self.block_k = 32
         channels = [rows if tall else n for rows, n, tall, _ in self.slots]
-        self.job_slot, self.job_c0 = _blocks(channels, self.block_c, device)
+        self.jobs = _blocks(channels, self.block_c, device)
+        self.norm_jobs = _blocks(channels, self.NORM_BLOCK_C, device)  # exact r > 1: norms only, R from cuBLAS
         self.rows_t, self.n_t, self.tall_t, self.out_t = (
             (_i64(col, device) for col in zip(*self.slots)) if self.slots else (None,) * 4
         )
@@ -196,31 +241,47 @@ class MultiProjection:
         ``tf32``: TF32 tensor-core products (faster on GPUs, ~1e-3 relative error in R) instead of fp32."""
         if not self.slots:
             return
-        # Exact fp32 products with r > 1 stay on cuBLAS: Triton's fp32 (FMA) dot is 2x slower than SGEMM.
-        if not fused(T_R, T_g, *grads, *projs) or (self.r_pad > 1 and not tf32):
+        if not fused(T_R, T_g, *grads, *projs):
             with _matmul_precision(tf32):
                 for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
                     k = rows if tall else n
                     project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
             return
-        _project_kernel[(len(self.job_slot),)](
+        if self.r_pad > 1 and not tf32:
+            # Exact fp32 products with r > 1 stay on cuBLAS (Triton's fp32 FMA dot is 2x slower than SGEMM);
+            # the channel norms of all weights are one launch.
+            with _matmul_precision(False):
+                for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
+                    k = rows if tall else n
+                    if tall:
+                        torch.matmul(G, P.t(), out=T_R[out : out + k])
+                    else:
+                        torch.matmul(G.t(), P, out=T_R[out : out + k])
+            self._launch(grads, None, T_R, T_g, self.norm_jobs, self.NORM_BLOCK_C, r_pad=1, with_r=False)
+            return
+        self._launch(grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True)
+
+    def _launch(self, grads, projs, T_R, T_g, jobs, block_c: int, r_pad: int, with_r: bool) -> None:
+        job_slot, job_c0 = jobs
+        _project_kernel[(len(job_slot),)](
             self.g_ptrs(grads),
-            self.p_ptrs(projs),
+            self.p_ptrs(projs) if with_r else self.g_ptrs(grads),  # norms only: P is not read
             self.rows_t,
             self.n_t,
             self.tall_t,
             self.out_t,
-            self.job_slot,
-            self.job_c0,
+            job_slot,
+            job_c0,
             T_R,
             T_g,
             self.r,
-            BLOCK_C=self.block_c,
+            BLOCK_C=block_c,
             BLOCK_K=self.block_k,
-            R_PAD=self.r_pad,
+            R_PAD=r_pad,
             INTERPRETED=INTERPRET,
             K_MAX=self.k_max if INTERPRET else 0,
-            num_warps=8 if self.r_pad >= 128 or self.r_pad == 1 else 4,
+            WITH_R=with_r,
+            num_warps=8 if r_pad >= 128 or r_pad == 1 else 4,
             num_stages=3,
         )
 
@@ -232,7 +293,7 @@ if triton is not None:
 
     @triton.jit
     def _channel_adam_kernel(
-        R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr
+        R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, skip, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr
     ):
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         j = tl.arange(0, R_PAD)
@@ -243,20 +304,29 @@ if triton is not None:
         # a = 1 - b comes from the host (double, then fp32), as the eager ops' alpha does.
         m = tl.fma(a1, x, tl.load(M + off, mask=mask, other=0.0) * b1)
         v = tl.fma(a2 * x, x, tl.load(V + off, mask=mask, other=0.0) * b2)
-        tl.store(M + off, m, mask=mask)
-        tl.store(V + off, v, mask=mask)
+        if tl.load(skip) == 0:  # a skipped step (non-finite gradient) leaves the moments as they are
+            tl.store(M + off, m, mask=mask)
+            tl.store(V + off, v, mask=mask)
         N = tl.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE-rounded, as PyTorch's ops (not the fast approximations)
         tl.store(n_sq + c, tl.sum(N * N, axis=1), mask=c < C)
         tl.store(r_sq + c, tl.sum(x * x, axis=1), mask=c < C)
 
 
 def channel_adam_(
-    R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, b1: float, b2: float, eps: float
+    R: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    b1: float,
+    b2: float,
+    eps: float,
+    skip: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam moments of the channel rows of R (C x r, in place) -> (||N_c||^2, ||R_c||^2), each (C,),
-    with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3)."""
+    with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3). ``skip`` (0-dim, > 0: skip): moments kept."""
     C, r = exp_avg.shape
     if not fused(R, exp_avg, exp_avg_sq) or C == 0:
+        if skipped(skip):  # the results are not used: every write of a skipped step is gated
+            return R.new_zeros(C), R.new_zeros(C)
         exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
         exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
         N = exp_avg / exp_avg_sq.sqrt().add_(eps)
@@ -265,7 +335,21 @@ def channel_adam_(
     r_pad = _pow2(r)
     block_c = max(1, 4096 // r_pad)
     _channel_adam_kernel[(-(-C // block_c),)](
-        R, exp_avg, exp_avg_sq, n_sq, r_sq, C, r, b1, 1.0 - b1, b2, 1.0 - b2, eps, BLOCK_C=block_c, R_PAD=r_pad
+        R,
+        exp_avg,
+        exp_avg_sq,
+        n_sq,
+        r_sq,
+        C,
+        r,
+        b1,
+        1.0 - b1,
+        b2,
+        1.0 - b2,
+        eps,
+        _flag(skip, R.device),
+        BLOCK_C=block_c,
+        R_PAD=r_pad,
     )
     return n_sq, r_sq
 
@@ -284,9 +368,10 @@ if triton is not None:
 
     @triton.jit
     def _multi_update_kernel(
-        p_ptrs, g_ptrs, c_offs, numels, ns, per_row, blk_param, blk_start, coef, decay, BLOCK: tl.constexpr
+        p_ptrs, g_ptrs, c_offs, numels, ns, per_row, blk_param, blk_start, coef, scalars, skip, BLOCK: tl.constexpr
     ):
         b = tl.program_id(0)
+        decay = tl.load(scalars + 1)  # StepScalars: (step_size, decay)
         i = tl.load(blk_param + b)
         numel = tl.load(numels + i)
         n = tl.load(ns + i)
@@ -301,7 +386,8 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask)
         p = tl.fma(-g, c, p)  # addcmul_'s rounding, then the decay's
         p = tl.fma(decay, p, p)
-        tl.store(p_ptr + offs, p, mask=mask)
+        if tl.load(skip) == 0:  # a skipped step writes nothing
+            tl.store(p_ptr + offs, p, mask=mask)
 
 
 class MultiUpdate:
@@ -323,12 +409,17 @@ class MultiUpdate:
         self.blk_param, self.blk_start = _blocks([p.numel() for p in params], BLOCK, dev)
         self.g_ptrs = _Pointers(dev)
 
-    def __call__(self, grads: list[torch.Tensor], coef: torch.Tensor, decay: float) -> None:
+    def __call__(
+        self, grads: list[torch.Tensor], coef: torch.Tensor, scalars: StepScalars, skip: Optional[torch.Tensor] = None
+    ) -> None:
+        """p <- (p - G * coef) (1 + scalars.decay); nothing when ``skip`` (0-dim) is > 0."""
         if not self.params:
             return
         if not (self.on_gpu and fused(*grads)):
+            if skipped(skip):
+                return
             for p, g, row, off in zip(self.params, grads, self.per_row, self.coef_offsets):
-                scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, decay)
+                scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay)
             return
         _multi_update_kernel[(len(self.blk_param),)](
             self.p_ptrs,
@@ -340,7 +431,8 @@ class MultiUpdate:
             self.blk_param,
             self.blk_start,
             coef.contiguous(),
-            decay,
+            scalars.tensor,
+            _flag(skip, coef.device),
             BLOCK=BLOCK,
         )
 
@@ -365,11 +457,12 @@ if triton is not None:
         b2,
         a2,
         eps,
-        step_size,
-        decay,
+        scalars,
+        skip,
         BLOCK: tl.constexpr,
     ):
         b = tl.program_id(0)
+        step_size, decay = tl.load(scalars), tl.load(scalars + 1)  # StepScalars
         i = tl.load(blk_param + b)
         offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < tl.load(numels + i)
@@ -379,12 +472,13 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask)
         m = tl.fma(a1, g, tl.load(M + s, mask=mask) * b1)  # the eager ops' rounding, as above
         v = tl.fma(a2 * g, g, tl.load(V + s, mask=mask) * b2)
-        tl.store(M + s, m, mask=mask)
-        tl.store(V + s, v, mask=mask)
         p = tl.load(p_ptr + offs, mask=mask)
         p = tl.fma(-step_size, tl.div_rn(m, tl.sqrt_rn(v) + eps), p)
         p = tl.fma(decay, p, p)
-        tl.store(p_ptr + offs, p, mask=mask)
+        if tl.load(skip) == 0:  # a skipped step writes nothing
+            tl.store(M + s, m, mask=mask)
+            tl.store(V + s, v, mask=mask)
+            tl.store(p_ptr + offs, p, mask=mask)
 
 
 class MultiAdam:
@@ -408,12 +502,22 @@ class MultiAdam:
         self.g_ptrs = _Pointers(dev)
 
     def __call__(
-        self, grads: list[torch.Tensor], b1: float, b2: float, eps: float, step_size: float, decay: float
+        self,
+        grads: list[torch.Tensor],
+        b1: float,
+        b2: float,
+        eps: float,
+        scalars: StepScalars,
+        skip: Optional[torch.Tensor] = None,
     ) -> None:
-        """One step: ``step_size`` = bias-corrected lr, ``decay`` = -lr * weight_decay (0: none)."""
+        """One step: ``scalars.step_size`` = bias-corrected lr, ``scalars.decay`` = -lr * weight_decay (0: none);
+        nothing when ``skip`` (0-dim) is > 0."""
         if not self.params:
             return
         if not (self.on_gpu and fused(*grads)):
+            if skipped(skip):
+                return
+            step_size, decay = scalars.step_size, scalars.decay
             torch._foreach_mul_(self.m, b1)
             torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
             torch._foreach_mul_(self.v, b2)
@@ -438,7 +542,7 @@ class MultiAdam:
             b2,
             1.0 - b2,
             eps,
-            step_size,
-            decay,
+            scalars.tensor,
+            _flag(skip, self.exp_avg.device),
             BLOCK=BLOCK,
         )

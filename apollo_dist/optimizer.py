@@ -20,6 +20,7 @@ from .core import Collectives, LowRankBucket, Slot
 from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS
 from .layerwise import LayerwiseUpdates, per_param_binding
 from .quant import refuse_int8
+from .step_graph import StepGraph
 
 GROUP_DEFAULTS = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
 SCALE_TYPES = ("channel", "tensor")
@@ -83,7 +84,12 @@ class APOLLO(torch.optim.Optimizer):
     matmuls in TF32 on GPUs: faster, and R changes by ~1e-3 relative. ``nonfinite``: what a step
     does when any rank's gradient holds inf/NaN: "skip" (default: no weight, moment or step count
     changes on any rank; counted in ``skipped_steps``), "raise" (FloatingPointError on every rank)
-    or "ignore" (no check, no host sync). ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
+    or "ignore" (no check). On CUDA, "skip" and "ignore" take no host sync: the skip decision is a flag on
+    the device that gates every write, and the host reads it at the next ``step`` (or ``state_dict``,
+    ``steps_taken``, ``skipped_steps``). ``cuda_graph`` (default True): on one GPU (no collectives in the
+    step) the step is captured as a CUDA graph and replayed while the gradients stay at the same addresses
+    (apollo_dist.step_graph); same numbers, a host cost that does not grow with the number of weights.
+    ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
     decoupled and applied after the update.
 
     ``layerwise=True`` (apollo_dist.layerwise): each parameter is updated inside backward as soon as its
@@ -116,6 +122,7 @@ class APOLLO(torch.optim.Optimizer):
         projection_tf32: bool = False,
         nonfinite: Optional[str] = None,
         layerwise: bool = False,
+        cuda_graph: bool = True,
     ):
         defaults = {
             "lr": lr,
@@ -133,7 +140,9 @@ class APOLLO(torch.optim.Optimizer):
         self.projection_tf32 = projection_tf32
         self.nonfinite = _nonfinite_policy(nonfinite, layerwise)
         self._layerwise = LayerwiseUpdates(self) if layerwise else None  # updates run in backward; step() only checks
-        self.skipped_steps = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        self._skipped = 0  # steps skipped for non-finite gradients (nonfinite="skip")
+        self._pending: Optional[tuple[list, torch.Tensor, Optional[torch.cuda.Event]]] = None  # an unread skip flag
+        self._graph = StepGraph() if cuda_graph else None
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
         # while stepping, but keep the dicts) and the params as received, by position, held weakly.
         self._groups: list[dict] = list(self.param_groups)
@@ -172,6 +181,7 @@ class APOLLO(torch.optim.Optimizer):
 
         Collective when it binds (one all-gather of the layout): call it on every rank. Raises when
         the groups now hold tensors it cannot map, or other tensors than those it has already stepped."""
+        self._settle()
         lists = [g["params"] for g in self._all_groups()]
         if self._binding is None or not self._binding.accepts(lists):
             self._install(detect(lists, self._received, ["rank" in g for g in self._all_groups()]))
@@ -225,6 +235,8 @@ class APOLLO(torch.optim.Optimizer):
             refuse_int8((s for u in binding.units for s in u.slots), "APOLLO(layerwise=False)")
         buckets, comm, device = build_buckets(binding, self._groups)
         self._binding, self._buckets, self._comm = binding, buckets, comm
+        if self._graph is not None:
+            self._graph.reset()
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
         self._world, self._rank, self._device = comm.world, comm.rank, device
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
@@ -292,33 +304,121 @@ class APOLLO(torch.optim.Optimizer):
         return loss
 
     def _step_buckets(self, buckets: list) -> bool:
-        """Step ``buckets``; all ranks take one decision on non-finite gradients. Returns False if skipped."""
+        """Step ``buckets``; all ranks take one decision on non-finite gradients. Returns False if it is
+        known now that the step was skipped (a step gated on the device is settled at the next call)."""
         hparams = [self._hparams(b.group_index) for b in buckets]
         for b, hp in zip(buckets, hparams):
+            b.begin(hp)
+        # Gated on the device (no host sync) when every write runs in a fused kernel; else decided on the host.
+        gated = self.nonfinite == "skip" and all(b.fused() for b in buckets)
+        check = self.nonfinite != "ignore"
+        try:
+            if (gated or not check) and self._graphable(buckets):
+                key = self._graph_key(buckets, hparams, gated)
+                if self._graph.run(key, lambda: self._device_step(buckets, hparams, check, gated)):
+                    return self._taken(buckets, gated)
+            bad = self._device_step(buckets, hparams, check, gated)
+            if check and not gated and bad.item() > 0:  # one host sync: the decision gates every write below
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"APOLLO: non-finite gradient on {int(bad.item())} rank-bucket(s) at step "
+                        f"{self._step_number(buckets)}; nothing was updated (nonfinite='skip' skips such steps instead)"
+                    )
+                self._skipped += 1
+                return False
+            if check and not gated:
+                for b, hp in zip(buckets, hparams):
+                    b.finish(hp)
+            return self._taken(buckets, gated)
+        finally:
+            for b in buckets:
+                b.discard()
+
+    def _device_step(self, buckets: list, hparams: list[dict], check: bool, gated: bool) -> torch.Tensor:
+        """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph
+        may capture it). Returns the number of rank-buckets with a non-finite gradient (0-dim; all ranks
+        agree), into ``self._bad``. ``gated``: ``finish`` runs and skips every write on the device when it is
+        > 0; else ``finish`` runs only when ``check`` is off (the host decides and calls it otherwise)."""
+        for b, hp in zip(buckets, hparams):
             b.prepare(hp)
-        if self.nonfinite != "ignore":
-            bad = sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device))
+        bad = self._bad_buffer()
+        if check:
+            bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device)))
             if self._comm.world > 1:
                 # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
                 # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
                 self._comm.all_reduce(bad)
-            if bad.item() > 0:  # one host sync per step: the decision gates every write below
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"APOLLO: non-finite gradient on {int(bad.item())} rank-bucket(s) at step {self._step_number(buckets)}; "
-                        "nothing was updated (nonfinite='skip' skips such steps instead)"
-                    )
-                self.skipped_steps += 1
-                for b in buckets:
-                    b.discard()
-                return False
-        for b, hp in zip(buckets, hparams):
-            b.finish(hp)
+        if gated or not check:
+            for b, hp in zip(buckets, hparams):
+                b.finish(hp, bad if gated else None)
+        return bad
+
+    def _bad_buffer(self) -> torch.Tensor:
+        """The step's non-finite count, one persistent 0-dim tensor (a captured step writes it in place)."""
+        if getattr(self, "_bad", None) is None or self._bad.device != self._device:
+            self._bad = torch.zeros((), device=self._device)
+            self._bad_host = torch.zeros((), pin_memory=self._device.type == "cuda")
+        return self._bad
+
+    def _taken(self, buckets: list, gated: bool) -> bool:
+        """After a device-gated step: count it taken now, and read its flag at the next call (`_settle`)."""
+        for b in buckets:
+            b.step_count += 1
+        if gated:
+            if self._device.type == "cuda":
+                self._bad_host.copy_(self._bad, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                self._bad_host.copy_(self._bad)
+                event = None
+            self._pending = (buckets, self._bad_host, event)
         return True
+
+    def _settle(self) -> None:
+        """Read the skip flag of the last device-gated step (waits for it): if it was skipped, undo its count."""
+        if self._pending is None:
+            return
+        buckets, flag, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if flag.item() > 0:
+            for b in buckets:
+                b.step_count -= 1
+            self._skipped += 1
 
     @staticmethod
     def _step_number(buckets: list) -> int:
         return int(buckets[0].step_count) + 1 if buckets else 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (``nonfinite="skip"``)."""
+        self._settle()
+        return self._skipped
+
+    def _graphable(self, buckets: list) -> bool:
+        """A CUDA graph may capture the step: one GPU, no collective, every bucket stepped in this call."""
+        return (
+            self._graph is not None
+            and self._device.type == "cuda"
+            and self._comm.world == 1
+            and len(buckets) == len(self._buckets)
+            and all(b.fused() for b in buckets)
+        )
+
+    @staticmethod
+    def _graph_key(buckets: list, hparams: list[dict], gated: bool) -> tuple:
+        """What a captured step bakes in: the buckets, the addresses of the tensors it reads that may move
+        (gradients, projections), the hyperparameters read as constants (all but lr and weight decay, which
+        reach the kernels through `StepScalars`), and the skip mode."""
+        baked = tuple(
+            repr(sorted((k, v) for k, v in hp.items() if k not in ("params", "lr", "weight_decay", "param_names")))
+            for hp in hparams
+        )
+        ptrs = tuple(t.data_ptr() for b in buckets for t in b.grads())
+        return (tuple(id(b) for b in buckets), ptrs, baked, gated)
 
     # -- state dicts --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apollo_dist import APOLLO
-from apollo_dist.kernels import MultiUpdate, scaled_update_eager
+from apollo_dist.kernels import MultiUpdate, StepScalars, scaled_update_eager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -48,15 +48,20 @@ def test_fused_multi_update_equals_eager():
 
     assert fused(*params, *grads)
     update = MultiUpdate(params, per_row, offsets)
-    update(grads, coef, -1e-3)
+    scalars = StepScalars(torch.device("cuda"))
+    scalars.set(0.0, -1e-3)
+    update(grads, coef, scalars)
     for a, b in zip(params, expect):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("rank, tf32, bound", [(1, False, 1e-5), (256, True, 5e-3), (16, True, 5e-3)])
+@pytest.mark.parametrize(
+    "rank, tf32, bound", [(1, False, 1e-5), (256, True, 5e-3), (16, True, 5e-3), (256, False, 1e-5), (16, False, 1e-5)]
+)
 def test_fused_projection_matches_cublas(rank, tf32, bound):
     """One multi-tensor launch over tall, wide and odd-sized gradients equals cuBLAS + vector_norm per
-    weight: to fp32 reordering at rank 1, to TF32's rounding (measured 7.4e-4 at LLaMA-1b) with TF32."""
+    weight: to fp32 reordering at rank 1, to TF32's rounding (measured 7.4e-4 at LLaMA-1b) with TF32;
+    exact rank > 1 (cuBLAS per weight, the norms in one launch) to fp32 reordering."""
     from apollo_dist import kernels
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -78,3 +83,36 @@ def test_fused_projection_matches_cublas(rank, tf32, bound):
         kernels.triton = saved
     for a, b in zip(fused, exact):
         assert float((a - b).abs().max() / b.abs().max()) < bound
+
+
+def _train_graph(preset: str, cuda_graph: bool, nonfinite: str = "skip", steps: int = 30):
+    """30 steps on CUDA with an lr that changes every step, projections redrawn every 7 steps, a NaN
+    gradient at step 10 and gradients freed by zero_grad (they come back at the same addresses)."""
+    model = oracle.make_model().cuda()
+    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, cuda_graph=cuda_graph, nonfinite=nonfinite)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    for t in range(steps):
+        x, y = (v.cuda() for v in oracle.batch(t))
+        oracle.loss_fn(model, x, y).backward()
+        if t == 10 and nonfinite == "skip":
+            model.embed.weight.grad[0, 0] = float("nan")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"])
+def test_captured_step_equals_eager_step(preset, nonfinite):
+    """The step replayed as a CUDA graph gives bitwise the numbers of the eager step (lr schedule, projection
+    refresh, a skipped non-finite step), and it was replayed, not re-captured every step."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    graph_model, graph_opt = _train_graph(preset, True, nonfinite)
+    eager_model, eager_opt = _train_graph(preset, False, nonfinite)
+    assert graph_opt._graph.graph is not None and graph_opt._graph.captures <= 2, vars(graph_opt._graph)
+    for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+    skipped = 1 if nonfinite == "skip" else 0
+    assert graph_opt.skipped_steps == eager_opt.skipped_steps == skipped
+    assert graph_opt.steps_taken == eager_opt.steps_taken == 30 - skipped

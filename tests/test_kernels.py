@@ -17,7 +17,10 @@ def test_kernels_match_eager_and_oracle():
     proc = run_checked([sys.executable, "tests/workers/kernels_interpreted.py"], timeout=600, **INTERPRET)
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, d in r["diffs"].items():
-        assert d < (1e-5 if name.startswith("optimizer") else 1e-6), (name, d)
+        if "skipped" in name or name.startswith("gated"):  # a skipped write is no write; gating changes no number
+            assert d == 0, (name, d)
+        else:
+            assert d < (1e-5 if name.startswith("optimizer") else 1e-6), (name, d)
     assert all(n > 0 for n in r["launches"].values()), r["launches"]  # the optimizer ran on the kernels
 
 
