@@ -35,7 +35,9 @@ EXTRA_SIZES = {
 OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: torch.nn.Module, lr: float, tf32: bool, cuda_graph: bool = True
+) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     preset = "apollo-mini" if name.endswith("mini") else "apollo"
@@ -46,7 +48,7 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, tf32: bool) -> 
         for g in groups:
             g.pop("param_names", None)
         return oracle_class()(groups, lr=lr)
-    return APOLLO(groups, lr=lr, projection_tf32=tf32) if tf32 else APOLLO(groups, lr=lr)
+    return APOLLO(groups, lr=lr, projection_tf32=tf32, cuda_graph=cuda_graph)
 
 
 def config_of(name: str, seq_len: int):
@@ -88,8 +90,10 @@ def profile_summary(fn, n: int = 3) -> dict:
     cpu_ops = sorted(
         (e for e in events if e.device_type == torch.autograd.DeviceType.CPU), key=lambda e: -e.self_cpu_time_total
     )
+    api = [e for e in events if "LaunchKernel" in e.key or "GraphLaunch" in e.key]
     return {
         "kernel_launches": sum(e.count for e in kernels) / n,
+        "host_launch_calls": sum(e.count for e in api) / n,  # kernel and graph launches the host issued
         "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / n,
         "host_ms_profiled": host,
         "top_host_ops": [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 3)) for e in cpu_ops[:8]],
@@ -111,7 +115,11 @@ def cuda_ms(fn, n: int) -> list[float]:
 def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> dict:
     nparams = sum(p.numel() for p in model.parameters())
     opt = make_optimizer(
-        opt_name, model, args.lr, args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw"
+        opt_name,
+        model,
+        args.lr,
+        args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw",
+        cuda_graph=not args.eager,
     )
     gen = torch.Generator(device="cuda").manual_seed(0)
     for p in model.parameters():
@@ -158,6 +166,7 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
         "params": nparams,
         "optimizer": opt_name,
         "tf32": bool(args.tf32 and opt_name in ("apollo", "apollo-mini")),
+        "eager": bool(args.eager and opt_name in ("apollo", "apollo-mini")),
         "opt_step_ms": opt_ms,
         "host_ms": host,
         "profile": prof,
@@ -185,7 +194,7 @@ def table(rows: list[dict]) -> str:
         base = next(b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw")
         fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else str(v)
         full_ratio = r["full_step_ms"] / base["full_step_ms"] if r["full_step_ms"] and base["full_step_ms"] else None
-        name = r["optimizer"] + (" (tf32)" if r["tf32"] else "")
+        name = r["optimizer"] + (" (tf32)" if r["tf32"] else "") + (" (eager)" if r.get("eager") else "")
         lines.append(
             f"| {r['model']} | {name} | {fmt(r['opt_step_ms'])} | {fmt(r['opt_step_ms'] / base['opt_step_ms'], '{:.2f}x')} | "
             f"{fmt(r['host_ms'])} | {fmt(r['refresh_step_ms'])} | {fmt(r['full_step_ms'])} | {fmt(full_ratio, '{:.3f}x')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
@@ -204,6 +213,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tf32", action="store_true", help="also run apollo_dist with TF32 projections")
+    ap.add_argument(
+        "--eager", action="store_true", help="also run apollo_dist without the CUDA graph (cuda_graph=False)"
+    )
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--refresh", action="store_true", help="also time step 200 (projection refresh)")
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler summary of 3 optimizer steps per row")
@@ -213,9 +225,13 @@ def main() -> None:
     for m in args.models.split(","):
         model = build_model(config_of(m, args.seq_len), seed=0).cuda()
         for o in args.optimizers.split(","):
-            variants = [False, True] if (args.tf32 and o in ("apollo", "apollo-mini")) else [False]
-            for tf32 in variants:
-                a = argparse.Namespace(**{**vars(args), "tf32": tf32})
+            ours = o in ("apollo", "apollo-mini")
+            variants = [(tf32, eager) for tf32 in (False, True) for eager in (False, True)]
+            variants = [
+                (t, e) for t, e in variants if (not t or (args.tf32 and ours)) and (not e or (args.eager and ours))
+            ]
+            for tf32, eager in variants:
+                a = argparse.Namespace(**{**vars(args), "tf32": tf32, "eager": eager})
                 t0 = time.time()
                 rows.append(bench_one(model, m, o, a))
                 print(json.dumps(rows[-1]), f"({time.time() - t0:.0f}s)", flush=True)
@@ -234,7 +250,13 @@ def main() -> None:
     print(f"\n{meta}\n\n{table(rows)}")
     for r in rows:
         if r["profile"]:
-            print(r["model"], r["optimizer"], "tf32" if r["tf32"] else "", json.dumps(r["profile"]))
+            print(
+                r["model"],
+                r["optimizer"],
+                "tf32" if r["tf32"] else "",
+                "eager" if r.get("eager") else "",
+                json.dumps(r["profile"]),
+            )
 
 
 if __name__ == "__main__":
