@@ -222,6 +222,7 @@ class AdamBucket:
         self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
         self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
         self.scalars = StepScalars(device)
+        self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them
         self._grads: Optional[list[torch.Tensor]] = None
 
     def begin(self, group: dict) -> None:
@@ -230,18 +231,15 @@ class AdamBucket:
             group["lr"], group["betas"], int(self.step_count) + 1, group["correct_bias"]
         )
         self.scalars.set(step_size, -group["lr"] * group["weight_decay"])
-        self._grads = [g if g is not None else torch.zeros_like(s.data) for s, g in ((s, s.grad()) for s in self.slots)]
-
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients ``begin`` fetched (their addresses key a captured step)."""
-        return self._grads or []
+        self.fetched = [s.grad() for s in self.slots]
 
     def fused(self) -> bool:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
-        return not self.slots or (self.adam.on_gpu and fused(*self._grads))
+        return not self.slots or (self.adam.on_gpu and fused(*(g for g in self.fetched if g is not None)))
 
     def prepare(self, group: dict) -> None:
-        """Nothing to compute before the non-finite check."""
+        """The gradients as the kernels read them (a missing one counts as zero)."""
+        self._grads = [g if g is not None else torch.zeros_like(s.data) for s, g in zip(self.slots, self.fetched)]
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (a 0-dim tensor) if a gradient ``begin`` fetched holds inf/NaN, else 0.0 (one extra read)."""
@@ -252,7 +250,7 @@ class AdamBucket:
     def discard(self) -> None:
         """Drop the gradients ``begin`` fetched, after the step or instead of it (no reference to them
         outlives the step: zero_grad frees them)."""
-        self._grads = None
+        self.fetched, self._grads = [], None
 
     def finish(self, group: dict, skip: Optional[torch.Tensor] = None) -> None:
         """The update with the gradients ``begin`` fetched; none where ``skip`` (0-dim, on the device) > 0."""
@@ -284,6 +282,7 @@ class LowRankBucket:
         self.seeds = [SeedChain(s.index + 1) for s in slots]
         self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
         self.proj_epoch = -1
+        self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them (flat)
         self._grads: Optional[list[Optional[torch.Tensor]]] = None
 
         # Per slot: its geometry, its first row of T (touched channels) and of O (owned channels).
@@ -356,7 +355,7 @@ class LowRankBucket:
         s, g = self.slots[i], self.geom[i]
         if g.rows == 0:
             return None
-        G = s.grad()
+        G = self.fetched[i]
         if G is None:
             G = torch.zeros_like(s.data)
         # Kept in its own dtype: a bf16 gradient is read as fp32 weight by weight where the step computes
@@ -376,11 +375,7 @@ class LowRankBucket:
             self._refresh_projections(epoch)
         step_size = bias_corrected_step_size(group["lr"], group["betas"], t + 1, group["correct_bias"])
         self.scalars.set(step_size * math.sqrt(group["scale"]), -group["lr"] * group["weight_decay"])
-        self._grads = [self._grad_rows(i) for i in range(len(self.slots))]
-
-    def grads(self) -> list[torch.Tensor]:
-        """The gradients ``begin`` fetched, with the projections they meet (the addresses key a captured step)."""
-        return [g for g in (self._grads or []) if g is not None] + [p for p in self.proj if p is not None]
+        self.fetched = [s.grad() if g.rows else None for s, g in zip(self.slots, self.geom)]
 
     def fused(self) -> bool:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
@@ -388,11 +383,11 @@ class LowRankBucket:
             return True
         if self.unaligned or not self.update.on_gpu or not fused(self.T_R, self.exp_avg, self.exp_avg_sq):
             return False
-        return fused(*(self._grads[i] for i in self.aligned))
+        return fused(*(self.fetched[i] for i in self.aligned if self.fetched[i] is not None))
 
     def prepare(self, group: dict) -> None:
         """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels."""
-        grads = self._grads
+        self._grads = grads = [self._grad_rows(i) for i in range(len(self.slots))]
         self.project(
             [grads[i] for i in self.active],
             [self.proj[i] for i in self.active],
@@ -408,7 +403,7 @@ class LowRankBucket:
     def discard(self) -> None:
         """Drop the gradients ``begin`` fetched, after the step or instead of it (no reference to them
         outlives the step: zero_grad frees them)."""
-        self._grads = None
+        self.fetched, self._grads = [], None
 
     def finish(self, group: dict, skip: Optional[torch.Tensor] = None) -> None:
         """Steps 2-6 with what ``prepare`` computed; no write where ``skip`` (0-dim, on the device) > 0

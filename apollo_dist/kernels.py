@@ -28,6 +28,9 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+# Exact (not TF32) rank > 1 projections: "tf32x3" (one launch, tensor cores, three TF32 products per fp32
+# product: fp32-level error) or "cublas" (SGEMM per weight, the norms in one launch).
+EXACT_PROJECTION = os.environ.get("APOLLO_EXACT_PROJECTION", "tf32x3")
 BLOCK = 2048  # elements per program of the elementwise kernels
 
 
@@ -156,6 +159,7 @@ if triton is not None:
         INTERPRETED: tl.constexpr,
         K_MAX: tl.constexpr,
         WITH_R: tl.constexpr = True,  # False: only ||G_c||^2 (R comes from cuBLAS)
+        PRECISION: tl.constexpr = "tf32",  # r > 1: "tf32", or "tf32x3" (three TF32 products: fp32 accuracy)
     ):
         job = tl.program_id(0)
         i = tl.load(job_slot + job)
@@ -180,7 +184,7 @@ if triton is not None:
                     if R_PAD == 1:
                         acc += tl.sum(gt * tl.reshape(pt, (1, BLOCK_K)), axis=1)[:, None]
                     else:
-                        acc = tl.dot(gt, pt, acc, input_precision="tf32")
+                        acc = tl.dot(gt, pt, acc, input_precision=PRECISION)
                 sq += tl.sum(gt * gt, axis=1)
         else:  # channels = columns of G; P holds this slot's rows, rows x r
             n_ch = n
@@ -194,7 +198,7 @@ if triton is not None:
                     if R_PAD == 1:
                         acc += tl.sum(gt * pt, axis=0)[:, None]
                     else:
-                        acc = tl.dot(tl.trans(gt), pt, acc, input_precision="tf32")
+                        acc = tl.dot(tl.trans(gt), pt, acc, input_precision=PRECISION)
                 sq += tl.sum(gt * gt, axis=0)
         out = tl.load(out_t + i) + c
         if WITH_R:
@@ -247,8 +251,8 @@ class MultiProjection:
                     k = rows if tall else n
                     project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
             return
-        if self.r_pad > 1 and not tf32:
-            # Exact fp32 products with r > 1 stay on cuBLAS (Triton's fp32 FMA dot is 2x slower than SGEMM);
+        if self.r_pad > 1 and not tf32 and EXACT_PROJECTION == "cublas":
+            # Exact fp32 products with r > 1 on cuBLAS (Triton's fp32 FMA dot is 2x slower than SGEMM);
             # the channel norms of all weights are one launch.
             with _matmul_precision(False):
                 for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
@@ -259,9 +263,14 @@ class MultiProjection:
                         torch.matmul(G.t(), P, out=T_R[out : out + k])
             self._launch(grads, None, T_R, T_g, self.norm_jobs, self.NORM_BLOCK_C, r_pad=1, with_r=False)
             return
-        self._launch(grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True)
+        precision = "tf32" if tf32 else "tf32x3"
+        self._launch(
+            grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True, precision=precision
+        )
 
-    def _launch(self, grads, projs, T_R, T_g, jobs, block_c: int, r_pad: int, with_r: bool) -> None:
+    def _launch(
+        self, grads, projs, T_R, T_g, jobs, block_c: int, r_pad: int, with_r: bool, precision: str = "tf32"
+    ) -> None:
         job_slot, job_c0 = jobs
         _project_kernel[(len(job_slot),)](
             self.g_ptrs(grads),
@@ -281,6 +290,7 @@ class MultiProjection:
             INTERPRETED=INTERPRET,
             K_MAX=self.k_max if INTERPRET else 0,
             WITH_R=with_r,
+            PRECISION=precision,
             num_warps=8 if r_pad >= 128 or r_pad == 1 else 4,
             num_stages=3,
         )

@@ -310,10 +310,11 @@ class APOLLO(torch.optim.Optimizer):
         for b, hp in zip(buckets, hparams):
             b.begin(hp)
         # Gated on the device (no host sync) when every write runs in a fused kernel; else decided on the host.
-        gated = self.nonfinite == "skip" and all(b.fused() for b in buckets)
+        all_fused = all(b.fused() for b in buckets)
+        gated = self.nonfinite == "skip" and all_fused
         check = self.nonfinite != "ignore"
         try:
-            if (gated or not check) and self._graphable(buckets):
+            if (gated or not check) and all_fused and self._graphable(buckets):
                 key = self._graph_key(buckets, hparams, gated)
                 if self._graph.run(key, lambda: self._device_step(buckets, hparams, check, gated)):
                     return self._taken(buckets, gated)
@@ -405,19 +406,18 @@ class APOLLO(torch.optim.Optimizer):
             and self._device.type == "cuda"
             and self._comm.world == 1
             and len(buckets) == len(self._buckets)
-            and all(b.fused() for b in buckets)
         )
 
     @staticmethod
     def _graph_key(buckets: list, hparams: list[dict], gated: bool) -> tuple:
-        """What a captured step bakes in: the buckets, the addresses of the tensors it reads that may move
-        (gradients, projections), the hyperparameters read as constants (all but lr and weight decay, which
-        reach the kernels through `StepScalars`), and the skip mode."""
+        """What a captured step bakes in: the buckets, the addresses of the gradients (the other tensors it
+        reads never move: projections are redrawn in place), the hyperparameters read as constants (all but lr
+        and weight decay, which reach the kernels through `StepScalars`), and the skip mode."""
         baked = tuple(
             repr(sorted((k, v) for k, v in hp.items() if k not in ("params", "lr", "weight_decay", "param_names")))
             for hp in hparams
         )
-        ptrs = tuple(t.data_ptr() for b in buckets for t in b.grads())
+        ptrs = tuple(0 if g is None else g.data_ptr() for b in buckets for g in b.fetched)
         return (tuple(id(b) for b in buckets), ptrs, baked, gated)
 
     # -- state dicts --------------------------------------------------------------------------

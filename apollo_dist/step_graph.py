@@ -8,10 +8,11 @@ are between steps: gradients (the caching allocator gives them back at the same 
 each replay). So it is captured once and replayed.
 
 A graph is only valid while what it reads has not moved: it is keyed by the addresses of the gradients and
-projections and by the hyperparameters baked into it (everything but lr and weight decay). A call with
-another key runs eagerly; a key seen on two calls in a row is captured (the eager call before compiled the
-kernels and uploaded the pointer tables, so the capture records launches only). After ``MAX_CAPTURES``
-captures the step stays eager (gradients that move every step gain nothing from a graph).
+by the hyperparameters baked into it (everything but lr and weight decay). A key seen for the first time
+runs eagerly; seen again, it is captured (the eager call compiled the kernels and uploaded its pointer
+tables, so the capture records launches only). Gradients freed by ``zero_grad`` come back at one of a few
+address sets (the allocator's blocks alternate with the activations'), so up to ``MAX_GRAPHS`` graphs are
+kept; after ``MAX_CAPTURES`` captures the step stays eager (gradients that move every step gain nothing).
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ import torch
 
 
 class StepGraph:
-    """A captured step, replayed while its key holds."""
+    """Captured steps by key, replayed while a key holds."""
 
-    MAX_CAPTURES = 4
+    MAX_GRAPHS = 4
+    MAX_CAPTURES = 8
 
     def __init__(self) -> None:
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.key: Optional[Hashable] = None
-        self.seen: Optional[Hashable] = None  # the key of the previous eager call
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.seen: set[Hashable] = set()  # keys run eagerly once
         self.captures = 0
+        self.replays = 0
         self.disabled = False
 
     def run(self, key: Hashable, body: Callable[[], None]) -> bool:
@@ -39,28 +41,36 @@ class StepGraph:
         Returns False when the caller must run ``body`` eagerly (nothing ran then)."""
         if self.disabled:
             return False
-        if self.graph is not None and key == self.key:
-            self.graph.replay()
-            return True
-        if key != self.seen:  # a new key runs eagerly once first
-            self.seen = key
-            return False
-        if self.captures >= self.MAX_CAPTURES:
-            self.disabled, self.graph = True, None
-            return False
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:  # a new key runs eagerly once first
+                self.seen = set(list(self.seen)[-self.MAX_GRAPHS :]) | {key}
+                return False
+            if self.captures >= self.MAX_CAPTURES:
+                self.disabled, self.graphs = True, {}
+                return False
+            graph = self._capture(body)
+            if graph is None:
+                return False
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))  # the oldest
+            self.graphs[key] = graph
+        graph.replay()
+        self.replays += 1
+        return True
+
+    def _capture(self, body: Callable[[], None]) -> Optional[torch.cuda.CUDAGraph]:
         self.captures += 1
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
                 body()
-        except Exception as e:  # nothing ran on the device; the caller re-runs the step eagerly
+        except Exception as e:  # nothing ran on the device; the caller runs the step eagerly
             warnings.warn(f"APOLLO: capturing the step as a CUDA graph failed ({e!r}); the step runs eagerly")
-            self.disabled, self.graph = True, None
-            return False
-        self.graph, self.key = graph, key
-        graph.replay()
-        return True
+            self.disabled, self.graphs = True, {}
+            return None
+        return graph
 
     def reset(self) -> None:
-        """Forget the captured step (what it read was replaced)."""
-        self.graph, self.key, self.seen = None, None, None
+        """Forget the captured steps (what they read was replaced)."""
+        self.graphs, self.seen = {}, set()

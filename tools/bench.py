@@ -97,6 +97,10 @@ def profile_summary(fn, n: int = 3) -> dict:
         "kernel_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / n,
         "host_ms_profiled": host,
         "top_host_ops": [(e.key, e.count // n, round(e.self_cpu_time_total / 1e3 / n, 3)) for e in cpu_ops[:8]],
+        "top_kernels": [
+            (e.key[:60], e.count // n, round(e.self_device_time_total / 1e3 / n, 3))
+            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+        ],
     }
 
 
