@@ -237,6 +237,16 @@ class AdamBucket:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
         return not self.slots or (self.adam.on_gpu and fused(*(g for g in self.fetched if g is not None)))
 
+    def baked(self, group: dict) -> list[Optional[torch.Tensor]]:
+        """The fetched gradients whose addresses a captured step bakes in (none: the kernels read them
+        through pointer tables); a missing one (None) bakes a zero buffer in."""
+        return [g for g in self.fetched if g is None]
+
+    def point_at_grads(self) -> None:
+        """Before a replay: the kernels' pointer tables at this step's gradients."""
+        if self.adam.on_gpu:
+            self.adam.g_ptrs(self.fetched)
+
     def prepare(self, group: dict) -> None:
         """The gradients as the kernels read them (a missing one counts as zero)."""
         self._grads = [g if g is not None else torch.zeros_like(s.data) for s, g in zip(self.slots, self.fetched)]
@@ -245,7 +255,7 @@ class AdamBucket:
         """1.0 (a 0-dim tensor) if a gradient ``begin`` fetched holds inf/NaN, else 0.0 (one extra read)."""
         if not self._grads:
             return torch.zeros((), device=self.scalars.tensor.device)
-        return (~torch.isfinite(torch.stack(torch._foreach_norm(self._grads)).sum())).float()
+        return (~torch.isfinite(self.adam.sum_sq(self._grads))).float()
 
     def discard(self) -> None:
         """Drop the gradients ``begin`` fetched, after the step or instead of it (no reference to them
@@ -384,6 +394,20 @@ class LowRankBucket:
         if self.unaligned or not self.update.on_gpu or not fused(self.T_R, self.exp_avg, self.exp_avg_sq):
             return False
         return fused(*(self.fetched[i] for i in self.aligned if self.fetched[i] is not None))
+
+    def baked(self, group: dict) -> list[Optional[torch.Tensor]]:
+        """The fetched gradients whose addresses a captured step bakes in: those cuBLAS reads (exact rank > 1),
+        and missing ones (None: a zero buffer); the kernels read the others through pointer tables."""
+        if self.project.reads_grads_directly(group.get("projection_tf32", False)):
+            return self.fetched
+        return [g for g in self.fetched if g is None]
+
+    def point_at_grads(self) -> None:
+        """Before a replay: the kernels' pointer tables at this step's gradients (a flat gradient and its rows
+        view share their address)."""
+        self.project.g_ptrs([self.fetched[i] for i in self.active])
+        if self.update.on_gpu:
+            self.update.g_ptrs([self.fetched[i] for i in self.aligned])
 
     def prepare(self, group: dict) -> None:
         """Step 1 (no communication): partial R and ||G_c||^2 of the touched channels."""

@@ -28,9 +28,6 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-# Exact (not TF32) rank > 1 projections: "tf32x3" (one launch, tensor cores, three TF32 products per fp32
-# product: fp32-level error) or "cublas" (SGEMM per weight, the norms in one launch).
-EXACT_PROJECTION = os.environ.get("APOLLO_EXACT_PROJECTION", "tf32x3")
 BLOCK = 2048  # elements per program of the elementwise kernels
 
 
@@ -59,17 +56,23 @@ def _blocks(sizes: Sequence[int], block: int, device: torch.device) -> tuple[tor
 
 
 class _Pointers:
-    """The data pointers of a list of tensors, on the device; uploaded again only when one moves."""
+    """The data pointers of a list of tensors, on the device; uploaded again only when one moves, into the
+    same table (a captured step reads the table, so new gradient addresses need no new capture)."""
 
     def __init__(self, device: torch.device):
         self.device, self.key, self.table = device, None, None
 
     def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         key = [t.data_ptr() for t in tensors]
-        if key != self.key:  # grads usually come back at the same addresses
+        if key != self.key:
             self.key = key
             host = torch.tensor(key, dtype=torch.int64)
-            self.table = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+            if self.table is None or len(self.table) != len(key):
+                self.table = torch.empty(len(key), dtype=torch.int64, device=self.device)
+            if self.device.type == "cuda":  # stream-ordered: after the launches that read the old table
+                self.table.copy_(host.pin_memory(), non_blocking=True)
+            else:
+                self.table.copy_(host)
         return self.table
 
 
@@ -159,7 +162,6 @@ if triton is not None:
         INTERPRETED: tl.constexpr,
         K_MAX: tl.constexpr,
         WITH_R: tl.constexpr = True,  # False: only ||G_c||^2 (R comes from cuBLAS)
-        PRECISION: tl.constexpr = "tf32",  # r > 1: "tf32", or "tf32x3" (three TF32 products: fp32 accuracy)
     ):
         job = tl.program_id(0)
         i = tl.load(job_slot + job)
@@ -184,7 +186,7 @@ if triton is not None:
                     if R_PAD == 1:
                         acc += tl.sum(gt * tl.reshape(pt, (1, BLOCK_K)), axis=1)[:, None]
                     else:
-                        acc = tl.dot(gt, pt, acc, input_precision=PRECISION)
+                        acc = tl.dot(gt, pt, acc, input_precision="tf32")
                 sq += tl.sum(gt * gt, axis=1)
         else:  # channels = columns of G; P holds this slot's rows, rows x r
             n_ch = n
@@ -198,7 +200,7 @@ if triton is not None:
                     if R_PAD == 1:
                         acc += tl.sum(gt * pt, axis=0)[:, None]
                     else:
-                        acc = tl.dot(tl.trans(gt), pt, acc, input_precision=PRECISION)
+                        acc = tl.dot(tl.trans(gt), pt, acc, input_precision="tf32")
                 sq += tl.sum(gt * gt, axis=0)
         out = tl.load(out_t + i) + c
         if WITH_R:
@@ -251,9 +253,9 @@ class MultiProjection:
                     k = rows if tall else n
                     project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
             return
-        if self.r_pad > 1 and not tf32 and EXACT_PROJECTION == "cublas":
-            # Exact fp32 products with r > 1 on cuBLAS (Triton's fp32 FMA dot is 2x slower than SGEMM);
-            # the channel norms of all weights are one launch.
+        if self.r_pad > 1 and not tf32:
+            # Exact fp32 products with r > 1 on cuBLAS: Triton's fp32 FMA dot is 2x slower than SGEMM, and its
+            # 3xTF32 dot ("tf32x3") 3x slower (H200, LLaMA-1b: 42.6 ms against ~14 ms). The norms: one launch.
             with _matmul_precision(False):
                 for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
                     k = rows if tall else n
@@ -290,7 +292,6 @@ class MultiProjection:
             INTERPRETED=INTERPRET,
             K_MAX=self.k_max if INTERPRET else 0,
             WITH_R=with_r,
-            PRECISION=precision,
             num_warps=8 if r_pad >= 128 or r_pad == 1 else 4,
             num_stages=3,
         )
@@ -491,6 +492,19 @@ if triton is not None:
             tl.store(p_ptr + offs, p, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _multi_sum_sq_kernel(g_ptrs, numels, blk_param, blk_start, out, BLOCK: tl.constexpr):
+        b = tl.program_id(0)
+        i = tl.load(blk_param + b)
+        offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
+        g = tl.load(
+            tl.load(g_ptrs + i).to(tl.pointer_type(tl.float32)) + offs, mask=offs < tl.load(numels + i), other=0.0
+        )
+        tl.store(out + b, tl.sum(g * g, axis=0))
+
+
 class MultiAdam:
     """The reference's Adam (eps outside the sqrt, decay after the update) on a fixed list of 1-D fp32
     params whose moments are slices [off, off + numel) of two flat buffers."""
@@ -510,6 +524,16 @@ class MultiAdam:
         self.numels = _i64(sizes, dev)
         self.blk_param, self.blk_start = _blocks(sizes, BLOCK, dev)
         self.g_ptrs = _Pointers(dev)
+        self.block_sums = torch.empty(len(self.blk_param), device=dev)
+
+    def sum_sq(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """sum over all grads of g^2 (0-dim; inf/NaN if any element is), one read of the gradients."""
+        if not (self.on_gpu and fused(*grads)):
+            return torch.stack(torch._foreach_norm(grads)).square().sum() if grads else torch.zeros(())
+        _multi_sum_sq_kernel[(len(self.blk_param),)](
+            self.g_ptrs(grads), self.numels, self.blk_param, self.blk_start, self.block_sums, BLOCK=BLOCK
+        )
+        return self.block_sums.sum()
 
     def __call__(
         self,

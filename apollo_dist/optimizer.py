@@ -316,7 +316,8 @@ class APOLLO(torch.optim.Optimizer):
         try:
             if (gated or not check) and all_fused and self._graphable(buckets):
                 key = self._graph_key(buckets, hparams, gated)
-                if self._graph.run(key, lambda: self._device_step(buckets, hparams, check, gated)):
+                body = lambda: self._device_step(buckets, hparams, check, gated)
+                if self._graph.run(key, body, lambda: [b.point_at_grads() for b in buckets]):
                     return self._taken(buckets, gated)
             bad = self._device_step(buckets, hparams, check, gated)
             if check and not gated and bad.item() > 0:  # one host sync: the decision gates every write below
@@ -410,14 +411,15 @@ class APOLLO(torch.optim.Optimizer):
 
     @staticmethod
     def _graph_key(buckets: list, hparams: list[dict], gated: bool) -> tuple:
-        """What a captured step bakes in: the buckets, the addresses of the gradients (the other tensors it
-        reads never move: projections are redrawn in place), the hyperparameters read as constants (all but lr
-        and weight decay, which reach the kernels through `StepScalars`), and the skip mode."""
+        """What a captured step bakes in: the buckets, the addresses of the gradients it reads directly (the
+        kernels read the others through pointer tables, rewritten before each replay; the other tensors never
+        move: projections are redrawn in place), the hyperparameters read as constants (all but lr and weight
+        decay, which reach the kernels through `StepScalars`), and the skip mode."""
         baked = tuple(
             repr(sorted((k, v) for k, v in hp.items() if k not in ("params", "lr", "weight_decay", "param_names")))
             for hp in hparams
         )
-        ptrs = tuple(0 if g is None else g.data_ptr() for b in buckets for g in b.fetched)
+        ptrs = tuple(0 if g is None else g.data_ptr() for b, hp in zip(buckets, hparams) for g in b.baked(hp))
         return (tuple(id(b) for b in buckets), ptrs, baked, gated)
 
     # -- state dicts --------------------------------------------------------------------------

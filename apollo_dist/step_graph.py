@@ -7,12 +7,14 @@ are between steps: gradients (the caching allocator gives them back at the same 
 (redrawn in place), moments, and `StepScalars` (this step's lr, bias correction and decay, written before
 each replay). So it is captured once and replayed.
 
-A graph is only valid while what it reads has not moved: it is keyed by the addresses of the gradients and
-by the hyperparameters baked into it (everything but lr and weight decay). A key seen for the first time
-runs eagerly; seen again, it is captured (the eager call compiled the kernels and uploaded its pointer
-tables, so the capture records launches only). Gradients freed by ``zero_grad`` come back at one of a few
-address sets (the allocator's blocks alternate with the activations'), so up to ``MAX_GRAPHS`` graphs are
-kept; after ``MAX_CAPTURES`` captures the step stays eager (gradients that move every step gain nothing).
+Gradients freed by ``zero_grad(set_to_none=True)`` come back at other addresses from step to step (the
+allocator hands out whichever free block fits), so the fused kernels read them through pointer tables in
+device memory, which are rewritten in place before each replay (``before_replay``); only what a graph bakes
+in keys it: the hyperparameters read as constants (everything but lr and weight decay), and the few
+gradients read directly (cuBLAS's exact rank > 1 projection). A key seen for the first time runs eagerly;
+seen again, it is captured (the eager call compiled the kernels and filled the tables, so the capture
+records launches only). Up to ``MAX_GRAPHS`` graphs are kept; after ``MAX_CAPTURES`` captures the step
+stays eager (directly read gradients that move every step gain nothing from a graph).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ class StepGraph:
         self.replays = 0
         self.disabled = False
 
-    def run(self, key: Hashable, body: Callable[[], None]) -> bool:
-        """Run the step for ``key`` as a graph: replay the captured one, or capture ``body`` and replay it.
-        Returns False when the caller must run ``body`` eagerly (nothing ran then)."""
+    def run(self, key: Hashable, body: Callable[[], None], before_replay: Callable[[], None]) -> bool:
+        """Run the step for ``key`` as a graph: replay the captured one (after ``before_replay``), or capture
+        ``body`` and replay it. Returns False when the caller must run ``body`` eagerly (nothing ran then)."""
         if self.disabled:
             return False
         graph = self.graphs.get(key)
@@ -55,6 +57,7 @@ class StepGraph:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))  # the oldest
             self.graphs[key] = graph
+        before_replay()
         graph.replay()
         self.replays += 1
         return True

@@ -86,11 +86,13 @@ def test_fused_projection_matches_cublas(rank, tf32, bound):
         assert float((a - b).abs().max() / b.abs().max()) < bound
 
 
-def _train_graph(preset: str, cuda_graph: bool, nonfinite: str = "skip", steps: int = 30):
+def _train_graph(preset: str, cuda_graph: bool, nonfinite: str, tf32: bool, set_to_none: bool, steps: int = 30):
     """30 steps on CUDA with an lr that changes every step, projections redrawn every 7 steps, a NaN
-    gradient at step 10 and gradients freed by zero_grad (they come back at the same addresses)."""
+    gradient at step 10 ("skip"), gradients freed by zero_grad or kept."""
     model = oracle.make_model().cuda()
-    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, cuda_graph=cuda_graph, nonfinite=nonfinite)
+    opt = APOLLO(
+        oracle.groups(model, preset), **oracle.HPARAMS, cuda_graph=cuda_graph, nonfinite=nonfinite, projection_tf32=tf32
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
     for t in range(steps):
         x, y = (v.cuda() for v in oracle.batch(t))
@@ -99,18 +101,22 @@ def _train_graph(preset: str, cuda_graph: bool, nonfinite: str = "skip", steps: 
             model.embed.weight.grad[0, 0] = float("nan")
         opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)
     return model, opt
 
 
-@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+# Exact rank > 1 (cuBLAS reads the gradients directly): replayed while they stay put (set_to_none=False);
+# the fused kernels read them through pointer tables: replayed whatever zero_grad does.
+@pytest.mark.parametrize(
+    "preset, tf32, set_to_none", [("apollo-mini", False, True), ("apollo", True, True), ("apollo", False, False)]
+)
 @pytest.mark.parametrize("nonfinite", ["skip", "ignore"])
-def test_captured_step_equals_eager_step(preset, nonfinite):
+def test_captured_step_equals_eager_step(preset, tf32, set_to_none, nonfinite):
     """The step replayed as a CUDA graph gives bitwise the numbers of the eager step (lr schedule, projection
     refresh, a skipped non-finite step), and it was replayed, not re-captured every step."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    graph_model, graph_opt = _train_graph(preset, True, nonfinite)
-    eager_model, eager_opt = _train_graph(preset, False, nonfinite)
+    graph_model, graph_opt = _train_graph(preset, True, nonfinite, tf32, set_to_none)
+    eager_model, eager_opt = _train_graph(preset, False, nonfinite, tf32, set_to_none)
     graph = graph_opt._graph
     assert graph.replays >= 20 and graph.captures <= StepGraph.MAX_GRAPHS and not graph.disabled, vars(graph)
     for a, b in zip(graph_model.parameters(), eager_model.parameters()):
