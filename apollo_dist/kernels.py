@@ -379,7 +379,19 @@ if triton is not None:
 
     @triton.jit
     def _multi_update_kernel(
-        p_ptrs, g_ptrs, c_offs, numels, ns, per_row, blk_param, blk_start, coef, scalars, skip, BLOCK: tl.constexpr
+        p_ptrs,
+        g_ptrs,
+        c_offs,
+        numels,
+        ns,
+        per_row,
+        blk_param,
+        blk_start,
+        coef,
+        scalars,
+        skip,
+        BLOCK: tl.constexpr,
+        I32: tl.constexpr,  # every block < 2^31 elements: the row index by an int32 division (int64's is slow)
     ):
         b = tl.program_id(0)
         decay = tl.load(scalars + 1)  # StepScalars: (step_size, decay)
@@ -391,7 +403,12 @@ if triton is not None:
         g_ptr = tl.load(g_ptrs + i).to(tl.pointer_type(tl.float32))
         offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < numel
-        idx = tl.where(row != 0, offs // n, offs % n)
+        if I32:
+            o, nn = offs.to(tl.int32), n.to(tl.int32)
+        else:
+            o, nn = offs, n
+        q = o // nn  # the row; its column is o - q * n (one division)
+        idx = tl.where(row != 0, q, o - q * nn)
         c = tl.load(coef + tl.load(c_offs + i) + idx, mask=mask)
         p = tl.load(p_ptr + offs, mask=mask)
         g = tl.load(g_ptr + offs, mask=mask)
@@ -418,6 +435,7 @@ class MultiUpdate:
         self.ns = _i64([p.shape[1] for p in params], dev)
         self.rows = _i64([int(r) for r in per_row], dev)
         self.blk_param, self.blk_start = _blocks([p.numel() for p in params], BLOCK, dev)
+        self.i32 = max(p.numel() for p in params) + BLOCK < 2**31
         self.g_ptrs = _Pointers(dev)
 
     def __call__(
@@ -445,6 +463,7 @@ class MultiUpdate:
             scalars.tensor,
             _flag(skip, coef.device),
             BLOCK=BLOCK,
+            I32=self.i32,
         )
 
 
