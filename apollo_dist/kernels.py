@@ -265,14 +265,14 @@ class MultiProjection:
                         torch.matmul(G.t(), P, out=T_R[out : out + k])
             self._launch(grads, None, T_R, T_g, self.norm_jobs, self.NORM_BLOCK_C, r_pad=1, with_r=False)
             return
-        precision = "tf32" if tf32 else "tf32x3"
-        self._launch(
-            grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True, precision=precision
-        )
+        self._launch(grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True)
 
-    def _launch(
-        self, grads, projs, T_R, T_g, jobs, block_c: int, r_pad: int, with_r: bool, precision: str = "tf32"
-    ) -> None:
+    def reads_grads_directly(self, tf32: bool) -> bool:
+        """Whether a step bakes the gradients' addresses in (cuBLAS per weight) rather than reading them
+        through the pointer table."""
+        return bool(self.slots) and self.r_pad > 1 and not tf32
+
+    def _launch(self, grads, projs, T_R, T_g, jobs, block_c: int, r_pad: int, with_r: bool) -> None:
         job_slot, job_c0 = jobs
         _project_kernel[(len(job_slot),)](
             self.g_ptrs(grads),
