@@ -65,6 +65,9 @@ class _Pointers:
     def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         key = [t.data_ptr() for t in tensors]
         if key != self.key:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a copy captured into a graph would rewrite the table with these addresses at every replay
+                raise RuntimeError("a pointer table changed while a CUDA graph was being captured")
             self.key = key
             host = torch.tensor(key, dtype=torch.int64)
             if self.table is None or len(self.table) != len(key):

@@ -51,6 +51,7 @@ class StepGraph:
             if self.captures >= self.MAX_CAPTURES:
                 self.disabled, self.graphs = True, {}
                 return False
+            before_replay()  # the tables must hold this step's addresses before capture: no copy is captured
             graph = self._capture(body)
             if graph is None:
                 return False
