@@ -242,6 +242,10 @@ class AdamBucket:
         through pointer tables); a missing one (None) bakes a zero buffer in."""
         return [g for g in self.fetched if g is None]
 
+    def complete(self) -> bool:
+        """Whether every slot has a gradient this step (a captured step needs real addresses)."""
+        return all(g is not None for g in self.fetched)
+
     def point_at_grads(self) -> None:
         """Before a replay: the kernels' pointer tables at this step's gradients."""
         if self.adam.on_gpu:
@@ -401,6 +405,10 @@ class LowRankBucket:
         if self.project.reads_grads_directly(group.get("projection_tf32", False)):
             return self.fetched
         return [g for g in self.fetched if g is None]
+
+    def complete(self) -> bool:
+        """Whether every slot holding rows has a gradient this step (a captured step needs real addresses)."""
+        return all(self.fetched[i] is not None for i in self.active)
 
     def point_at_grads(self) -> None:
         """Before a replay: the kernels' pointer tables at this step's gradients (a flat gradient and its rows

@@ -401,12 +401,14 @@ class APOLLO(torch.optim.Optimizer):
         return self._skipped
 
     def _graphable(self, buckets: list) -> bool:
-        """A CUDA graph may capture the step: one GPU, no collective, every bucket stepped in this call."""
+        """A CUDA graph may capture the step: one GPU, no collective, every bucket stepped in this call, every
+        gradient present."""
         return (
             self._graph is not None
             and self._device.type == "cuda"
             and self._comm.world == 1
             and len(buckets) == len(self._buckets)
+            and all(b.complete() for b in buckets)
         )
 
     @staticmethod
