@@ -15,7 +15,7 @@ What it does (DESIGN.md §3, §6):
      ``"optimizer"`` block of type "APOLLO" or "APOLLO-Mini" and builds the optimizer from its params
      (the paper's preset, overridden by any of ``rank scale_type scale update_proj_gap proj
      proj_type``; plus ``lr betas eps weight_decay correct_bias scale_front disable_nl
-     projection_tf32 target_modules``), sets ``zero_allow_untested_optimizer`` and hands DeepSpeed the optimizer as a
+     projection_tf32 cuda_graph target_modules``), sets ``zero_allow_untested_optimizer`` and hands DeepSpeed the optimizer as a
      client optimizer;
   2. checks the config for DeepSpeed features APOLLO does not support (clear error up front), keeps
      ZeRO-3 at one sub-group per param group (fewer, larger buckets), calls ``deepspeed.initialize``
@@ -73,7 +73,17 @@ APOLLO_TYPES = {
     "apollo_mini": "apollo-mini",
     "apollomini": "apollo-mini",
 }
-OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias", "scale_front", "disable_nl", "projection_tf32")
+OPTIMIZER_KEYS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "correct_bias",
+    "scale_front",
+    "disable_nl",
+    "projection_tf32",
+    "cuda_graph",
+)
 PARAM_KEYS = OPTIMIZER_KEYS + LOW_RANK_KEYS + ("target_modules",)
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 

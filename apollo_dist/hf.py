@@ -44,7 +44,7 @@ HF_DEFAULTS = {
     "scale": 1.0,
     "proj_type": "std",
 }
-EXTRA_KEYS = ("projection_tf32", "nonfinite")
+EXTRA_KEYS = ("projection_tf32", "nonfinite", "cuda_graph")
 OPTIM_NAMES = ("apollo_adamw", "adamw_torch", "adamw_torch_fused")  # what optim= may say (the defaults are AdamW's)
 
 
@@ -63,7 +63,7 @@ def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
             out[key] = float(value)
         elif key in ("proj", "proj_type", "scale_type", "nonfinite"):
             out[key] = value
-        elif key == "projection_tf32":
+        elif key in ("projection_tf32", "cuda_graph"):
             out[key] = value.lower() in ("1", "true", "yes")
         else:
             raise ValueError(
