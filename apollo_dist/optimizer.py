@@ -84,9 +84,9 @@ class APOLLO(torch.optim.Optimizer):
     matmuls in TF32 on GPUs: faster, and R changes by ~1e-3 relative. ``nonfinite``: what a step
     does when any rank's gradient holds inf/NaN: "skip" (default: no weight, moment or step count
     changes on any rank; counted in ``skipped_steps``), "raise" (FloatingPointError on every rank)
-    or "ignore" (no check). On CUDA, "skip" and "ignore" take no host sync: the skip decision is a flag on
-    the device that gates every write, and the host reads it at the next ``step`` (or ``state_dict``,
-    ``steps_taken``, ``skipped_steps``). ``cuda_graph`` (default True): on one GPU (no collectives in the
+    or "ignore" (no check). "skip" takes no host sync where the step's writes run in the fused GPU kernels:
+    the decision is a flag on the device that gates every write, and the host reads it at the next ``step``
+    (or ``state_dict``, ``steps_taken``, ``skipped_steps``). ``cuda_graph`` (default True): on one GPU (no collectives in the
     step) the step is captured as a CUDA graph and replayed while the gradients stay at the same addresses
     (apollo_dist.step_graph); same numbers, a host cost that does not grow with the number of weights.
     ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
@@ -304,14 +304,16 @@ class APOLLO(torch.optim.Optimizer):
         return loss
 
     def _step_buckets(self, buckets: list) -> bool:
-        """Step ``buckets``; all ranks take one decision on non-finite gradients. Returns False if it is
-        known now that the step was skipped (a step gated on the device is settled at the next call)."""
+        """Step ``buckets``; all ranks take one decision on non-finite gradients ("skip": settled at the next
+        call, see `_settle`). Returns True."""
         hparams = [self._hparams(b.group_index) for b in buckets]
         for b, hp in zip(buckets, hparams):
             b.begin(hp)
-        # Gated on the device (no host sync) when every write runs in a fused kernel; else decided on the host.
+        # "skip": every write is gated by the device flag (the fused kernels read it on the device, the eager
+        # paths read it on the host), so every rank runs the same collectives whatever its slots; "raise":
+        # decided on the host before anything is written.
         all_fused = all(b.fused() for b in buckets)
-        gated = self.nonfinite == "skip" and all_fused
+        gated = self.nonfinite == "skip"
         check = self.nonfinite != "ignore"
         try:
             if (gated or not check) and all_fused and self._graphable(buckets):
@@ -320,15 +322,12 @@ class APOLLO(torch.optim.Optimizer):
                 if self._graph.run(key, body, lambda: [b.point_at_grads() for b in buckets]):
                     return self._taken(buckets, gated)
             bad = self._device_step(buckets, hparams, check, gated)
-            if check and not gated and bad.item() > 0:  # one host sync: the decision gates every write below
-                if self.nonfinite == "raise":
+            if check and not gated:  # "raise": one host sync before any write
+                if bad.item() > 0:
                     raise FloatingPointError(
                         f"APOLLO: non-finite gradient on {int(bad.item())} rank-bucket(s) at step "
                         f"{self._step_number(buckets)}; nothing was updated (nonfinite='skip' skips such steps instead)"
                     )
-                self._skipped += 1
-                return False
-            if check and not gated:
                 for b, hp in zip(buckets, hparams):
                     b.finish(hp)
             return self._taken(buckets, gated)
@@ -339,8 +338,8 @@ class APOLLO(torch.optim.Optimizer):
     def _device_step(self, buckets: list, hparams: list[dict], check: bool, gated: bool) -> torch.Tensor:
         """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph
         may capture it). Returns the number of rank-buckets with a non-finite gradient (0-dim; all ranks
-        agree), into ``self._bad``. ``gated``: ``finish`` runs and skips every write on the device when it is
-        > 0; else ``finish`` runs only when ``check`` is off (the host decides and calls it otherwise)."""
+        agree), into ``self._bad``. ``gated`` ("skip"): ``finish`` runs and writes nothing when it is > 0; else
+        ``finish`` runs only when ``check`` is off ("raise": the host decides and calls it)."""
         for b, hp in zip(buckets, hparams):
             b.prepare(hp)
         bad = self._bad_buffer()
