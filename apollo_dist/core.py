@@ -237,10 +237,10 @@ class AdamBucket:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
         return not self.slots or (self.adam.on_gpu and fused(*(g for g in self.fetched if g is not None)))
 
-    def baked(self, group: dict) -> list[Optional[torch.Tensor]]:
-        """The fetched gradients whose addresses a captured step bakes in (none: the kernels read them
-        through pointer tables); a missing one (None) bakes a zero buffer in."""
-        return [g for g in self.fetched if g is None]
+    def direct_grads(self, group: dict) -> list[torch.Tensor]:
+        """The gradients a captured step reads at fixed addresses: none (the kernels read them through
+        their pointer table)."""
+        return []
 
     def complete(self) -> bool:
         """Whether every slot has a gradient this step (a captured step needs real addresses)."""
@@ -399,12 +399,12 @@ class LowRankBucket:
             return False
         return fused(*(self.fetched[i] for i in self.aligned if self.fetched[i] is not None))
 
-    def baked(self, group: dict) -> list[Optional[torch.Tensor]]:
-        """The fetched gradients whose addresses a captured step bakes in: those cuBLAS reads (exact rank > 1),
-        and missing ones (None: a zero buffer); the kernels read the others through pointer tables."""
+    def direct_grads(self, group: dict) -> list[torch.Tensor]:
+        """The gradients a captured step reads at fixed addresses: those cuBLAS multiplies (exact rank > 1);
+        the kernels read them through pointer tables otherwise."""
         if self.project.reads_grads_directly(group.get("projection_tf32", False)):
-            return self.fetched
-        return [g for g in self.fetched if g is None]
+            return [self.fetched[i] for i in self.active]
+        return []
 
     def complete(self) -> bool:
         """Whether every slot holding rows has a gradient this step (a captured step needs real addresses)."""

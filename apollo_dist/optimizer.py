@@ -87,7 +87,7 @@ class APOLLO(torch.optim.Optimizer):
     or "ignore" (no check). "skip" takes no host sync where the step's writes run in the fused GPU kernels:
     the decision is a flag on the device that gates every write, and the host reads it at the next ``step``
     (or ``state_dict``, ``steps_taken``, ``skipped_steps``). ``cuda_graph`` (default True): on one GPU (no collectives in the
-    step) the step is captured as a CUDA graph and replayed while the gradients stay at the same addresses
+    step), with every write in the fused kernels, the step is captured as a CUDA graph and replayed
     (apollo_dist.step_graph); same numbers, a host cost that does not grow with the number of weights.
     ``lr`` is per step, ``eps`` is added to sqrt(exp_avg_sq), ``weight_decay`` is
     decoupled and applied after the update.
@@ -141,7 +141,9 @@ class APOLLO(torch.optim.Optimizer):
         self.nonfinite = _nonfinite_policy(nonfinite, layerwise)
         self._layerwise = LayerwiseUpdates(self) if layerwise else None  # updates run in backward; step() only checks
         self._skipped = 0  # steps skipped for non-finite gradients (nonfinite="skip")
-        self._pending: Optional[tuple[list, torch.Tensor, Optional[torch.cuda.Event]]] = None  # an unread skip flag
+        self._pending: Optional[tuple[list, Optional[torch.cuda.Event]]] = None  # a step whose skip flag is unread
+        self._bad: Optional[torch.Tensor] = None  # the step's non-finite count (device) and its host copy
+        self._bad_host: Optional[torch.Tensor] = None
         self._graph = StepGraph() if cuda_graph else None
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
         # while stepping, but keep the dicts) and the params as received, by position, held weakly.
@@ -303,24 +305,24 @@ class APOLLO(torch.optim.Optimizer):
         self._step_buckets(self._active_buckets())
         return loss
 
-    def _step_buckets(self, buckets: list) -> bool:
+    def _step_buckets(self, buckets: list) -> None:
         """Step ``buckets``; all ranks take one decision on non-finite gradients ("skip": settled at the next
-        call, see `_settle`). Returns True."""
+        call, see `_settle`)."""
         hparams = [self._hparams(b.group_index) for b in buckets]
         for b, hp in zip(buckets, hparams):
             b.begin(hp)
         # "skip": every write is gated by the device flag (the fused kernels read it on the device, the eager
         # paths read it on the host), so every rank runs the same collectives whatever its slots; "raise":
         # decided on the host before anything is written.
-        all_fused = all(b.fused() for b in buckets)
         gated = self.nonfinite == "skip"
         check = self.nonfinite != "ignore"
         try:
-            if (gated or not check) and all_fused and self._graphable(buckets):
+            if self.nonfinite != "raise" and self._graphable(buckets):
                 key = self._graph_key(buckets, hparams, gated)
                 body = lambda: self._device_step(buckets, hparams, check, gated)
                 if self._graph.run(key, body, lambda: [b.point_at_grads() for b in buckets]):
-                    return self._taken(buckets, gated)
+                    self._taken(buckets, gated)  # replayed
+                    return
             bad = self._device_step(buckets, hparams, check, gated)
             if check and not gated:  # "raise": one host sync before any write
                 if bad.item() > 0:
@@ -330,7 +332,7 @@ class APOLLO(torch.optim.Optimizer):
                     )
                 for b, hp in zip(buckets, hparams):
                     b.finish(hp)
-            return self._taken(buckets, gated)
+            self._taken(buckets, gated)
         finally:
             for b in buckets:
                 b.discard()
@@ -356,35 +358,34 @@ class APOLLO(torch.optim.Optimizer):
 
     def _bad_buffer(self) -> torch.Tensor:
         """The step's non-finite count, one persistent 0-dim tensor (a captured step writes it in place)."""
-        if getattr(self, "_bad", None) is None or self._bad.device != self._device:
+        if self._bad is None or self._bad.device != self._device:
             self._bad = torch.zeros((), device=self._device)
             self._bad_host = torch.zeros((), pin_memory=self._device.type == "cuda")
         return self._bad
 
-    def _taken(self, buckets: list, gated: bool) -> bool:
-        """After a device-gated step: count it taken now, and read its flag at the next call (`_settle`)."""
+    def _taken(self, buckets: list, gated: bool) -> None:
+        """Count the step taken now; after a device-gated one, read its flag at the next call (`_settle`)."""
         for b in buckets:
             b.step_count += 1
         if gated:
+            event = None
             if self._device.type == "cuda":
                 self._bad_host.copy_(self._bad, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
             else:
                 self._bad_host.copy_(self._bad)
-                event = None
-            self._pending = (buckets, self._bad_host, event)
-        return True
+            self._pending = (buckets, event)
 
     def _settle(self) -> None:
         """Read the skip flag of the last device-gated step (waits for it): if it was skipped, undo its count."""
         if self._pending is None:
             return
-        buckets, flag, event = self._pending
+        buckets, event = self._pending
         self._pending = None
         if event is not None:
             event.synchronize()
-        if flag.item() > 0:
+        if self._bad_host.item() > 0:
             for b in buckets:
                 b.step_count -= 1
             self._skipped += 1
@@ -401,13 +402,13 @@ class APOLLO(torch.optim.Optimizer):
 
     def _graphable(self, buckets: list) -> bool:
         """A CUDA graph may capture the step: one GPU, no collective, every bucket stepped in this call, every
-        gradient present."""
+        write in a fused kernel, every gradient present."""
         return (
             self._graph is not None
             and self._device.type == "cuda"
             and self._comm.world == 1
             and len(buckets) == len(self._buckets)
-            and all(b.complete() for b in buckets)
+            and all(b.fused() and b.complete() for b in buckets)
         )
 
     @staticmethod
@@ -420,7 +421,7 @@ class APOLLO(torch.optim.Optimizer):
             repr(sorted((k, v) for k, v in hp.items() if k not in ("params", "lr", "weight_decay", "param_names")))
             for hp in hparams
         )
-        ptrs = tuple(0 if g is None else g.data_ptr() for b, hp in zip(buckets, hparams) for g in b.baked(hp))
+        ptrs = tuple(g.data_ptr() for b, hp in zip(buckets, hparams) for g in b.direct_grads(hp))
         return (tuple(id(b) for b in buckets), ptrs, baked, gated)
 
     # -- state dicts --------------------------------------------------------------------------

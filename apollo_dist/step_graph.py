@@ -2,10 +2,9 @@
 
 On small models the step is bound by the host (BENCHMARKS.md §8: a few hundred launches and Python per
 weight, each microseconds, against kernels of microseconds). The device part of a step (projection,
-non-finite check, Adam on R, scaling, limiter, update, plain Adam) reads only tensors that stay where they
-are between steps: gradients (the caching allocator gives them back at the same addresses), projections
-(redrawn in place), moments, and `StepScalars` (this step's lr, bias correction and decay, written before
-each replay). So it is captured once and replayed.
+non-finite check, Adam on R, scaling, limiter, update, plain Adam) reads tensors that stay where they are
+between steps (projections, redrawn in place; moments; `StepScalars`, this step's lr, bias correction and
+decay, written before each replay), and the gradients. So it is captured once and replayed.
 
 Gradients freed by ``zero_grad(set_to_none=True)`` come back at other addresses from step to step (the
 allocator hands out whichever free block fits), so the fused kernels read them through pointer tables in
@@ -33,7 +32,7 @@ class StepGraph:
 
     def __init__(self) -> None:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
-        self.seen: set[Hashable] = set()  # keys run eagerly once
+        self.seen: dict[Hashable, None] = {}  # the last few keys run eagerly once (insertion-ordered)
         self.captures = 0
         self.replays = 0
         self.disabled = False
@@ -46,7 +45,9 @@ class StepGraph:
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self.seen:  # a new key runs eagerly once first
-                self.seen = set(list(self.seen)[-self.MAX_GRAPHS :]) | {key}
+                self.seen[key] = None
+                if len(self.seen) > self.MAX_GRAPHS:
+                    self.seen.pop(next(iter(self.seen)))  # the oldest
                 return False
             if self.captures >= self.MAX_CAPTURES:
                 self.disabled, self.graphs = True, {}
@@ -77,4 +78,4 @@ class StepGraph:
 
     def reset(self) -> None:
         """Forget the captured steps (what they read was replaced)."""
-        self.graphs, self.seen = {}, set()
+        self.graphs, self.seen = {}, {}
