@@ -9,14 +9,31 @@ It works with no engine, DDP, DeepSpeed ZeRO-1/2/3 (``TrainingArguments(deepspee
 (``fsdp_config={"fsdp_version": 2}``): the Trainer hands the optimizer to accelerate / DeepSpeed, and
 APOLLO binds to whatever they leave in its param groups (apollo_dist.binding).
 
-The optimizer is built by `build_optimizer` from TrainingArguments, as transformers' own
-``optim="apollo_adamw"`` reads them — ``optim_target_modules`` (list, regex or "all-linear"; the
-weights of ``nn.Linear`` modules), ``optim_args`` ("rank=..,proj=..,proj_type=..,scale_type=..,scale=..,
-update_proj_gap=..", transformers' defaults: rank 128, channel, scale 1, gap 200) — so a run that used
-transformers' single-GPU APOLLO gets the same param positions, hence the same projections. Also read:
-``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` (transformers' APOLLO ignores
-the last; here it applies to the low-rank weights and to the other params except biases and norms, as
-the Trainer's AdamW does).
+The optimizer is built by `build_optimizer` from TrainingArguments: ``optim_target_modules`` (list,
+regex or "all-linear"; the weights of ``nn.Linear`` modules) and ``optim_args`` ("rank=..,proj=..,
+proj_type=..,scale_type=..,scale=..,update_proj_gap=..", transformers' defaults: rank 128, channel,
+scale 1, gap 200) are read as transformers' own ``optim="apollo_adamw"`` reads them, so the param
+positions, hence the projections, are those of a run with transformers' single-GPU APOLLO.
+``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and ``weight_decay`` are NOT read the same way by
+default. transformers (``trainer_optimizer._get_apollo_optimizer``) passes only ``lr`` to
+``APOLLOAdamW(...)`` and puts ``betas`` / ``eps`` in the low-rank group alone, so with ``apollo_adamw``:
+
+==========================  ==========================================  =========================================
+                            transformers' ``apollo_adamw``              APOLLOTrainer (default)
+==========================  ==========================================  =========================================
+low-rank weights            adam_beta1/2, adam_epsilon, no decay        adam_beta1/2, adam_epsilon, weight_decay
+other params                (0.9, 0.999), eps 1e-6, no decay            adam_beta1/2, adam_epsilon, weight_decay
+                            (APOLLOAdamW's constructor defaults)        (none on biases and norms: the Trainer's
+                                                                        ``get_decay_parameter_names``)
+==========================  ==========================================  =========================================
+
+With TrainingArguments' defaults (betas (0.9, 0.999), adam_epsilon 1e-8, weight_decay 0) the only
+difference is eps on the other params: 1e-8 here, 1e-6 there. The default honours every argument the
+user set (transformers drops ``weight_decay`` and the betas / eps of the other params without a word).
+``optim_args="...,match_transformers=true"`` builds exactly transformers' groups and hyperparameters
+instead (one group of the other params with APOLLOAdamW's defaults, no weight decay anywhere; a nonzero
+``weight_decay`` is then ignored with a warning), for a run that must repeat an ``apollo_adamw`` run;
+transformers itself ignores that key, so the same ``optim_args`` work with ``Trainer`` too.
 
 Refused with a clear error, because the Trainer would otherwise drop or replace APOLLO without a word:
 ``optimizers=(opt, ...)`` (discarded under DeepSpeed, transformers issue #38753), a DeepSpeed JSON
@@ -44,7 +61,10 @@ HF_DEFAULTS = {
     "scale": 1.0,
     "proj_type": "std",
 }
+# what transformers' APOLLOAdamW(params, lr=...) gives the params outside the low-rank group (its constructor's defaults)
+APOLLO_ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}
 EXTRA_KEYS = ("projection_tf32", "nonfinite", "cuda_graph")
+COMPAT_KEY = "match_transformers"  # optim_args: transformers' apollo_adamw hyperparameters (see the module docstring)
 OPTIM_NAMES = ("apollo_adamw", "adamw_torch", "adamw_torch_fused")  # what optim= may say (the defaults are AdamW's)
 
 
@@ -63,11 +83,11 @@ def parse_optim_args(text: Optional[str]) -> dict[str, Any]:
             out[key] = float(value)
         elif key in ("proj", "proj_type", "scale_type", "nonfinite"):
             out[key] = value
-        elif key in ("projection_tf32", "cuda_graph"):
+        elif key in ("projection_tf32", "cuda_graph", COMPAT_KEY):
             out[key] = value.lower() in ("1", "true", "yes")
         else:
             raise ValueError(
-                f"optim_args: unknown APOLLO key {key!r}: expected some of {list(LOW_RANK_KEYS + EXTRA_KEYS)}"
+                f"optim_args: unknown APOLLO key {key!r}: expected some of {list(LOW_RANK_KEYS + EXTRA_KEYS + (COMPAT_KEY,))}"
             )
     return out
 
@@ -76,9 +96,11 @@ def param_groups_from_args(
     args: Any, model: nn.Module, decay_names: Optional[set[str]] = None, optim_args: Optional[dict[str, Any]] = None
 ) -> list[dict[str, Any]]:
     """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
-    first (split into weight-decay and no-decay groups, same positions), then the targeted ``nn.Linear``
-    weights with the low-rank keys. ``decay_names``: params that get weight decay (default: all);
-    ``optim_args``: `parse_optim_args` of ``args.optim_args`` when the caller has it already."""
+    first (split into weight-decay and no-decay groups: the targeted weights keep their positions), then
+    the targeted ``nn.Linear`` weights with the low-rank keys. ``decay_names``: params that get weight
+    decay (default: all); ``optim_args``: `parse_optim_args` of ``args.optim_args`` when the caller has it
+    already. With ``match_transformers`` in it: transformers' two groups and hyperparameters exactly (the
+    module docstring), each group carrying its own betas, eps and weight decay."""
     from transformers.trainer_utils import check_target_module_exists
 
     targets = args.optim_target_modules if args.optim_target_modules is not None else ["attn", "mlp"]
@@ -93,6 +115,23 @@ def param_groups_from_args(
     parsed = parse_optim_args(args.optim_args) if optim_args is None else optim_args
     keys = {**HF_DEFAULTS, **{k: v for k, v in parsed.items() if k in LOW_RANK_KEYS}}
     wd = float(args.weight_decay)
+    if parsed.get(COMPAT_KEY):
+        if wd != 0.0:
+            warnings.warn(
+                f"optim_args {COMPAT_KEY}=true: weight_decay={wd} is ignored, as transformers' apollo_adamw "
+                "ignores it (leave match_transformers out to apply it)",
+                stacklevel=3,
+            )
+        low_hp = {"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon, "weight_decay": 0.0}
+        split = (
+            [(n, p) for n, p in model.named_parameters() if n not in target_names],
+            [(n, p) for n, p in model.named_parameters() if n in target_names],
+        )
+        return [
+            {"params": [p for _, p in ps], "param_names": [n for n, _ in ps], **hp}
+            for ps, hp in ((split[0], dict(APOLLO_ADAMW_DEFAULTS)), (split[1], {**low_hp, **keys}))
+            if ps
+        ]
     decay, no_decay, low = [], [], []
     for name, p in model.named_parameters():
         if name in target_names:

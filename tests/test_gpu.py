@@ -5,6 +5,7 @@ from __future__ import annotations
 import oracle
 import pytest
 import torch
+from launch_count import Launches
 
 from apollo_dist import APOLLO
 from apollo_dist.kernels import MultiUpdate, StepScalars, scaled_update_eager
@@ -26,10 +27,13 @@ def _train_cuda(opt_cls, preset: str, steps: int = 30, **kw):
 
 @pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
 def test_cuda_matches_oracle(preset):
-    """On CUDA (projections from the CUDA generator, the fused Triton kernels): oracle to < 1e-5."""
+    """On CUDA (projections from the CUDA generator, the fused Triton kernels): oracle to < 1e-5; every
+    kernel of the step was launched (in the eager warm-up steps and the captures the graph replays)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = _train_cuda(oracle.oracle_class(), preset)
-    ours = _train_cuda(APOLLO, preset)
+    with Launches() as launches:
+        ours = _train_cuda(APOLLO, preset)
+    assert all(n > 0 for n in launches.counts.values()), launches.counts
     assert oracle.max_rel_diff(ours, ref) < 1e-5  # measured on H100: 5.5e-7 (APOLLO), 5.4e-7 (Mini)
 
 
@@ -51,7 +55,9 @@ def test_fused_multi_update_equals_eager():
     update = MultiUpdate(params, per_row, offsets)
     scalars = StepScalars(torch.device("cuda"))
     scalars.set(0.0, -1e-3)
-    update(grads, coef, scalars)
+    with Launches() as launches:
+        update(grads, coef, scalars)
+    assert launches.counts["_multi_update_kernel"] == 1  # the kernel, not the eager twin
     for a, b in zip(params, expect):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -76,12 +82,16 @@ def test_fused_projection_matches_cublas(rank, tf32, bound):
     proj = kernels.MultiProjection(slots, rank, torch.device("cuda"))
     fused = (torch.empty(out, rank, device="cuda"), torch.empty(out, device="cuda"))
     exact = (torch.empty(out, rank, device="cuda"), torch.empty(out, device="cuda"))
-    proj(grads, projs, *fused, tf32=tf32)
-    saved, kernels.triton = kernels.triton, None
-    try:
-        proj(grads, projs, *exact, tf32=False)
-    finally:
-        kernels.triton = saved
+    with Launches() as launches:
+        proj(grads, projs, *fused, tf32=tf32)  # one launch (exact rank > 1: the norms' launch)
+        assert launches.since(dict.fromkeys(launches.counts, 0)) == {"_project_kernel": 1}
+        saved, kernels.triton = kernels.triton, None
+        try:
+            before = launches.snapshot()
+            proj(grads, projs, *exact, tf32=False)  # the eager twin: no launch
+            assert launches.since(before) == {}
+        finally:
+            kernels.triton = saved
     for a, b in zip(fused, exact):
         assert float((a - b).abs().max() / b.abs().max()) < bound
 

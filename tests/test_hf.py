@@ -47,6 +47,26 @@ def test_trainer_one_process_matches_transformers_apollo(tmp_path, reference):
     assert _max_diff(r["losses"], reference, range(1, 21)) < TOL
 
 
+def test_trainer_defaults_match_transformers_apollo_with_match_transformers(tmp_path):
+    """TrainingArguments' defaults (adam_epsilon 1e-8, not the pinned 1e-6 above): transformers gives the
+    other params APOLLOAdamW's eps 1e-6 and the low-rank group 1e-8. optim_args match_transformers=true
+    (given to both: transformers ignores the key) builds the same per-param hyperparameters and the same
+    losses; without it APOLLOTrainer gives every group 1e-8, and only the other params' eps differs."""
+    ref = _run(tmp_path, "ref_defaults", "--mode", "reference", "--defaults", "--match-transformers")
+    ours = _run(tmp_path, "ours_defaults", "--mode", "apollo_dist", "--defaults", "--match-transformers")
+    assert ref["optimizer"] == "AdamW" and ours["optimizer"] == "APOLLO" and ours["steps_taken"] == 20
+    low = [h[3] is not None for h in ref["hparams"]]
+    assert any(low) and not all(low)
+    assert {h[1] for h, lo in zip(ref["hparams"], low) if not lo} == {1e-6}  # APOLLOAdamW's default eps
+    assert {h[1] for h, lo in zip(ref["hparams"], low) if lo} == {1e-8}  # adam_epsilon's default
+    assert ours["hparams"] == ref["hparams"]
+    assert _max_diff(ours["losses"], ref["losses"], range(1, 21)) < TOL
+    plain = _run(tmp_path, "plain_defaults", "--mode", "apollo_dist", "--defaults")
+    assert [h[1] for h in plain["hparams"]] == [1e-8] * len(low)  # adam_epsilon on every group
+    assert [h[:1] + h[2:] for h in plain["hparams"]] == [h[:1] + h[2:] for h in ref["hparams"]]
+    assert _max_diff(plain["losses"], ref["losses"], range(1, 21)) > 10 * TOL  # measured 1.9e-3: eps matters here
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_deepspeed_matches_reference_and_resumes(tmp_path, reference, stage):
     """Trainer(deepspeed=ZeRO-2/3 JSON) at W=2: per-step losses within 1e-4 of the single-process
@@ -120,6 +140,50 @@ def test_param_groups_follow_transformers_layout_and_weight_decay(tmp_path):
         build_optimizer(_args(tmp_path, optim_args="ranks=4"), model)
     with pytest.raises(ValueError, match="match no nn.Linear"):
         build_optimizer(_args(tmp_path, optim_target_modules=["nothing_here"]), model)
+
+
+def _per_param(opt) -> list[tuple]:
+    """(lr, betas, eps, weight_decay, low-rank keys) of every param, in position order."""
+    keys = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
+    return [
+        (g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"], tuple(g.get(k) for k in keys))
+        for g in opt.param_groups
+        for _ in g["params"]
+    ]
+
+
+def test_hyperparameters_against_transformers_apollo_adamw(tmp_path):
+    """transformers' own optim="apollo_adamw" optimizer (APOLLOAdamW built by the Trainer) with every
+    argument off its default: match_transformers=true gives every param its lr, betas, eps, weight decay and
+    low-rank keys (weight_decay ignored, with a warning, as transformers ignores it); the default differs
+    exactly where apollo_dist.hf's docstring says: weight decay (not on norms), and the other params' betas
+    and eps are the TrainingArguments' ones."""
+    from transformers import Trainer
+
+    from apollo_dist.hf import APOLLOTrainer
+
+    model = _model()
+    kw = dict(weight_decay=0.1, learning_rate=3e-3, adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-7)
+    kw["optim"] = "apollo_adamw"
+    compat = _args(tmp_path, optim_args="rank=8,update_proj_gap=50,match_transformers=true", **kw)
+    theirs = _per_param(Trainer(model=model, args=compat, train_dataset=[]).create_optimizer())
+    with pytest.warns(UserWarning, match="weight_decay=0.1 is ignored"):
+        same = _per_param(APOLLOTrainer(model=model, args=compat, train_dataset=[]).create_optimizer())
+    assert same == theirs
+    low = [h[4][0] == 8 for h in theirs]
+    assert any(low) and not all(low)
+    assert {h[1:4] for h, lo in zip(theirs, low) if not lo} == {((0.9, 0.999), 1e-6, 0.0)}  # APOLLOAdamW's
+    assert {h[1:4] for h, lo in zip(theirs, low) if lo} == {((0.8, 0.99), 1e-7, 0.0)}
+    plain = APOLLOTrainer(
+        model=model, args=_args(tmp_path, optim_args="rank=8,update_proj_gap=50", **kw), train_dataset=[]
+    )
+    ours = _per_param(plain.create_optimizer())
+    decay = set(plain.get_decay_parameter_names(model))
+    names = [n for g in plain.optimizer.param_groups for n in g["param_names"]]
+    assert [(h[0], h[4]) for h in ours] == [(h[0], h[4]) for h in theirs]  # lr and the low-rank keys: the same
+    assert [h[1:3] for h in ours] == [((0.8, 0.99), 1e-7)] * len(ours)
+    assert [h[3] for h in ours] == [0.1 if n in decay else 0.0 for n in names]
+    assert {n for n in names if n not in decay} and all("norm" in n for n in names if n not in decay)
 
 
 def test_trainer_settings_that_would_drop_apollo_are_refused(tmp_path):

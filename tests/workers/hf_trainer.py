@@ -5,6 +5,9 @@
                    with ``--stage N`` as the Trainer's ``deepspeed=`` ZeRO stage (0: no DeepSpeed)
 The global batch is the same for every world size (sequential sampling, ``GLOBAL`` rows per step).
 ``--save-steps K`` writes Trainer checkpoints; ``--resume DIR`` continues from one.
+``--defaults``: TrainingArguments' own betas, adam_epsilon (1e-8) and weight_decay (0) instead of the pinned
+adam_epsilon 1e-6; ``--match-transformers``: ``match_transformers=true`` in optim_args (both modes:
+transformers ignores the key). The report holds each param's (betas, eps, weight_decay) by position.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def main() -> None:
     ap.add_argument("--resume", default=None)
     ap.add_argument("--fsdp2", action="store_true", help="fsdp_config={'fsdp_version': 2} (accelerate's FSDP2)")
     ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL (default: CPU + gloo)")
+    ap.add_argument("--defaults", action="store_true", help="TrainingArguments' default betas, eps, weight decay")
+    ap.add_argument("--match-transformers", action="store_true", help="optim_args match_transformers=true")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -94,7 +99,9 @@ def main() -> None:
         per_device_train_batch_size=GLOBAL // world,
         max_steps=a.steps,
         learning_rate=1e-2,
-        adam_epsilon=1e-6,  # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: 1e-6)
+        # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: APOLLOAdamW's 1e-6), and
+        # APOLLOTrainer gives it to every group: pinned to 1e-6 they agree; --defaults leaves 1e-8 (apollo_dist.hf)
+        **({} if a.defaults else {"adam_epsilon": 1e-6}),
         logging_steps=1,
         report_to=[],
         seed=0,
@@ -104,7 +111,7 @@ def main() -> None:
         save_only_model=False,
         optim="apollo_adamw",
         optim_target_modules=["attn", "mlp"],
-        optim_args=OPTIM_ARGS,
+        optim_args=OPTIM_ARGS + (",match_transformers=true" if a.match_transformers else ""),
         deepspeed=ds_config,
         ddp_backend="gloo" if world > 1 and not gpu else None,
         use_cpu=ds_config is None and not gpu,
@@ -142,6 +149,11 @@ def main() -> None:
                     "world": world,
                     "optimizer": type(inner).__name__,
                     "steps_taken": getattr(inner, "steps_taken", None),
+                    "hparams": [  # per param, in position order (the order the projections' seeds follow)
+                        [list(g["betas"]), g["eps"], g["weight_decay"], g.get("rank")]
+                        for g in inner.param_groups
+                        for _ in g["params"]
+                    ],
                 },
                 f,
             )

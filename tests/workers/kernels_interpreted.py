@@ -1,6 +1,8 @@
 """The Triton kernels of apollo_dist.kernels, run on CPU tensors by Triton's interpreter
 (TRITON_INTERPRET=1, set by the caller before anything imports triton), against their eager twins
-and, wired into the optimizer, against the oracle. Prints one JSON line of measured differences."""
+and, wired into the optimizer, against the oracle. Prints one JSON line of measured differences and of
+the kernels each "fused" and each "eager" call launched (``paths``: a fused call that fell back to its
+eager twin would compare the twin with itself; the test asserts which kernels ran)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import oracle  # noqa: E402
 import torch  # noqa: E402
+from launch_count import Launches  # noqa: E402
 
 from apollo_dist import APOLLO, kernels  # noqa: E402
 
@@ -18,6 +21,17 @@ assert kernels.fused(torch.zeros(1)), "the interpreter should take CPU tensors"
 gen = torch.Generator().manual_seed(0)
 rand = lambda *s: torch.randn(*s, generator=gen)
 diffs: dict[str, float] = {}
+launches = Launches().__enter__()  # every kernel launch of this script is counted
+paths: dict[str, dict[str, int]] = {}  # name -> {kernel: launches} of that call
+
+
+def counted(name: str, fn, *args, **kw):
+    """``fn(*args, **kw)``, the kernels it launched recorded as ``paths[name]``."""
+    before = launches.snapshot()
+    try:
+        return fn(*args, **kw)
+    finally:
+        paths[name] = launches.since(before)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +61,8 @@ for r, tf32 in ((1, False), (3, True), (32, True), (3, False), (32, False)):
     for mode in ("fused", "eager"):
         proj = kernels.MultiProjection(slots, r, torch.device("cpu"))
         T_R, T_g = torch.full((out, r), float("nan")), torch.full((out,), float("nan"))
-        (proj if mode == "fused" else lambda *a, **k: eager(proj, *a, **k))(grads, projs, T_R, T_g, tf32=tf32)
+        fn = proj if mode == "fused" else lambda *a, **k: eager(proj, *a, **k)
+        counted(f"projection_r{r}{'_tf32' if tf32 else ''}/{mode}", fn, grads, projs, T_R, T_g, tf32=tf32)
         res[mode] = (T_R, T_g)
     diffs[f"projection_r{r}{'_tf32' if tf32 else ''}"] = max(
         rel(res["fused"][0], res["eager"][0]), rel(res["fused"][1], res["eager"][1])
@@ -57,13 +72,13 @@ for r, tf32 in ((1, False), (3, True), (32, True), (3, False), (32, False)):
 for r in (1, 5, 256):
     R, m, v = rand(33, r), rand(33, r), rand(33, r).abs()
     outs = []
-    for fn in (kernels.channel_adam_, lambda *a: eager(kernels.channel_adam_, *a)):
+    for mode, fn in (("fused", kernels.channel_adam_), ("eager", lambda *a: eager(kernels.channel_adam_, *a))):
         mm, vv = m.clone(), v.clone()
-        n_sq, r_sq = fn(R, mm, vv, 0.9, 0.999, 1e-6)
+        n_sq, r_sq = counted(f"channel_adam_r{r}/{mode}", fn, R, mm, vv, 0.9, 0.999, 1e-6)
         outs.append((mm, vv, n_sq, r_sq))
     diffs[f"channel_adam_r{r}"] = max(rel(a, b) for a, b in zip(*outs))
     mm, vv = m.clone(), v.clone()  # a skipped step (device flag set) writes no moment
-    kernels.channel_adam_(R, mm, vv, 0.9, 0.999, 1e-6, torch.ones(()))
+    counted(f"channel_adam_skipped_r{r}/fused", kernels.channel_adam_, R, mm, vv, 0.9, 0.999, 1e-6, torch.ones(()))
     diffs[f"channel_adam_skipped_r{r}"] = max(rel(mm, m), rel(vv, v))
 
 # 3. scaled update over tall and wide blocks of odd sizes
@@ -79,11 +94,13 @@ scalars.set(0.0, -1e-3)
 for mode in ("fused", "eager"):
     params = [p.clone() for p in base]
     upd = kernels.MultiUpdate(params, per_row, offsets)
-    (upd if mode == "fused" else lambda *a: eager(upd, *a))(grads, coef, scalars)
+    counted(f"multi_update/{mode}", upd if mode == "fused" else lambda *a: eager(upd, *a), grads, coef, scalars)
     outs.append(params)
 diffs["multi_update"] = max(rel(a, b) for a, b in zip(*outs))
 params = [p.clone() for p in base]
-kernels.MultiUpdate(params, per_row, offsets)(grads, coef, scalars, torch.ones(()))
+counted(
+    "multi_update_skipped/fused", kernels.MultiUpdate(params, per_row, offsets), grads, coef, scalars, torch.ones(())
+)
 diffs["multi_update_skipped"] = max(rel(a, b) for a, b in zip(params, base))
 
 # 4. plain Adam over 1-D params of odd sizes, with decay
@@ -95,39 +112,30 @@ scalars.set(1e-2, -1e-3)
 for mode in ("fused", "eager"):
     params = [p.clone() for p in base]
     adam = kernels.MultiAdam(params, torch.zeros(sum(sizes)), torch.zeros(sum(sizes)))
-    for _ in range(3):
-        (adam if mode == "fused" else lambda *a: eager(adam, *a))(grads, 0.9, 0.999, 1e-6, scalars)
+    fn = adam if mode == "fused" else lambda *a: eager(adam, *a)
+    counted(f"multi_adam/{mode}", lambda: [fn(grads, 0.9, 0.999, 1e-6, scalars) for _ in range(3)])
     outs.append(params + [adam.exp_avg, adam.exp_avg_sq])
-diffs["multi_adam"] = max(rel(a, b) for a, b in zip(*outs))
+    # the sum of squares that decides a skip: finite, and inf with one NaN / inf element
+    bad = [g.clone() for g in grads]
+    bad[1][2] = float("nan")
+    fn = adam.sum_sq if mode == "fused" else lambda g: eager(adam.sum_sq, g)
+    outs[-1] += [counted(f"multi_sum_sq/{mode}", fn, grads)]
+    outs[-1] += [torch.isfinite(counted(f"multi_sum_sq_nonfinite/{mode}", fn, bad)).float()]
+diffs["multi_adam"] = max(rel(a, b) for a, b in zip(outs[0][:-2], outs[1][:-2]))
+diffs["multi_sum_sq"] = rel(outs[0][-2], outs[1][-2])
+diffs["multi_sum_sq_nonfinite"] = float(outs[0][-1] + outs[1][-1])  # 0: both saw the NaN
 params = [p.clone() for p in base]
 adam = kernels.MultiAdam(params, torch.zeros(sum(sizes)), torch.zeros(sum(sizes)))
-adam(grads, 0.9, 0.999, 1e-6, scalars, torch.ones(()))
+counted("multi_adam_skipped/fused", adam, grads, 0.9, 0.999, 1e-6, scalars, torch.ones(()))
 diffs["multi_adam_skipped"] = max([rel(a, b) for a, b in zip(params, base)] + [float(adam.exp_avg.abs().max())])
 
-# 5. the whole optimizer on the kernels vs the oracle (30 steps, gap 7, weight decay), counting launches
-KERNELS = ("_project_kernel", "_channel_adam_kernel", "_multi_update_kernel", "_multi_adam_kernel")
-launches = dict.fromkeys(KERNELS, 0)
-
-
-class Counted:
-    def __init__(self, name: str):
-        self.name, self.kernel = name, getattr(kernels, name)
-
-    def __getitem__(self, grid):
-        launches[self.name] += 1
-        return self.kernel[grid]
-
-
-for name in KERNELS:
-    setattr(kernels, name, Counted(name))
+# 5. the whole optimizer on the kernels vs the oracle (30 steps, gap 7, weight decay)
 for preset in sys.argv[1:] or ["apollo", "apollo-mini"]:
-    diffs[f"optimizer_{preset}"] = oracle.max_rel_diff(
-        oracle.train(APOLLO, preset), oracle.train(oracle.oracle_class(), preset)
-    )
+    ours = counted(f"optimizer_{preset}/fused", oracle.train, APOLLO, preset)
+    diffs[f"optimizer_{preset}"] = oracle.max_rel_diff(ours, oracle.train(oracle.oracle_class(), preset))
 # TF32 asked for: rank 5 goes through the projection kernel too (fp32 in the interpreter: same result)
-diffs["optimizer_apollo_tf32"] = oracle.max_rel_diff(
-    oracle.train(APOLLO, "apollo", projection_tf32=True), oracle.train(oracle.oracle_class(), "apollo")
-)
+ours = counted("optimizer_apollo_tf32/fused", oracle.train, APOLLO, "apollo", projection_tf32=True)
+diffs["optimizer_apollo_tf32"] = oracle.max_rel_diff(ours, oracle.train(oracle.oracle_class(), "apollo"))
 
 
 # 6. a non-finite gradient at steps 4 and 9, gated on the device (the fused kernels write nothing, the
@@ -148,8 +156,9 @@ def train_with_bad_steps(preset: str, leave_out: bool):
 
 
 for preset in ("apollo", "apollo-mini"):
-    gated, ref = train_with_bad_steps(preset, False), train_with_bad_steps(preset, True)
+    gated = counted(f"gated_skip_{preset}/fused", train_with_bad_steps, preset, False)
+    ref = train_with_bad_steps(preset, True)
     diffs[f"gated_skip_{preset}"] = oracle.max_rel_diff(gated[0], ref[0])
     assert gated[1] == 2 and ref[1] == 0 and gated[2] == ref[2] and gated[2][-1] == 12, (gated[1:], ref[1:])
 
-print(json.dumps({"diffs": diffs, "launches": launches}))
+print(json.dumps({"diffs": diffs, "paths": paths}))
