@@ -1,10 +1,11 @@
 """Engines of launch/train.py behind one small interface: one process, FSDP2, DeepSpeed ZeRO.
 
 An engine owns the model, the optimizer and the lr schedule. The training loop only calls
-``train_step(micro_batches)``, ``token_losses(x, y)``, ``lr()``, ``optimizer_state_bytes()`` and the
-checkpoint hooks ``save_checkpoint(step)`` / ``load_checkpoint(dir)``, which use each engine's native
-mechanism (torch.save; torch.distributed.checkpoint; DeepSpeed's save/load_checkpoint) and so resume
-only with the same world size and engine. tools/convert_checkpoint.py covers other world sizes.
+``train_step(micro_batches, step)``, ``token_losses(x, y)``, ``lr()``, ``optimizer_state_bytes()``,
+``skipped_steps()`` and the checkpoint hooks ``save_checkpoint(step)`` / ``load_checkpoint(dir)``, which use
+each engine's native mechanism (torch.save; torch.distributed.checkpoint; DeepSpeed's save/load_checkpoint)
+and so resume only with the same world size and engine. tools/convert_checkpoint.py covers other world sizes.
+A save that fills the file system removes its partial step directory and raises DiskFullError.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from apollo_dist import APOLLO, param_groups
+from apollo_dist.checkpoint.streaming import DiskFullError, free_bytes, is_disk_full, partial_bytes
 from apollo_dist.groups import LOW_RANK_KEYS
 from apollo_dist.native_checkpoints import TRAINER_FILE
 from apollo_dist.runtime import free_port, host_peak_rss_gib, state_bytes, unwrap
@@ -251,11 +254,36 @@ def _kill_in_save_hook(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _nonfinite_grad_hook(step: int, rank: int) -> bool:
+    """Test hook (tests/test_reporting.py): with APOLLO_DIST_NONFINITE_GRAD_AT=STEP[:RANK],... the backward
+    of each step STEP gives NaN gradients (on rank RANK only, else on every rank), as a diverging run would;
+    the logged loss stays the true one."""
+    for item in filter(None, os.environ.get("APOLLO_DIST_NONFINITE_GRAD_AT", "").split(",")):
+        at, _, only = item.partition(":")
+        if int(at) == step and (not only or int(only) == rank):
+            return True
+    return False
+
+
+def _poison(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` whose gradient is NaN (the forward value unchanged)."""
+    loss.register_hook(lambda g: torch.full_like(g, float("nan")))
+    return loss
+
+
+def _held_bytes(p: torch.Tensor) -> int:
+    """Bytes of the part of parameter ``p`` this rank holds (ZeRO-3 partition, FSDP2 local shard, else all)."""
+    t = getattr(p, "ds_tensor", None)
+    t = getattr(p, "_local_tensor", p) if t is None else t
+    return t.numel() * t.element_size()
+
+
 # -- engines ------------------------------------------------------------------------------------
 class Engine:
     """One process: the model on the device, autocast for bf16, accumulation by summing micro-grads."""
 
     name = "single"
+    skipped_before = 0  # steps skipped before a native resume (its trainer.json's "skipped_steps")
 
     def __init__(self, model: torch.nn.Module, hp: OptimizerConfig, run: RunConfig, d: Dist):
         self.d, self.hp, self.run = d, hp, run
@@ -286,13 +314,17 @@ class Engine:
         """Scale the gradients so that their global 2-norm is at most ``max_norm``."""
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Forward/backward every micro-batch, then one optimizer step; this rank's mean loss."""
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> torch.Tensor:
+        """Forward/backward every micro-batch, then one optimizer step (training step ``step``); this rank's
+        mean loss."""
         total = torch.zeros((), device=self.d.device)
+        poison = _nonfinite_grad_hook(step, self.d.rank)
         for i, (x, y) in enumerate(micro_batches):
             self._sync_grads(i == len(micro_batches) - 1)
             with self._autocast():
                 loss = token_losses(self.model, x, y).mean()
+            if poison:
+                loss = _poison(loss)
             (loss / len(micro_batches)).backward()  # mean over the step's micro-batches
             total += loss.detach()
         if self.run.grad_clip > 0:
@@ -318,6 +350,19 @@ class Engine:
     def optimizer_state_bytes(self) -> int:
         return state_bytes(self.optimizer)
 
+    def skipped_steps(self) -> int:
+        """Steps of this run skipped for non-finite gradients, since step 1 (across native resumes): APOLLO's
+        (``nonfinite="skip"``) and, under DeepSpeed, those its own overflow check skipped before APOLLO saw
+        them. Every rank has the same count. Reading APOLLO's waits for its last step to finish on the
+        device: read it where the job syncs anyway."""
+        return self.skipped_before + int(getattr(unwrap(self.optimizer), "skipped_steps", 0))
+
+    def checkpoint_bytes(self) -> int:
+        """Bytes of the tensors this rank's checkpoint holds: its part of the parameters and its optimizer
+        state (the files add headers; under ZeRO-1/2 rank 0 writes the whole model, every rank its fp32
+        partition)."""
+        return sum(_held_bytes(p) for p in self.model.parameters()) + state_bytes(self.optimizer)
+
     def describe(self) -> str:
         params = ", bf16 parameters" if self.run.param_dtype == "bf16" else ""
         return f"{self.name}, {self.run.dtype}{params}"
@@ -327,18 +372,25 @@ class Engine:
         """Save model, optimizer, lr schedule and data position (= step) under --save-dir; returns the dir.
 
         A step directory holding a complete checkpoint already is not written over: every rank writes
-        into its sibling step_N.new, then rank 0 swaps it in (see aside_tags); `latest` follows the swap."""
+        into its sibling step_N.new, then rank 0 swaps it in (see aside_tags); `latest` follows the swap.
+        A full file system: the rank that meets it removes the directory being written (never a complete
+        one) and raises DiskFullError; `latest` still names the last complete step."""
         root, tag = self.run.save_dir, step_tag(step)
         final = os.path.join(root, tag)
         rewrite = int(_prepare_step_dir(root, tag)) if self.d.rank == 0 else 0
         rewrite = self.d.all_gather_int(rewrite)[0]  # rank 0's answer; no rank writes before its clean-up
         path = os.path.join(root, aside_tags(tag)[0]) if rewrite else final
-        os.makedirs(path, exist_ok=True)
-        self._save_native(path)
-        _kill_in_save_hook(step, self.d.rank)
-        self.d.barrier()
+        try:
+            os.makedirs(path, exist_ok=True)
+            self._save_native(path)
+            _kill_in_save_hook(step, self.d.rank)
+            self.d.barrier()
+            if self.d.rank == 0:
+                self._write_meta(path, step)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            self._raise_if_disk_full(e, root, path)
+            raise
         if self.d.rank == 0:
-            self._write_meta(path, step)
             if rewrite:
                 _swap_in(root, tag)
             _write_latest(root, tag)
@@ -346,11 +398,34 @@ class Engine:
         self.d.barrier()
         return final
 
+    def _raise_if_disk_full(self, exc: BaseException, root: str, path: str) -> None:
+        """DiskFullError (from ``exc``) if ``exc`` is a full file system under ``path``, the step directory
+        being written, after removing it: it is incomplete (no trainer.json, or a step_N.new aside)."""
+        need = self.checkpoint_bytes()
+        if not is_disk_full(exc, path, need):
+            return
+        free = free_bytes(root) + partial_bytes(path)  # counted before the removal: open files free later
+        shutil.rmtree(path, ignore_errors=True)  # another rank may still write into it: best effort
+        try:
+            with open(os.path.join(root, "latest")) as f:
+                latest = f"`latest` still names {f.read().strip()}"
+        except FileNotFoundError:
+            latest = "no complete checkpoint is there yet"
+        raise DiskFullError(
+            path,
+            need,
+            free,
+            f"; the partial {os.path.basename(path)} was removed and {latest}: free space or pass another "
+            f"--save-dir, then --resume {root}",
+            what=" (model and optimizer state" + (", this rank's part)" if self.d.world > 1 else ")"),
+        ) from exc
+
     def load_checkpoint(self, path: str) -> int:
         """Load a checkpoint written by this engine at this world size; returns its step."""
         root, tag, meta = resolve_checkpoint(path)
         self._load_native(os.path.join(root, tag))
         self.scheduler.load_state_dict(meta["scheduler"])
+        self.skipped_before = int(meta.get("skipped_steps", 0))  # absent in checkpoints of older versions
         return int(meta["step"])
 
     def _save_native(self, path: str) -> None:
@@ -371,6 +446,7 @@ class Engine:
             "engine": self.name,
             "world_size": self.d.world,
             "scheduler": self.scheduler.state_dict(),
+            "skipped_steps": self.skipped_steps(),  # APOLLO's own count is not in its state dict
             "hparams": self.hp.to_dict(),
             **self.run.saved(),  # RunConfig's saved fields (RUN_KEYS_SAVED)
         }
@@ -531,11 +607,15 @@ class DeepSpeedEngine(Engine):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             unwrap(self.optimizer), cosine_schedule(run.warmup_steps, run.steps)
         )
+        self._ds_skipped_at_start = 0  # DeepSpeed's count when this process started stepping
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step: int = 0) -> torch.Tensor:
         total = torch.zeros((), device=self.d.device)
+        poison = _nonfinite_grad_hook(step, self.d.rank)
         for x, y in micro_batches:
             loss = token_losses(self.model, x, y).mean()
+            if poison:
+                loss = _poison(loss)
             self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.model.step()  # steps the optimizer at the accumulation boundary only
             total += loss.detach().float()
@@ -548,6 +628,11 @@ class DeepSpeedEngine(Engine):
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run.dtype}"
 
+    def skipped_steps(self) -> int:
+        """APOLLO's count plus DeepSpeed's: ZeRO checks the gradient norm (fp32; bf16 with
+        ``check_grad_overflow``, its default) and skips a non-finite step without calling the optimizer."""
+        return super().skipped_steps() + self.model.skipped_steps - self._ds_skipped_at_start
+
     def _save_native(self, path: str) -> None:
         root, tag = os.path.split(path)
         # No DeepSpeed `latest` file: ours (the same name) is written after trainer.json, when every rank's
@@ -559,6 +644,7 @@ class DeepSpeedEngine(Engine):
         loaded, _ = self.model.load_checkpoint(root, tag=tag)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")
+        self._ds_skipped_at_start = self.model.skipped_steps  # restored from the checkpoint: in skipped_before
 
 
 def make_engine(

@@ -603,7 +603,7 @@ def timed_step(engine, split, run: RunConfig, d, step: int, micro: int, global_b
         split, run.seq_len, run.seed, step, global_batch, d.data_rank, d.data_world, micro, d.device
     )
     loss = float(
-        d.all_sum(engine.train_step(batches).float().reshape(1)) / d.world
+        d.all_sum(engine.train_step(batches, step).float().reshape(1)) / d.world
     )  # waits for the step: the time is real
     dt = time.perf_counter() - t0
     return {
@@ -695,6 +695,11 @@ def start_up_summary(
     )
 
 
+def skipped_note(skipped: int) -> str:
+    """How a count of skipped steps reads after a validation loss (--no-progress), empty for none."""
+    return f" ({skipped} steps skipped so far: non-finite gradients)" if skipped else ""
+
+
 def done_summary(
     rows: list[dict],
     args: argparse.Namespace,
@@ -705,15 +710,21 @@ def done_summary(
     seen: int,
     elapsed: float,
 ) -> str:
-    """Rank 0's last line (losses first -> last, tokens/s, peak memory, where the metrics went), after
-    plotting the metrics next to their file."""
+    """Rank 0's last line (losses first -> last, steps skipped for non-finite gradients since step 1,
+    tokens/s, peak memory, where the metrics went), after plotting the metrics next to their file."""
     png = os.path.splitext(run.metrics_file)[0] + ".png"
     plot(rows, png, f"{args.model} LLaMA, {hp.optimizer}, {engine.describe()}, W={d.world}")
     train = [r["loss"] for r in rows if "loss" in r]
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
     toks = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:] or [0.0]  # step 1 includes warm-up
+    last = next((r for r in reversed(rows) if "skipped_steps" in r), None)
     return (
         f"done: {seen} steps in {elapsed:.1f}s; "
+        + (
+            f"skipped {last['skipped_steps']} of steps 1-{last['step']} (non-finite gradients); "
+            if last is not None
+            else ""
+        )
         + (f"train loss {train[0]:.3f} -> {train[-1]:.3f}; " if train else "")
         + (f"val loss {vals[0]:.3f} -> {vals[-1]:.3f}; " if vals else "")
         + f"{fmt_count(sum(toks) / len(toks))} tokens/s; peak mem {peak_mem_gib(d.device):.2f} GiB; "
@@ -732,7 +743,8 @@ def train(
     host_rss: dict,
 ) -> tuple[int, float]:
     """Steps start+1 .. run.steps (an evaluation at step 0 of a fresh run, every --eval-every and at the end;
-    checkpoints every --save-every and at the end); returns (steps run, seconds)."""
+    checkpoints every --save-every and at the end); returns (steps run, seconds). Each row carries
+    ``skipped_steps``, the steps skipped for non-finite gradients so far; the bar shows it once > 0."""
     from tqdm import tqdm
 
     is_main = d.rank == 0
@@ -741,7 +753,7 @@ def train(
         val = evaluate(engine, split, run, args.eval_samples)
         row["val_loss"] = val
         if is_main and args.no_progress:
-            print(f"step {step}: val_loss {val:.4f}", flush=True)
+            print(f"step {step}: val_loss {val:.4f}{skipped_note(row.get('skipped_steps', 0))}", flush=True)
         return val
 
     if start == 0:
@@ -753,6 +765,8 @@ def train(
     for step in range(start + 1, run.steps + 1):
         lr = engine.lr()
         row = {**timed_step(engine, split, run, d, step, run.micro_batch_size, run.global_batch_size), "lr": lr}
+        # Read where timed_step has just waited for the step's loss: APOLLO's skip flag is ready, no extra sync.
+        row["skipped_steps"] = skipped = engine.skipped_steps()
         loss = row["loss"]
         seen += 1
         if step == start + 1:
@@ -768,6 +782,7 @@ def train(
             tok_s=fmt_count(row["tokens_per_s"]),
             mem=f"{row['peak_mem_gib']:.2f}GiB",
             **({"val": f"{val:.3f}"} if val is not None else {}),
+            **({"skipped": skipped} if skipped else {}),
         )
         bar.update(1)
         if run.save_dir and ((args.save_every and step % args.save_every == 0) or step == run.steps):
@@ -873,7 +888,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         metrics.close()
         runtime.shutdown()
         return 0
-    seen, elapsed = train(engine, split, run, d, args, metrics, start, host_rss)
+    try:
+        seen, elapsed = train(engine, split, run, d, args, metrics, start, host_rss)
+    except engines.DiskFullError as e:  # a checkpoint that did not fit: nothing lost, say what happened
+        print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
+        metrics.close()
+        return 1  # no shutdown: the other ranks may be inside the save's collectives; the launcher ends them
     if is_main:
         print(done_summary(metrics.rows(), args, run, hp, engine, d, seen, elapsed), flush=True)
     metrics.close()
