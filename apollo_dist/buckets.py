@@ -99,7 +99,7 @@ def exposed_state(buckets: list[Bucket], mesh: Any) -> defaultdict:
         for i, s in enumerate(b.slots):
             st = state[s.param]
             st["seed"] = b.seeds[i].seeds[0] if isinstance(b, LowRankBucket) else s.index + 1
-            st["step"] = b.step_count
+            st["step"] = b.step_count[i]  # a 0-dim view: loads write into the bucket's counts
             if isinstance(b, LowRankBucket):
                 rows = b.owned_rows(i)
                 st["exp_avg"] = as_global(b.exp_avg[rows], s, mesh, (b.layouts[i].channels, b.r))

@@ -27,7 +27,8 @@ Glossary (one low-rank bucket; "rank" alone always means a process):
   n_sq, r_sq   ||N_c||^2, ||R_c||^2 of the owned channels
   s_own        scaling factor of each owned channel; s_touch: of each touched channel (after the all-gather)
   q            ``limiter_norm``: the limiter's previous ||U|| per param (< 0: none yet)
-  t            ``step_count``: optimizer steps taken by the group (0 before the first update)
+  t            ``step_count``: per param, the optimizer steps that updated it (0 before its first update); a
+               param without gradient in a step is skipped, as the reference skips it (``live`` in `StepScalars`)
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, c
         return lr
     b1, b2 = betas
     return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
+
+
+def param_step_size(group: dict, t: float, factor: float) -> float:
+    """A param's step size at its step t + 1 (t: the steps that updated it so far), times ``factor``."""
+    return bias_corrected_step_size(group["lr"], group["betas"], int(t) + 1, group["correct_bias"]) * factor
 
 
 def _padded_rows(lengths: list[int], width: int) -> torch.Tensor:
@@ -220,18 +226,17 @@ class AdamBucket:
             [s.data for s in slots], torch.zeros(numel, device=device), torch.zeros(numel, device=device)
         )
         self.exp_avg, self.exp_avg_sq = self.adam.m, self.adam.v  # per-slot views of the flat moments
-        self.step_count = torch.zeros((), dtype=torch.float32)  # shared by the group's params
-        self.scalars = StepScalars(device)
+        self.step_count = torch.zeros(len(slots), dtype=torch.float32)  # t per param (host)
+        self.scalars = StepScalars(device, len(slots))
         self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them
         self._grads: Optional[list[torch.Tensor]] = None
 
     def begin(self, group: dict) -> None:
-        """On the host: this step's bias-corrected lr and decay; fetch the gradients."""
-        step_size = bias_corrected_step_size(
-            group["lr"], group["betas"], int(self.step_count) + 1, group["correct_bias"]
-        )
-        self.scalars.set(step_size, -group["lr"] * group["weight_decay"])
+        """On the host: fetch the gradients; this step's bias-corrected lr per param, the decay, which params
+        have a gradient here."""
         self.fetched = [s.grad() for s in self.slots]
+        sizes = [param_step_size(group, t, 1.0) for t in self.step_count.tolist()]
+        self.scalars.set(sizes, -group["lr"] * group["weight_decay"], [g is not None for g in self.fetched])
 
     def fused(self) -> bool:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
@@ -295,7 +300,7 @@ class LowRankBucket:
         self.plan = build_comm_plan(layouts, comm.rank, comm.world, device)
         self.seeds = [SeedChain(s.index + 1) for s in slots]
         self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
-        self.proj_epoch = -1
+        self.proj_epoch = [-1] * len(slots)  # per param: its own step count sets its projection's epoch
         self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them (flat)
         self._grads: Optional[list[Optional[torch.Tensor]]] = None
 
@@ -309,6 +314,11 @@ class LowRankBucket:
         self.t_param = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(touched, dtype=torch.int64)).to(
             device
         )
+        # ... and of each owned channel: a param without gradient keeps its channels' moments
+        self.o_param = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(owned, dtype=torch.int64)).to(
+            device
+        )
+        self.keep = torch.ones(sum(owned), device=device)  # per owned channel: its param is live (scratch)
         # owned channels of each slot are consecutive: per-param sums are segment sums
         self.o_segments = segment_index(owned, device)
         self.T_R = torch.zeros(sum(touched), r, device=device)  # partial R of touched channels (scratch)
@@ -316,8 +326,9 @@ class LowRankBucket:
         self.exp_avg = torch.zeros(sum(owned), r, device=device)  # moments of owned channels (state)
         self.exp_avg_sq = torch.zeros(sum(owned), r, device=device)
         self.limiter_norm = torch.full((len(slots),), -1.0, device=device)  # q of §1.5; < 0: none yet
-        self.step_count = torch.zeros((), dtype=torch.float32)  # t of §1, shared by the group's params
-        self.scalars = StepScalars(device)  # this step's lr * sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale), decay
+        self.step_count = torch.zeros(len(slots), dtype=torch.float32)  # t of §1 per param (host)
+        # this step's lr * sqrt(1 - b2^t) / (1 - b1^t) * sqrt(scale) per param, decay, which params are live
+        self.scalars = StepScalars(device, len(slots))
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
         self.project = MultiProjection(
@@ -331,6 +342,8 @@ class LowRankBucket:
             [self.geom[i].tall for i in self.aligned],
             [self.t_off[i] for i in self.aligned],
         )
+        self.aligned_t = torch.tensor(self.aligned, dtype=torch.int64).to(device)
+        self.aligned_live = torch.ones(len(self.aligned), device=device)  # scratch: live of the aligned slots
 
     # -- state --------------------------------------------------------------------------------
     def owned_rows(self, i: int) -> slice:
@@ -340,14 +353,17 @@ class LowRankBucket:
 
     def reset_projections(self) -> None:
         """Regenerate every P at the next step (from the seeds, which a checkpoint load may have replaced)."""
-        self.proj_epoch = -1
+        self.proj_epoch = [-1] * len(self.slots)
 
     # -- projections --------------------------------------------------------------------------
-    def _refresh_projections(self, epoch: int) -> None:
-        """Regenerate every P for ``epoch`` and keep only the part this rank multiplies with (written into
-        the previous epoch's buffers: a captured step keeps reading the same addresses)."""
-        for i, s in enumerate(self.slots):
+    def _refresh_projections(self, epochs: list[int]) -> None:
+        """Regenerate P for each param whose epoch changed and keep only the part this rank multiplies with
+        (written into the previous epoch's buffers: a captured step keeps reading the same addresses)."""
+        for i, (s, epoch) in enumerate(zip(self.slots, epochs)):
             g = self.geom[i]
+            if epoch == self.proj_epoch[i]:
+                continue
+            self.proj_epoch[i] = epoch
             if g.rows == 0:
                 self.proj[i] = None
                 continue
@@ -361,7 +377,6 @@ class LowRankBucket:
                 self.proj[i] = P.contiguous()
             else:
                 self.proj[i].copy_(P)
-        self.proj_epoch = epoch
 
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
         """This rank's gradient as rows (rows x width: whole rows of a flat range, zeros where it holds
@@ -382,14 +397,13 @@ class LowRankBucket:
 
     # -- the step -----------------------------------------------------------------------------
     def begin(self, group: dict) -> None:
-        """On the host: the projections of a new epoch, this step's scalars, the gradients."""
-        t = int(self.step_count)  # 0 before the first update
-        epoch = t // int(group["update_proj_gap"])
-        if epoch != self.proj_epoch:
-            self._refresh_projections(epoch)
-        step_size = bias_corrected_step_size(group["lr"], group["betas"], t + 1, group["correct_bias"])
-        self.scalars.set(step_size * math.sqrt(group["scale"]), -group["lr"] * group["weight_decay"])
+        """On the host: the projections of a new epoch, this step's scalars, the gradients (which params have
+        one here: a rank holding none of a param's elements says no, and the optimizer's all-reduce decides)."""
+        t = self.step_count.tolist()  # per param, 0 before its first update
+        self._refresh_projections([int(x) // int(group["update_proj_gap"]) for x in t])
         self.fetched = [s.grad() if g.rows else None for s, g in zip(self.slots, self.geom)]
+        sizes = [param_step_size(group, x, math.sqrt(group["scale"])) for x in t]
+        self.scalars.set(sizes, -group["lr"] * group["weight_decay"], [g is not None for g in self.fetched])
 
     def fused(self) -> bool:
         """Whether every write of ``finish`` runs in a fused kernel (a device-side skip flag gates them all)."""
@@ -447,7 +461,7 @@ class LowRankBucket:
         s, u_sq = self._scaling_factors(s_own, norms, channel)  # 4
         limiter = self._limiter(u_sq, group, skip)  # 5
         # step_size * sqrt(scale) / limiter per param (the host's float times 1 / limiter, as a float / tensor is)
-        coef_param = self.scalars.tensor[0] * limiter.reciprocal()
+        coef_param = self.scalars.step_sizes_t * limiter.reciprocal()
         coef = s * coef_param[self.t_param] if channel else (s * coef_param)[self.t_param]  # per touched channel
         self._update(grads, coef, skip)  # 6
 
@@ -480,7 +494,8 @@ class LowRankBucket:
         Returns (s_own, or None for scale_type "tensor"; this rank's per-param sums over its owned channels
         of ||N_c||^2, ||R_c||^2 and s_c^2 ||G_c||^2 (channel) or ||G_c||^2 (tensor), a 3 x params tensor)."""
         b1, b2 = group["betas"]
-        n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"], skip)
+        torch.index_select(self.scalars.live_t, 0, self.o_param, out=self.keep)
+        n_sq, r_sq = channel_adam_(R, self.exp_avg, self.exp_avg_sq, b1, b2, group["eps"], skip, self.keep)
         s_own = n_sq.sqrt() / (r_sq.sqrt() + NORM_EPS) if channel else None
         norms = segment_sums(torch.stack([n_sq, r_sq, s_own.square() * R_g if channel else R_g]), self.o_segments)
         return s_own, norms
@@ -519,18 +534,23 @@ class LowRankBucket:
             return torch.ones_like(u_norm)
         q = self.limiter_norm
         limiter = torch.where(q >= 0, torch.clamp_min(u_norm / (q + NORM_EPS), LIMITER_GROWTH) / LIMITER_GROWTH, 1.0)
-        q_new = u_norm / limiter
+        q_new = torch.where(self.scalars.live_t > 0, u_norm / limiter, q)  # a param without gradient keeps its q
         self.limiter_norm.copy_(q_new if skip is None else torch.where(skip > 0, q, q_new))
         return limiter
 
     def _update(self, grads: list[Optional[torch.Tensor]], coef: torch.Tensor, skip: Optional[torch.Tensor]) -> None:
         """6. p -= G * coef (coef = step_size * s * sqrt(scale) / limiter per touched channel); then the
         decoupled weight decay p *= 1 + decay (one fused pass on GPU)."""
-        self.update([grads[i] for i in self.aligned], coef, self.scalars, skip)
+        if self.aligned:
+            torch.index_select(self.scalars.live_t, 0, self.aligned_t, out=self.aligned_live)
+            on_host = lambda: [self.scalars.live()[i] for i in self.aligned]  # noqa: E731 (read only by the eager path)
+            self.update([grads[i] for i in self.aligned], coef, self.scalars, skip, (self.aligned_live, on_host))
         if self.unaligned and skipped(skip):
             return
         decay = self.scalars.decay
         for i in self.unaligned:  # a piece cut mid-row: update its zero-padded rows, keep the held elements
+            if not self.scalars.live()[i]:
+                continue
             s, G, g = self.slots[i], grads[i], self.geom[i]
             block = s.data.new_zeros(g.rows * g.n)
             block[g.off : g.off + s.numel] = s.data

@@ -80,21 +80,52 @@ class _Pointers:
 
 
 class StepScalars:
-    """A bucket's per-step numbers: ``step_size`` (the bias-corrected lr; for APOLLO times sqrt(scale)) and
-    ``decay`` (-lr * weight_decay), as floats for the eager ops and as one fp32 device tensor that the fused
+    """A bucket's per-step numbers: per slot, ``step_sizes`` (the bias-corrected lr of that param's own step
+    count; for APOLLO times sqrt(scale)) and ``live`` (whether the param has a gradient this step: a param
+    without one is skipped, as the reference skips ``p.grad is None``), and ``decay`` (-lr * weight_decay).
+    Floats for the eager ops and one fp32 device tensor ``[decay, step_sizes (k), live (k)]`` that the fused
     kernels read, so that a captured CUDA graph replays with this step's values."""
 
-    def __init__(self, device: torch.device):
-        self.step_size, self.decay = 0.0, 0.0
-        self.tensor = torch.zeros(2, device=device)
+    def __init__(self, device: torch.device, k: int = 1):
+        self.k = k
+        self.decay = 0.0
+        self.step_sizes = [0.0] * k
+        self.tensor = torch.zeros(1 + 2 * k, device=device)
+        self.step_sizes_t = self.tensor[1 : 1 + k]
+        self.live_t = self.tensor[1 + k :]
+        self._live: Optional[list[bool]] = [True] * k  # None: decided on the device (`live_from`), unread
 
-    def set(self, step_size: float, decay: float) -> None:
-        self.step_size, self.decay = step_size, decay
-        host = torch.tensor([step_size, decay], dtype=torch.float32)  # rounded as a kernel's float argument is
+    @property
+    def step_size(self) -> float:
+        """The first slot's step size (all slots share it while their step counts agree)."""
+        return self.step_sizes[0] if self.k else 0.0
+
+    def set(self, step_sizes: "float | Sequence[float]", decay: float, live: Optional[Sequence[bool]] = None) -> None:
+        """This step's numbers: ``step_sizes`` one per slot (a float: the same for all), ``decay``, and
+        ``live`` (None: every slot has a gradient)."""
+        sizes = [float(step_sizes)] * self.k if isinstance(step_sizes, (int, float)) else [float(x) for x in step_sizes]
+        self.step_sizes, self.decay = sizes, decay
+        self._live = [True] * self.k if live is None else [bool(x) for x in live]
+        # rounded as a kernel's float argument is
+        host = torch.tensor([decay, *sizes, *(float(x) for x in self._live)], dtype=torch.float32)
         if self.tensor.is_cuda:  # no host sync: the pinned allocator keeps the buffer until the copy ran
             self.tensor.copy_(host.pin_memory(), non_blocking=True)
         else:
             self.tensor.copy_(host)
+
+    def live_from(self, counts: torch.Tensor) -> None:
+        """``live`` decided on the device: a slot is live where ``counts`` (ranks with a gradient) > 0."""
+        self.live_t.copy_(counts > 0)
+        self._live = None
+
+    def live(self) -> list[bool]:
+        """``live`` on the host (a host sync when it was decided on the device; eager paths only)."""
+        if self._live is None:
+            self._live = [bool(x) for x in (self.live_t > 0).tolist()]
+        return self._live
+
+    def all_live(self) -> bool:
+        return all(self.live())
 
 
 def skipped(skip: Optional[torch.Tensor]) -> bool:
@@ -113,6 +144,16 @@ def _flag(skip: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
     if device not in _ZEROS:
         _ZEROS[device] = torch.zeros((), device=device)
     return _ZEROS[device]
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """n ones on ``device`` (every slot live), from one cached buffer grown as needed."""
+    if device not in _ONES or len(_ONES[device]) < n:
+        _ONES[device] = torch.ones(max(n, 1024), device=device)
+    return _ONES[device][:n]
 
 
 # --- 1. projection and channel norms ----------------------------------------------------------
@@ -307,7 +348,7 @@ if triton is not None:
 
     @triton.jit
     def _channel_adam_kernel(
-        R, M, V, n_sq, r_sq, C, r, b1, a1, b2, a2, eps, skip, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr
+        R, M, V, n_sq, r_sq, keep, C, r, b1, a1, b2, a2, eps, skip, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr
     ):
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         j = tl.arange(0, R_PAD)
@@ -318,9 +359,11 @@ if triton is not None:
         # a = 1 - b comes from the host (double, then fp32), as the eager ops' alpha does.
         m = tl.fma(a1, x, tl.load(M + off, mask=mask, other=0.0) * b1)
         v = tl.fma(a2 * x, x, tl.load(V + off, mask=mask, other=0.0) * b2)
-        if tl.load(skip) == 0:  # a skipped step (non-finite gradient) leaves the moments as they are
-            tl.store(M + off, m, mask=mask)
-            tl.store(V + off, v, mask=mask)
+        # a skipped step (non-finite gradient) leaves the moments as they are, and so does a param without gradient
+        kept = mask & (tl.load(keep + c, mask=c < C, other=0.0) != 0)[:, None]
+        if tl.load(skip) == 0:
+            tl.store(M + off, m, mask=kept)
+            tl.store(V + off, v, mask=kept)
         N = tl.div_rn(m, tl.sqrt_rn(v) + eps)  # IEEE-rounded, as PyTorch's ops (not the fast approximations)
         tl.store(n_sq + c, tl.sum(N * N, axis=1), mask=c < C)
         tl.store(r_sq + c, tl.sum(x * x, axis=1), mask=c < C)
@@ -334,15 +377,22 @@ def channel_adam_(
     b2: float,
     eps: float,
     skip: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam moments of the channel rows of R (C x r, in place) -> (||N_c||^2, ||R_c||^2), each (C,),
-    with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3). ``skip`` (0-dim, > 0: skip): moments kept."""
+    with N = exp_avg / (sqrt(exp_avg_sq) + eps) (DESIGN.md §1.3). ``skip`` (0-dim, > 0: skip): moments kept.
+    ``keep`` (C,): rows where it is 0 keep their moments (a param without gradient); None: all updated."""
     C, r = exp_avg.shape
     if not fused(R, exp_avg, exp_avg_sq) or C == 0:
         if skipped(skip):  # the results are not used: every write of a skipped step is gated
             return R.new_zeros(C), R.new_zeros(C)
-        exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
-        exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+        if keep is None:
+            exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
+        else:  # the same rounding out of place, then only the kept rows written
+            kept = keep[:, None] != 0
+            exp_avg.copy_(torch.where(kept, exp_avg.mul(b1).add_(R, alpha=1.0 - b1), exp_avg))
+            exp_avg_sq.copy_(torch.where(kept, exp_avg_sq.mul(b2).addcmul_(R, R, value=1.0 - b2), exp_avg_sq))
         N = exp_avg / exp_avg_sq.sqrt().add_(eps)
         return N.square().sum(dim=1), R.square().sum(dim=1)
     n_sq, r_sq = R.new_empty(C), R.new_empty(C)
@@ -354,6 +404,7 @@ def channel_adam_(
         exp_avg_sq,
         n_sq,
         r_sq,
+        keep if keep is not None else _ones(C, R.device),
         C,
         r,
         b1,
@@ -392,12 +443,13 @@ if triton is not None:
         blk_start,
         coef,
         scalars,
+        live,
         skip,
         BLOCK: tl.constexpr,
         I32: tl.constexpr,  # every block < 2^31 elements: the row index by an int32 division (int64's is slow)
     ):
         b = tl.program_id(0)
-        decay = tl.load(scalars + 1)  # StepScalars: (step_size, decay)
+        decay = tl.load(scalars)  # StepScalars: (decay, ...)
         i = tl.load(blk_param + b)
         numel = tl.load(numels + i)
         n = tl.load(ns + i)
@@ -417,7 +469,8 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask)
         p = tl.fma(-g, c, p)  # addcmul_'s rounding, then the decay's
         p = tl.fma(decay, p, p)
-        if tl.load(skip) == 0:  # a skipped step writes nothing
+        # a skipped step writes nothing; a param without gradient is left as it is (no decay either)
+        if (tl.load(skip) == 0) & (tl.load(live + i) != 0):
             tl.store(p_ptr + offs, p, mask=mask)
 
 
@@ -442,16 +495,25 @@ class MultiUpdate:
         self.g_ptrs = _Pointers(dev)
 
     def __call__(
-        self, grads: list[torch.Tensor], coef: torch.Tensor, scalars: StepScalars, skip: Optional[torch.Tensor] = None
+        self,
+        grads: list[torch.Tensor],
+        coef: torch.Tensor,
+        scalars: StepScalars,
+        skip: Optional[torch.Tensor] = None,
+        live: Optional[tuple[torch.Tensor, list[bool]]] = None,
     ) -> None:
-        """p <- (p - G * coef) (1 + scalars.decay); nothing when ``skip`` (0-dim) is > 0."""
+        """p <- (p - G * coef) (1 + scalars.decay); nothing when ``skip`` (0-dim) is > 0. ``live``: per param,
+        on the device (the kernel reads it) and a reader of it on the host (the eager path), where the params
+        without gradient are left untouched; None: all live."""
         if not self.params:
             return
         if not (self.on_gpu and fused(*grads)):
             if skipped(skip):
                 return
-            for p, g, row, off in zip(self.params, grads, self.per_row, self.coef_offsets):
-                scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay)
+            on = live[1]() if live is not None else [True] * len(self.params)
+            for p, g, row, off, here in zip(self.params, grads, self.per_row, self.coef_offsets, on):
+                if here:
+                    scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay)
             return
         _multi_update_kernel[(len(self.blk_param),)](
             self.p_ptrs,
@@ -464,6 +526,7 @@ class MultiUpdate:
             self.blk_start,
             coef.contiguous(),
             scalars.tensor,
+            live[0] if live is not None else _ones(len(self.params), coef.device),
             _flag(skip, coef.device),
             BLOCK=BLOCK,
             I32=self.i32,
@@ -491,12 +554,15 @@ if triton is not None:
         a2,
         eps,
         scalars,
+        step_sizes,
+        step_stride,
+        live,
         skip,
         BLOCK: tl.constexpr,
     ):
         b = tl.program_id(0)
-        step_size, decay = tl.load(scalars), tl.load(scalars + 1)  # StepScalars
         i = tl.load(blk_param + b)
+        step_size, decay = tl.load(step_sizes + i * step_stride), tl.load(scalars)  # StepScalars
         offs = tl.load(blk_start + b) + tl.arange(0, BLOCK).to(tl.int64)
         mask = offs < tl.load(numels + i)
         p_ptr = tl.load(p_ptrs + i).to(tl.pointer_type(tl.float32))
@@ -508,7 +574,8 @@ if triton is not None:
         p = tl.load(p_ptr + offs, mask=mask)
         p = tl.fma(-step_size, tl.div_rn(m, tl.sqrt_rn(v) + eps), p)
         p = tl.fma(decay, p, p)
-        if tl.load(skip) == 0:  # a skipped step writes nothing
+        # a skipped step writes nothing; a param without gradient keeps its weight and moments
+        if (tl.load(skip) == 0) & (tl.load(live + i) != 0):
             tl.store(M + s, m, mask=mask)
             tl.store(V + s, v, mask=mask)
             tl.store(p_ptr + offs, p, mask=mask)
@@ -566,23 +633,34 @@ class MultiAdam:
         scalars: StepScalars,
         skip: Optional[torch.Tensor] = None,
     ) -> None:
-        """One step: ``scalars.step_size`` = bias-corrected lr, ``scalars.decay`` = -lr * weight_decay (0: none);
-        nothing when ``skip`` (0-dim) is > 0."""
+        """One step: ``scalars.step_sizes`` = each param's bias-corrected lr (one per param, or one for all),
+        ``scalars.decay`` = -lr * weight_decay (0: none), ``scalars.live``: params without gradient are left
+        untouched (weight and moments); nothing when ``skip`` (0-dim) is > 0."""
         if not self.params:
             return
+        per_param = scalars.k == len(self.params)
         if not (self.on_gpu and fused(*grads)):
             if skipped(skip):
                 return
-            step_size, decay = scalars.step_size, scalars.decay
-            torch._foreach_mul_(self.m, b1)
-            torch._foreach_add_(self.m, grads, alpha=1.0 - b1)
-            torch._foreach_mul_(self.v, b2)
-            torch._foreach_addcmul_(self.v, grads, grads, value=1.0 - b2)
-            denom = torch._foreach_sqrt(self.v)
+            on = scalars.live() if per_param else [True] * len(self.params)
+            sizes = scalars.step_sizes if per_param else scalars.step_sizes[:1] * len(self.params)
+            pick = [i for i, here in enumerate(on) if here]
+            ps, ms, vs, gs = ([xs[i] for i in pick] for xs in (self.params, self.m, self.v, grads))
+            if not ps:
+                return
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
+            denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(self.params, self.m, denom, value=-step_size)
-            if decay != 0.0:
-                torch._foreach_add_(self.params, self.params, alpha=decay)
+            step = {sizes[i] for i in pick}
+            if len(step) == 1:
+                torch._foreach_addcdiv_(ps, ms, denom, value=-step.pop())
+            else:  # params at different step counts (some had no gradient in earlier steps)
+                torch._foreach_addcdiv_(ps, ms, denom, [-sizes[i] for i in pick])
+            if scalars.decay != 0.0:
+                torch._foreach_add_(ps, ps, alpha=scalars.decay)
             return
         _multi_adam_kernel[(len(self.blk_param),)](
             self.p_ptrs,
@@ -599,6 +677,9 @@ class MultiAdam:
             1.0 - b2,
             eps,
             scalars.tensor,
+            scalars.step_sizes_t,
+            1 if per_param else 0,
+            scalars.live_t if per_param else _ones(len(self.params), self.exp_avg.device),
             _flag(skip, self.exp_avg.device),
             BLOCK=BLOCK,
         )

@@ -6,8 +6,8 @@ DTensors, whose hooks FSDP2 calls itself right after the reduce-scatter writes t
 see torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py ``foreach_reduce``). The hook runs the
 ordinary step of that one parameter (the same core functions: seeds, projection refreshes, limiter,
 bias correction, decay) and drops its gradient (``p.grad = None``), so at most a layer's gradients are
-alive at any time instead of the whole model's. ``optimizer.step()`` then only checks that every
-trainable parameter was updated exactly once since the previous step.
+alive at any time instead of the whole model's. ``optimizer.step()`` then only checks that some
+parameter was updated since the previous step (a parameter without gradient is skipped, as in the ordinary step).
 
 Each parameter is its own unit (bucket): a param's update needs nothing but its own gradient, and its
 hook is the first moment that gradient is complete. Per-param buckets compute what the group-wide
@@ -121,35 +121,29 @@ class LayerwiseUpdates:
                     int8.load_scratch()
                 opt._step_buckets([bucket])
                 if int8 is not None:
-                    int8.store_scratch(s.index + 1, int(bucket.step_count))
+                    int8.store_scratch(s.index + 1, int(bucket.step_count[0]))
         except FloatingPointError as e:
             raise FloatingPointError(
                 f"layer-wise APOLLO: non-finite gradient in param {s.index} (shape {s.shape}) at step "
-                f"{int(bucket.step_count) + 1}; params updated earlier in this backward keep their update, this one "
+                f"{int(bucket.step_count[0]) + 1}; params updated earlier in this backward keep their update, this one "
                 f"and later ones were not updated ({e})"
             ) from None
         self._done.add(s.index)
         param.grad = None  # the point of layer-wise updates: this gradient's memory goes back now
 
     def step(self) -> None:
-        """``optimizer.step()`` in layer-wise mode: check that every trainable param was updated exactly
-        once since the previous step (the updates themselves ran in backward); RuntimeError naming the
-        params that were not."""
+        """``optimizer.step()`` in layer-wise mode: the updates themselves ran in backward, each param's at most
+        once (a second gradient is an error in its hook); a param without gradient was not updated (skipped, as
+        in the ordinary step). RuntimeError when no param was updated since the previous step."""
         opt = self._optimizer()
         opt.ensure_bound()  # re-pointed groups re-bind here (and re-hook); their params were not updated
         self._checked = False
         done, self._done = self._done, set()
-        missing = [s for b in opt._buckets for s in b.slots if s.index not in done]
-        if not missing:
-            return
-        if len(missing) == sum(len(b.slots) for b in opt._buckets):
+        # A param whose hook did not fire had no gradient: it is skipped, as the ordinary step and the reference
+        # skip it. Nothing updated at all is a misuse (no backward, or hooks on params an engine replaced).
+        if not done and any(b.slots for b in opt._buckets):
             raise RuntimeError(
                 "layer-wise APOLLO: optimizer.step() found no parameter updated since the last step: run backward "
                 "before step() (the updates run inside backward); if an engine re-pointed the param groups (accelerate), "
                 "call optimizer.ensure_bound() after it did, before the first backward"
             )
-        raise RuntimeError(
-            f"layer-wise APOLLO: {len(missing)} trainable params got no gradient in backward and were not updated, "
-            f"at positions {[s.index for s in missing][:8]} (shapes {[s.shape for s in missing][:4]}): freeze them "
-            "(requires_grad=False) or use layerwise=False, where a missing gradient counts as zero"
-        )

@@ -291,13 +291,12 @@ class DCPSource:
         self.model = models.pop()
         params, meta_groups = [], []
         for gi, g in enumerate(self.groups):
-            steps = {float(torch.as_tensor(state[n]["step"])) for n in g["params"]}
-            if len(steps) != 1:
-                raise CheckpointError(f"{self.dir}: params of group {gi} have different steps {sorted(steps)}")
-            meta_groups.append({**group_hyperparameters(g), "step": int(steps.pop())})
+            # per param: a param without gradient in a step is skipped, so a group's params may differ
+            steps = {n: int(torch.as_tensor(state[n]["step"])) for n in g["params"]}
+            meta_groups.append({**group_hyperparameters(g), "step": max(steps.values(), default=0)})
             for n in g["params"]:
                 shape = tuple(self.md.state_dict_metadata[f"{self.model}.{n}"].size)
-                params.append(ParamEntry(n, gi, shape, int(state[n]["seed"]), g.get("rank")))
+                params.append(ParamEntry(n, gi, shape, int(state[n]["seed"]), g.get("rank"), steps[n]))
         run = _trainer_json(self.dir)
         first = self.groups[0] if self.groups else {}
         world = len({int(m.group(1)) for f in self._files() if (m := re.match(r"__(\d+)_\d+\.distcp$", f))})

@@ -9,6 +9,8 @@ over itself with `bind`.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -141,9 +143,11 @@ class APOLLO(torch.optim.Optimizer):
         self.nonfinite = _nonfinite_policy(nonfinite, layerwise)
         self._layerwise = LayerwiseUpdates(self) if layerwise else None  # updates run in backward; step() only checks
         self._skipped = 0  # steps skipped for non-finite gradients (nonfinite="skip")
-        self._pending: Optional[tuple[list, Optional[torch.cuda.Event]]] = None  # a step whose skip flag is unread
-        self._bad: Optional[torch.Tensor] = None  # the step's non-finite count (device) and its host copy
-        self._bad_host: Optional[torch.Tensor] = None
+        self._skipped_in_a_row = 0  # ... since the last step taken (warned about at 3, 10, 100, ...)
+        self._pending: Optional[_Pending] = None  # a step whose device decisions the host has not read yet
+        self._bad: Optional[torch.Tensor] = None  # the step's non-finite count (device)
+        self._flags: Optional[torch.Tensor] = None  # W > 1: [non-finite count, ranks with each param's gradient]
+        self._host: dict[int, torch.Tensor] = {}  # pinned host copies of those, by length
         self._graph = StepGraph() if cuda_graph else None
         # The group dicts (engines re-point their "params" and may narrow param_groups to one of them
         # while stepping, but keep the dicts) and the params as received, by position, held weakly.
@@ -224,7 +228,7 @@ class APOLLO(torch.optim.Optimizer):
 
     def _install(self, binding: Binding) -> None:
         """Build the buckets of ``binding`` (one all-gather of every rank's element ranges)."""
-        if self._buckets and any(float(b.step_count) > 0 for b in self._buckets):
+        if _most_steps(self._buckets) > 0:
             raise ValueError(
                 "APOLLO's param groups now hold other tensors than the ones it has been training "
                 f"({self._binding.kind} -> {binding.kind}): an engine re-pointed them after the first step or load. "
@@ -270,8 +274,9 @@ class APOLLO(torch.optim.Optimizer):
 
     @property
     def steps_taken(self) -> int:
-        """Optimizer steps applied so far (skipped non-finite steps not counted)."""
-        return int(self.buckets[-1].step_count) if self.buckets else 0
+        """Optimizer steps applied so far (skipped non-finite steps not counted): the most any param was
+        updated (a param without gradient in a step is not updated, as in the reference)."""
+        return _most_steps(self.buckets)
 
     # -- stepping -----------------------------------------------------------------------------
     def _hparams(self, gi: int) -> dict:
@@ -341,16 +346,25 @@ class APOLLO(torch.optim.Optimizer):
         """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph
         may capture it). Returns the number of rank-buckets with a non-finite gradient (0-dim; all ranks
         agree), into ``self._bad``. ``gated`` ("skip"): ``finish`` runs and writes nothing when it is > 0; else
-        ``finish`` runs only when ``check`` is off ("raise": the host decides and calls it)."""
+        ``finish`` runs only when ``check`` is off ("raise": the host decides and calls it).
+        At W > 1 the same all-reduce tells every rank which params have a gradient on some rank (a rank that
+        holds none of a param's elements cannot know; under FSDP2 it sees ``grad is None`` either way)."""
         for b, hp in zip(buckets, hparams):
             b.prepare(hp)
         bad = self._bad_buffer()
-        if check:
-            bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device)))
-            if self._comm.world > 1:
-                # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
-                # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
-                self._comm.all_reduce(bad)
+        zero = torch.zeros((), device=self._device)
+        if check or self._comm.world > 1:
+            bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), zero) if check else zero)
+        if self._comm.world > 1:
+            # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
+            # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
+            self._flags = torch.cat([bad.reshape(1)] + [b.scalars.live_t for b in buckets])
+            self._comm.all_reduce(self._flags)
+            bad.copy_(self._flags[0])
+            k = 1
+            for b in buckets:
+                b.scalars.live_from(self._flags[k : k + len(b.slots)])
+                k += len(b.slots)
         if gated or not check:
             for b, hp in zip(buckets, hparams):
                 b.finish(hp, bad if gated else None)
@@ -360,39 +374,66 @@ class APOLLO(torch.optim.Optimizer):
         """The step's non-finite count, one persistent 0-dim tensor (a captured step writes it in place)."""
         if self._bad is None or self._bad.device != self._device:
             self._bad = torch.zeros((), device=self._device)
-            self._bad_host = torch.zeros((), pin_memory=self._device.type == "cuda")
+            self._host = {}
         return self._bad
 
     def _taken(self, buckets: list, gated: bool) -> None:
-        """Count the step taken now; after a device-gated one, read its flag at the next call (`_settle`)."""
+        """Count the step taken now by each param that has a gradient (at W > 1 by every param: the all-reduce
+        decided on the device which have one); where the host has not seen the device's decisions (the skip
+        flag of a device-gated step, W > 1's live params), read them at the next call (`_settle`)."""
+        here = self._comm.world == 1  # the host knows which params have a gradient
+        applied = []
         for b in buckets:
-            b.step_count += 1
-        if gated:
-            event = None
-            if self._device.type == "cuda":
-                self._bad_host.copy_(self._bad, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            else:
-                self._bad_host.copy_(self._bad)
-            self._pending = (buckets, event)
+            inc = torch.tensor(b.scalars.live(), dtype=torch.float32) if here else torch.ones(len(b.slots))
+            b.step_count += inc
+            applied.append(inc)
+        if here and not gated:
+            return
+        src = self._bad.reshape(1) if here else self._flags
+        host = self._host.get(len(src))
+        if host is None:
+            host = self._host[len(src)] = torch.zeros(len(src), pin_memory=self._device.type == "cuda")
+        event = None
+        if self._device.type == "cuda":
+            host.copy_(src, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host.copy_(src)
+        self._pending = _Pending(buckets, applied, host, event, here)
 
     def _settle(self) -> None:
-        """Read the skip flag of the last device-gated step (waits for it): if it was skipped, undo its count."""
+        """Read the device's decisions of the last step (waits for them): a skipped step is undone, and at W > 1
+        the params without gradient on any rank take back their count."""
         if self._pending is None:
             return
-        buckets, event = self._pending
-        self._pending = None
-        if event is not None:
-            event.synchronize()
-        if self._bad_host.item() > 0:
-            for b in buckets:
-                b.step_count -= 1
-            self._skipped += 1
+        p, self._pending = self._pending, None
+        if p.event is not None:
+            p.event.synchronize()
+        bad = p.host[0].item() > 0
+        k = 1
+        for b, inc in zip(p.buckets, p.applied):
+            live = inc if p.decided_on_host else (p.host[k : k + len(b.slots)] > 0).float()
+            k += len(b.slots)
+            b.step_count += (0.0 if bad else live) - inc
+        if not bad:
+            self._skipped_in_a_row = 0
+            return
+        self._skipped += 1
+        self._skipped_in_a_row += 1
+        n = self._skipped_in_a_row
+        if n == 3 or (n >= 10 and n == 10 ** (len(str(n)) - 1)):
+            warnings.warn(
+                f"APOLLO: the last {n} steps were skipped for non-finite (inf/NaN) gradients ({self._skipped} skipped "
+                f"in all; nonfinite='skip'): the weights have not changed since step {_most_steps(self._buckets)}. "
+                "Check the loss, the learning rate and, in fp16, the loss scale",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @staticmethod
     def _step_number(buckets: list) -> int:
-        return int(buckets[0].step_count) + 1 if buckets else 0
+        return _most_steps(buckets) + 1 if buckets else 0
 
     @property
     def skipped_steps(self) -> int:
@@ -507,6 +548,23 @@ class APOLLO(torch.optim.Optimizer):
                 if k not in ("params", "param_names") + RUN_KEYS:  # run-level: this run's
                     mine[k] = v
         return position
+
+
+@dataclass
+class _Pending:
+    """A step whose device decisions the host reads at the next call: the buckets stepped, the counts added
+    to each (per param), the host copy of [non-finite count(, ranks with each param's gradient)] and its event."""
+
+    buckets: list
+    applied: list[torch.Tensor]
+    host: torch.Tensor
+    event: Optional[Any]
+    decided_on_host: bool  # W = 1: ``applied`` already counts only the params with a gradient
+
+
+def _most_steps(buckets: list) -> int:
+    """The most steps any param of ``buckets`` has taken (0 when none)."""
+    return int(max((float(b.step_count.max()) for b in buckets if len(b.step_count)), default=0.0))
 
 
 def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any]) -> None:

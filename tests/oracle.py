@@ -16,9 +16,12 @@ class Block(nn.Module):
         self.attn = nn.ModuleDict({"q": nn.Linear(d, d, bias=False), "o": nn.Linear(d, d, bias=True)})
         self.mlp = nn.ModuleDict({"up": nn.Linear(d, h, bias=True), "down": nn.Linear(h, d, bias=False)})
         self.norm = nn.LayerNorm(d)
+        self.mlp_idle = False  # True: the MLP is left out of the graph (its params get no gradient: grad None)
 
     def forward(self, x):
         x = x + self.attn["o"](torch.tanh(self.attn["q"](self.norm(x))))
+        if self.mlp_idle:
+            return x
         return x + self.mlp["down"](torch.relu(self.mlp["up"](x)))
 
 
@@ -88,3 +91,36 @@ def max_rel_diff(a: nn.Module, b: nn.Module) -> float:
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-12)))
     return worst
+
+
+IDLE_EVERY = 3  # the last block's MLP (a tall and a wide target weight and a bias) sits out every third step
+
+
+def set_idle(model: nn.Module, t: int, every: int = IDLE_EVERY) -> bool:
+    """Leave the last block's MLP out of step ``t``'s graph when t % every == every - 1 (0: never); whether it is."""
+    idle = every > 0 and t % every == every - 1
+    blocks = getattr(model, "blocks", None) or model.module.blocks
+    blocks[-1].mlp_idle = idle
+    return idle
+
+
+def idle_params(model: nn.Module) -> list[nn.Parameter]:
+    """The params `set_idle` leaves without gradient."""
+    blocks = getattr(model, "blocks", None) or model.module.blocks
+    return list(blocks[-1].mlp.parameters())
+
+
+def train_idle(opt_cls, preset: str, steps: int = 12, zeros: bool = False, **kw) -> TinyNet:
+    """`train` with the last block's MLP idle every third step (its grads None, as autograd leaves them);
+    ``zeros``: give them zero gradients instead (what ZeRO's flat buffers hold for an unused param)."""
+    model = make_model(0)
+    opt = opt_cls(groups(model, preset), **{**HPARAMS, "weight_decay": 0.01}, **kw)
+    for t in range(steps):
+        idle = set_idle(model, t)
+        loss_fn(model, *batch(t)).backward()
+        if idle and zeros:
+            for p in idle_params(model):
+                p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad()
+    return model

@@ -59,7 +59,7 @@ def runs(tmp_path_factory) -> dict[int, dict]:
             str(tmp / "ck2"),
         ),
         3: deepspeed_launch(
-            3, tmp / "w3.json", "--parts", "equivalence,checkpoint,plain", "--ckpt-dir", str(tmp / "ck3")
+            3, tmp / "w3.json", "--parts", "equivalence,checkpoint,plain,idle", "--ckpt-dir", str(tmp / "ck3")
         ),
     }
 
@@ -293,3 +293,13 @@ def test_adapter_reachable_as_attribute_without_importing_deepspeed_early():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_zero_param_without_gradient_steps_as_zero_gradient(runs, stage, preset):
+    """W=3, plain deepspeed.initialize: ZeRO hands the optimizer zeros for a param that got no gradient, so
+    APOLLO equals apollo-torch given zero gradients (DeepSpeed's own Adam's rule), not the one-process skip."""
+    r = runs[3][f"idle/stage{stage}/{preset}"]
+    assert r["zeros"] < TOL
+    assert r["skipped"] > 1e-3

@@ -87,6 +87,7 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
                 "group": e.group,
                 "shape": list(e.shape),
                 "seed": e.seed,
+                "step": e.step if e.step is not None else int(meta.groups[e.group]["step"]),
                 "rank": e.r,
                 "file": where[e.name],
                 "tensors": {k: {"shape": list(s), "dtype": "float32"} for k, s in e.tensor_shapes().items()},
@@ -150,7 +151,7 @@ class CanonicalCheckpoint:
     def _meta(self) -> Meta:
         ix = self.index
         params = [
-            ParamEntry(name, int(p["group"]), tuple(p["shape"]), int(p["seed"]), p.get("rank"))
+            ParamEntry(name, int(p["group"]), tuple(p["shape"]), int(p["seed"]), p.get("rank"), p.get("step"))
             for name, p in ix["params"].items()
         ]
         groups = [{k: v for k, v in g.items() if k != "params"} for g in ix["param_groups"]]

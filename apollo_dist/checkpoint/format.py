@@ -31,6 +31,8 @@ class ParamEntry:
     shape: tuple[int, ...]
     seed: int
     r: Optional[int] = None  # the projection rank (index.json's "rank"); None: plain Adam
+    step: Optional[int] = None  # the optimizer steps that updated it (a param without gradient in a step is
+    # skipped, so params of a group can differ); None: its group's "step" (checkpoints before per-param steps)
 
     @property
     def lowrank(self) -> bool:
@@ -55,7 +57,7 @@ class Meta:
     """Everything of a checkpoint but the tensors."""
 
     params: list[ParamEntry]
-    groups: list[dict[str, Any]]  # JSON hyperparameters of each group, with "step" (optimizer steps taken)
+    groups: list[dict[str, Any]]  # JSON hyperparameters of each group, with "step" (the most any param took)
     generator_device: str = "cpu"
     optimizer: dict[str, Any] = field(default_factory=lambda: {"scale_front": False, "disable_nl": False})
     trainer: dict[str, Any] = field(default_factory=dict)  # "step" (data position), "scheduler", "run", "hf_config"

@@ -165,11 +165,11 @@ def load_canonical(
     for b in optimizer.buckets:
         group = optimizer.param_groups[b.group_index]
         saved = saved_groups[b.group_index]
-        b.step_count.fill_(float(saved["step"]))
         for i, s in enumerate(b.slots):
             name = names.get(id(s.param))
             rec = _param_record(ckpt, name, s, b.group_index)
             live_names.add(name)
+            b.step_count[i] = float(rec.get("step", saved["step"]))  # per param (older checkpoints: the group's)
             _load_slot(ckpt, b, i, name, int(rec["seed"]))
             optimizer.state[s.param]["seed"] = int(rec["seed"])
         if isinstance(b, LowRankBucket):

@@ -97,16 +97,16 @@ def meta_from_state_dicts(
     layout = optim_sd["apollo_layout"]
     params, groups, index_of = [], [], {}
     for gi, g in enumerate(optim_sd["param_groups"]):
-        steps = {float(_local(optim_sd["state"][idx]["step"])) for idx in g["params"] if idx in optim_sd["state"]}
-        if len(steps) > 1:
-            raise CheckpointError(f"{source.get('path')}: params of group {gi} have different steps {sorted(steps)}")
-        groups.append({**group_hyperparameters(g), "step": int(steps.pop()) if steps else 0})
+        # per param: a param without gradient in a step is skipped, so a group's params may differ
+        steps = {idx: int(_local(optim_sd["state"][idx]["step"])) for idx in g["params"] if idx in optim_sd["state"]}
+        groups.append({**group_hyperparameters(g), "step": max(steps.values(), default=0)})
         for idx in g["params"]:
             if idx not in layout["params"]:
                 continue  # frozen: not optimized
             name = names[idx]
             lay = layout["params"][idx]
-            params.append(ParamEntry(name, gi, tuple(lay["shape"]), int(optim_sd["state"][idx]["seed"]), g.get("rank")))
+            st = optim_sd["state"][idx]
+            params.append(ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"), steps.get(idx)))
             index_of[name] = idx
     first = optim_sd["param_groups"][0] if optim_sd["param_groups"] else {}
     meta = Meta(

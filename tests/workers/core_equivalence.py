@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--nan-step", type=int, default=-1, help="put a NaN into one gradient at this step...")
     ap.add_argument("--nan-rank", type=int, default=0, help="...on this rank only")
     ap.add_argument("--nonfinite", default="skip")
+    ap.add_argument("--idle", action="store_true", help="the last block's MLP sits out every third step (grad None)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -165,6 +166,7 @@ def main() -> None:
     counts, raised = [], []
     for t in range(args.steps):
         x, y = oracle.batch(t)
+        oracle.set_idle(model, t, oracle.IDLE_EVERY if args.idle else 0)
         if args.layout in ("fsdp2", "repointed"):  # each rank its slice of the global batch; FSDP2 averages grads
             x, y = x[rank::world], y[rank::world]
         oracle.loss_fn(model, x, y).backward()
@@ -195,6 +197,7 @@ def main() -> None:
         ref_opt = oracle.oracle_class()(oracle.groups(ref, args.preset), **oracle.HPARAMS)
         for t in range(args.steps):
             x, y = oracle.batch(t)
+            oracle.set_idle(ref, t, oracle.IDLE_EVERY if args.idle else 0)
             oracle.loss_fn(ref, x, y).backward()
             if t != args.nan_step:  # a non-finite step is skipped (or raised) everywhere
                 ref_opt.step()

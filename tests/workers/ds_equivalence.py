@@ -186,7 +186,7 @@ def part_equivalence(report: dict) -> None:
                 "state_bytes": gather_list(state_bytes(opt)),
                 "state_bound": gather_list(state_bounds(opt, stage, ref_total)),
                 "ref_state_bytes": ref_total,
-                "steps": int(opt.buckets[-1].step_count),
+                "steps": opt.steps_taken,
             }
             engine.destroy()
 
@@ -243,7 +243,7 @@ def part_extras(report: dict) -> None:
         report[f"extras/stage{stage}"] = {
             "max_rel_diff": rel_diff(full_params(engine, model), ref),
             "lr": opt.param_groups[0]["lr"],
-            "steps": int(engine.optimizer.optimizer.buckets[-1].step_count),
+            "steps": engine.optimizer.optimizer.steps_taken,
         }
         engine.destroy()
     # A torch LR scheduler handed to initialize (built before the adapter binds the layout).
@@ -258,7 +258,7 @@ def part_extras(report: dict) -> None:
     train(engine, STEPS, accum=2)
     report["extras/client_scheduler"] = {
         "max_rel_diff": rel_diff(full_params(engine, model), ref),
-        "steps": int(engine.optimizer.optimizer.buckets[-1].step_count),
+        "steps": engine.optimizer.optimizer.steps_taken,
     }
     engine.destroy()
 
@@ -302,7 +302,7 @@ def part_checkpoint(report: dict, ckpt_dir: str) -> None:
         model2 = oracle.make_model(1)  # other initial weights: everything must come from the checkpoint
         engine2, opt2, _, _ = ads.initialize(model=model2, config=extras_config(stage))
         engine2.load_checkpoint(path, tag="t6")
-        loaded_steps = int(engine2.optimizer.optimizer.buckets[-1].step_count)
+        loaded_steps = engine2.optimizer.optimizer.steps_taken
         train(engine2, 6, start=6, accum=2)
         got_params, got_state = full_params(engine2, model2), apollo_snapshot(engine2.optimizer.optimizer)
         report[f"ckpt/stage{stage}"] = {
@@ -346,7 +346,7 @@ def part_fp16(report: dict) -> None:
             "loss_scale": [float(scale), float(scale_after)],
             "steps_before": int(before[f"{len(opt.buckets) - 1}/step"]),
             "steps_after_overflow": int(after[f"{len(opt.buckets) - 1}/step"]),
-            "steps_after_next": int(opt.buckets[-1].step_count),
+            "steps_after_next": opt.steps_taken,
             "finite": all(bool(torch.isfinite(v).all()) for v in full_params(engine, model).values()),
         }
         engine.destroy()
@@ -366,7 +366,7 @@ def part_bf16(report: dict) -> None:
         report[f"bf16/stage{stage}"] = {
             "wrapper": type(engine.optimizer).__name__,
             "max_rel_diff": rel_diff(full_params(engine, model), ref),
-            "steps": int(opt.buckets[-1].step_count),
+            "steps": opt.steps_taken,
         }
         engine.destroy()
 
@@ -420,6 +420,31 @@ def part_plain(report: dict) -> None:
                 "steps": opt.steps_taken,
                 "wrapper": type(ds_opt).__name__,
             }
+            engine.destroy()
+
+
+def part_idle(report: dict) -> None:
+    """A param without gradient under plain deepspeed.initialize, ZeRO-2 and ZeRO-3 (the last block's MLP
+    idle every third step): ZeRO fills an unused param's gradient with zeros before the optimizer sees it
+    (stage_1_and_2 ``set_none_gradients_to_zero``, stage3's leaf-module hook), so APOLLO, like DeepSpeed's
+    own Adam, steps it with a zero gradient. Compared with apollo-torch given zero gradients (that rule)
+    and with apollo-torch skipping them (the one-process rule, which ZeRO cannot see)."""
+    W = dist.get_world_size()
+    for preset in ("apollo", "apollo-mini"):
+        zeros = oracle.train_idle(oracle.oracle_class(), preset, zeros=True)
+        skipped = oracle.train_idle(oracle.oracle_class(), preset)
+        for stage in (2, 3):
+            model = oracle.make_model(0)
+            opt = APOLLO(oracle.groups(model, preset), **{**oracle.HPARAMS, "weight_decay": 0.01})
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=opt, config=plain_config(base_config(stage, GLOBAL_BATCH // W))
+            )
+            for t in range(12):
+                oracle.set_idle(model, t)
+                engine.backward(oracle.loss_fn(engine, *local_rows(t, 0, GLOBAL_BATCH // W)))
+                engine.step()
+            got = full_params(engine, model)
+            report[f"idle/stage{stage}/{preset}"] = {"zeros": rel_diff(got, zeros), "skipped": rel_diff(got, skipped)}
             engine.destroy()
 
 
@@ -515,6 +540,7 @@ def main() -> None:
         "plain": part_plain,
         "plain_bf16": part_plain_bf16,
         "plain_errors": part_plain_errors,
+        "idle": part_idle,
         "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir),
     }
     for name in args.parts.split(","):
