@@ -38,6 +38,24 @@ TUNABLE_LOW_RANK_KEYS = ("rank", "scale_type", "scale", "update_proj_gap")
 RUN_KEYS = ("generator_device", "scale_front", "disable_nl")
 
 
+def warn_run_changes(where: str, saved: dict[str, Any], live: dict[str, Any], stacklevel: int = 3) -> None:
+    """Warn, naming each, when a loaded state's run-level settings (`RUN_KEYS`) differ from this run's, which
+    win: another generator device draws other projections from the same seeds; ``scale_front`` and
+    ``disable_nl`` change the limiter. ``saved`` may lack keys (older checkpoints): those are not compared."""
+    changed = [f"{k}={saved[k]!r} -> {live[k]!r}" for k in RUN_KEYS if k in saved and k in live and saved[k] != live[k]]
+    if changed:
+        warnings.warn(
+            f"{where}: saved with other run settings than this run's, which are used from here on: {', '.join(changed)}"
+            + (
+                " (projections are drawn on another device type from the same seeds: P changes from the next "
+                "refresh on; moments stay valid, the run is not bit-identical to one that stayed)"
+                if any(c.startswith("generator_device") for c in changed)
+                else ""
+            ),
+            stacklevel=stacklevel,
+        )
+
+
 def preset(name: str) -> dict[str, Any]:
     """The low-rank group keys of preset ``name`` ("apollo" or "apollo-mini")."""
     key = name.lower().replace("_", "-")

@@ -18,8 +18,10 @@ rank runs the hooks in the same order (FSDP2's per-group reduce order), so the c
 What cannot hold in this mode, and is refused:
 - gradient accumulation over several backwards (the update already ran at the first one): a second
   gradient for a param before ``step()`` is a RuntimeError;
-- global-norm clipping (needs every gradient before any update): not detectable here, since grads are
-  None when a clipper runs; launch/train.py refuses ``--grad-clip`` > 0 with ``--layerwise``;
+- clipping (global-norm clipping needs every gradient before any update; by the time a clipper runs the
+  gradients were applied and freed, so it would clip nothing): ``torch.nn.utils.clip_grad_norm_`` /
+  ``clip_grad_value_`` on a layer-wise param raise (`guard_clipping`: what accelerate, Lightning's
+  ``gradient_clip_val`` and the Trainer call); launch/train.py refuses ``--grad-clip`` > 0 with ``--layerwise``;
 - DeepSpeed ZeRO (ZeRO owns and partitions the gradients; no per-parameter hook after its reduction):
   an error at ``apollo_dist.deepspeed.initialize``, or at the first hook under plain ``deepspeed.initialize``;
 - ``nonfinite="skip"``: a step cannot be skipped once earlier params were updated in the same backward
@@ -28,6 +30,7 @@ What cannot hold in this mode, and is refused:
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +47,38 @@ DEEPSPEED_REFUSED = (
     "gradients itself and offers no per-parameter hook after its reduction; use layerwise=False, or FSDP2 "
     "(fully_shard) / one process for layer-wise updates"
 )
+
+
+CLIPPING_REFUSED = (
+    "torch.nn.utils.{name} on {n} parameter(s) that layer-wise APOLLO (layerwise=True) updates inside backward: "
+    "their gradients were applied and freed before any clipper can see them, so nothing would be clipped. "
+    "Layer-wise updates cannot clip (no update may wait for every gradient): turn clipping off (Lightning: "
+    "gradient_clip_val=None; accelerate: no clip_grad_norm_; launch/train.py: --grad-clip 0) or use layerwise=False"
+)
+# params some layer-wise APOLLO hooks, by id (a WeakSet would compare tensors with ==)
+_LAYERWISE_PARAMS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def guard_clipping() -> None:
+    """Make ``torch.nn.utils.clip_grad_norm_`` and ``clip_grad_value_`` raise on params a layer-wise APOLLO
+    updates (installed once; other params clip as before). accelerate, Lightning's ``gradient_clip_val`` and
+    the HF Trainer call them through the ``torch.nn.utils`` attribute, so they meet the check; code that
+    imported the function before this ran does not (documented)."""
+    for name in ("clip_grad_norm_", "clip_grad_value_"):
+        original = getattr(torch.nn.utils, name)
+        if getattr(original, "_apollo_guarded", False):
+            continue
+
+        @functools.wraps(original)
+        def guarded(parameters, *args, _original=original, _name=name, **kwargs):
+            params = [parameters] if torch.is_tensor(parameters) else list(parameters)
+            hit = sum(1 for p in params if _LAYERWISE_PARAMS.get(id(p)) is p)
+            if hit:
+                raise RuntimeError(CLIPPING_REFUSED.format(name=_name, n=hit))
+            return _original(params, *args, **kwargs)
+
+        guarded._apollo_guarded = True
+        setattr(torch.nn.utils, name, guarded)
 
 
 def per_param_binding(binding: Binding) -> Binding:
@@ -90,6 +125,8 @@ class LayerwiseUpdates:
             h.remove()
         self._bucket_of = {id(b.slots[0].param): b for b in buckets}
         self._handles = [b.slots[0].param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets]
+        guard_clipping()
+        _LAYERWISE_PARAMS.update((id(b.slots[0].param), b.slots[0].param) for b in buckets)
         self._done.clear()
 
     def _on_grad(self, param: torch.Tensor) -> None:

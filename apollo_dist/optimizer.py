@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
 from .buckets import Bucket, build_buckets, exposed_state
 from .core import Collectives, LowRankBucket, Slot
-from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS
+from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS, warn_run_changes
 from .layerwise import LayerwiseUpdates, per_param_binding
 from .quant import refuse_int8
 from .step_graph import StepGraph
@@ -521,15 +521,31 @@ class APOLLO(torch.optim.Optimizer):
             )
         position = self._load_groups(state_dict["param_groups"])
         slot_at = {s.index: s for s in self.slots()}
+        pairs = []
         for pid, saved_state in state_dict["state"].items():
             s = slot_at.get(position.get(pid, -1))
             if s is None:
                 raise ValueError(f"optimizer state names param id {pid}, which this optimizer does not train")
-            _load_param_state(pid, self.state[s.param], saved_state)
+            pairs.append((pid, self.state[s.param], saved_state))
+        for pid, live, saved_state in pairs:  # every param checked before anything is written
+            _load_param_state(pid, live, saved_state, write=False)
+        # A state that took no step drew no projection (accelerate moves a fresh one from CPU to the GPU this way)
+        if state_dict["param_groups"] and any(
+            float(_local(st.get("step", 0))) > 0 for st in state_dict["state"].values()
+        ):
+            run = {
+                "generator_device": self._device.type,
+                "scale_front": self.scale_front,
+                "disable_nl": self.disable_nl,
+            }
+            warn_run_changes("optimizer state", state_dict["param_groups"][0], run)
+        _take_hyperparameters_into(self._groups, state_dict["param_groups"])
+        for pid, live, saved_state in pairs:
+            _load_param_state(pid, live, saved_state)
 
     def _load_groups(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
-        """Check the saved groups against these and take their hyperparameters (not the run-level keys);
-        returns saved param id -> position."""
+        """Check the saved groups against these (warn where run-level settings differ); returns saved param
+        id -> position."""
         if len(saved_groups) != len(self._groups):
             raise ValueError(
                 f"optimizer state has {len(saved_groups)} param groups, this optimizer has {len(self._groups)}"
@@ -544,9 +560,6 @@ class APOLLO(torch.optim.Optimizer):
                         f"param group {gi}: saved {key}={saved.get(key)!r} differs from this optimizer's {mine.get(key)!r}"
                     )
             position.update(zip(saved["params"], (r.position for r in row)))
-            for k, v in saved.items():
-                if k not in ("params", "param_names") + RUN_KEYS:  # run-level: this run's
-                    mine[k] = v
         return position
 
 
@@ -567,8 +580,22 @@ def _most_steps(buckets: list) -> int:
     return int(max((float(b.step_count.max()) for b in buckets if len(b.step_count)), default=0.0))
 
 
-def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Copy one param's saved state into its live buffers (the seed is checked, not copied)."""
+def _local(t: Any) -> Any:
+    """A DTensor's local part (DCP may hand state back as DTensors), else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def _take_hyperparameters_into(groups: list[dict], saved_groups: list[dict[str, Any]]) -> None:
+    """The saved groups' hyperparameters (lr, betas, ...; not the run-level keys, this run's) into ``groups``."""
+    for mine, saved in zip(groups, saved_groups):
+        for k, v in saved.items():
+            if k not in ("params", "param_names") + RUN_KEYS:
+                mine[k] = v
+
+
+def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any], write: bool = True) -> None:
+    """Check one param's saved state against its live buffers and (``write``) copy it in (the seed is checked,
+    not copied)."""
     for k, v in saved.items():
         if k == "seed":
             if int(v) != live["seed"]:
@@ -579,6 +606,10 @@ def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any]) -> 
         dst, src = live[k], v
         dst_l = dst._local_tensor if is_dtensor(dst) else dst
         src_l = src._local_tensor if is_dtensor(src) else torch.as_tensor(src)
-        if dst_l.shape != src_l.shape and dst_l.numel() != src_l.numel():
-            raise ValueError(f"param {pid}: state {k!r} has shape {tuple(src_l.shape)}, expected {tuple(dst_l.shape)}")
-        dst_l.copy_(src_l.reshape(dst_l.shape))
+        if dst_l.shape != src_l.shape and not dst_l.numel() == src_l.numel() == 1:  # a scalar may be 0-d or (1,)
+            raise ValueError(
+                f"param {pid}: saved state {k!r} has shape {tuple(src_l.shape)}, this optimizer's is "
+                f"{tuple(dst_l.shape)} (another layout, projection rank or orientation): not loaded"
+            )
+        if write:
+            dst_l.copy_(src_l.reshape(dst_l.shape))

@@ -357,3 +357,85 @@ def test_fsdp2_param_without_gradient_matches_oracle(tmp_path, preset):
     torchrun(WORKER, 3, "--layout", "fsdp2", "--preset", preset, "--idle", "--steps", "12", "--out", str(out))
     r = report(out)
     assert r["max_rel_diff"] < 1e-4
+
+
+def _trained(steps: int = 3, **kw) -> tuple[torch.nn.Module, APOLLO]:
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, **kw)
+    for t in range(steps):
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_load_with_other_run_settings_warns_what_changed():
+    """A state saved on CUDA (other projections from the same seeds) or with another scale_front /
+    disable_nl: loading it warns, naming each setting and both values; a fresh state (no step, no
+    projection drawn: accelerate's CPU -> GPU move) does not."""
+    import warnings
+
+    _, opt = _trained()
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["generator_device"], g["scale_front"] = "cuda", True
+    _, other = _trained(0)
+    with pytest.warns(UserWarning, match=r"generator_device='cuda' -> 'cpu', scale_front=True -> False.*P changes"):
+        other.load_state_dict(sd)
+    fresh = APOLLO(oracle.groups(oracle.make_model(0), "apollo"), **oracle.HPARAMS)
+    sd0 = fresh.state_dict()
+    for g in sd0["param_groups"]:
+        g["generator_device"] = "cuda"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(sd0)
+
+
+def test_canonical_load_with_other_run_settings_warns(tmp_path):
+    from apollo_dist.checkpoint import LiveSource, load_canonical, save_canonical
+
+    model, opt = _trained(disable_nl=True)
+    save_canonical(LiveSource(opt, model), tmp_path / "c")
+    fresh_model, fresh = _trained(0)
+    with pytest.warns(UserWarning, match=r"disable_nl=True -> False"):
+        load_canonical(tmp_path / "c", fresh, fresh_model)
+
+
+def test_load_of_a_state_with_another_shape_is_refused_and_loads_nothing():
+    """A moment with the right number of elements but another shape (here transposed) is an error naming the
+    param, the key and both shapes, and nothing is loaded (no moment, no hyperparameter)."""
+    _, opt = _trained()
+    sd = opt.state_dict()
+    pid = next(k for k, st in sd["state"].items() if "limiter_norm" in st and st["exp_avg"].shape[0] != 5)
+    sd["state"][pid]["exp_avg"] = sd["state"][pid]["exp_avg"].t().contiguous()
+    for g in sd["param_groups"]:
+        g["lr"] = 123.0
+    _, other = _trained(1)
+    before = {k: v.clone() for k, v in other.state_dict()["state"][0].items() if torch.is_tensor(v)}
+    with pytest.raises(
+        ValueError, match=rf"param {pid}: saved state 'exp_avg' has shape \(5, \d+\), this optimizer's is"
+    ):
+        other.load_state_dict(sd)
+    after = other.state_dict()
+    assert all(torch.equal(after["state"][0][k], v) for k, v in before.items())
+    assert all(g["lr"] != 123.0 for g in other.param_groups)
+
+
+def test_canonical_checkpoint_keeps_per_param_steps(tmp_path):
+    """Idle params' own step counts go through a canonical checkpoint and come back."""
+    from apollo_dist.checkpoint import LiveSource, load_canonical, save_canonical
+
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    for t in range(6):
+        oracle.set_idle(model, t)
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        opt.step()
+        opt.zero_grad()
+    save_canonical(LiveSource(opt, model), tmp_path / "c")
+    fresh_model = oracle.make_model(0)
+    fresh = APOLLO(oracle.groups(fresh_model, "apollo"), **oracle.HPARAMS)
+    load_canonical(tmp_path / "c", fresh, fresh_model)
+    got = {n: int(fresh.state[p]["step"]) for n, p in fresh_model.named_parameters()}
+    want = {n: int(opt.state[p]["step"]) for n, p in model.named_parameters()}
+    assert got == want and sorted(set(got.values())) == [4, 6]

@@ -184,3 +184,24 @@ def test_cuda_layerwise_matches_ordinary_step(preset):
         return model
 
     assert oracle.max_rel_diff(run(True), run(False)) < 1e-5
+
+
+def test_clipping_layerwise_params_is_refused():
+    """clip_grad_norm_ / clip_grad_value_ after a layer-wise backward would clip nothing (the gradients were
+    applied and freed): an error naming the cause, through torch and through accelerate (which Lightning's
+    gradient_clip_val and the Trainer reach the same way); other params still clip."""
+    from accelerate import Accelerator
+
+    model = oracle.make_model(0)
+    _opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)  # alive: its hooks run
+    oracle.loss_fn(model, *oracle.batch(0)).backward()
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_ on \d+ parameter\(s\) that layer-wise APOLLO"):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with pytest.raises(RuntimeError, match=r"clip_grad_value_ on 1 parameter\(s\)"):
+        torch.nn.utils.clip_grad_value_(model.head.weight, 1.0)
+    with pytest.raises(RuntimeError, match="nothing would be clipped"):
+        Accelerator(cpu=True).clip_grad_norm_(model.parameters(), 1.0)
+    other = torch.nn.Linear(3, 3)
+    other(torch.ones(2, 3)).sum().backward()
+    assert float(torch.nn.utils.clip_grad_norm_(other.parameters(), 1e-3)) > 1e-3
+    assert float(torch.linalg.vector_norm(other.weight.grad)) <= 1e-3 * 1.01

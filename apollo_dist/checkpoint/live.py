@@ -5,7 +5,6 @@ native checkpoint in between (`LiveSource`)."""
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import AdamBucket, LowRankBucket, Slot
-from ..groups import LOW_RANK_KEYS
+from ..groups import LOW_RANK_KEYS, warn_run_changes
 from ..optimizer import APOLLO
 from ..projection import SeedChain
 from ..quant import refuse_int8
@@ -51,15 +50,13 @@ def _verify_shared(ckpt: CanonicalCheckpoint, group: Optional[dist.ProcessGroup]
         raise CheckpointError(error)
 
 
-def _warn_other_generator(ckpt: CanonicalCheckpoint, live_device: str) -> None:
-    """Warn when the checkpoint's projections were drawn on another device type (CPU and CUDA draw different P)."""
-    saved = ckpt.index["generator_device"]
-    if saved != live_device:
-        warnings.warn(
-            f"{ckpt.path}: projections were drawn by a {saved} generator, this run draws them on "
-            f"{live_device}: P changes from the next step on (moments stay valid, the run is not bit-identical)",
-            stacklevel=3,
-        )
+def _warn_run_changes(ckpt: CanonicalCheckpoint, optimizer: Any) -> None:
+    """Warn when the checkpoint's run settings differ from this run's (CPU and CUDA draw different P; scale_front
+    and disable_nl change the limiter)."""
+    saved = {"generator_device": ckpt.index["generator_device"], **(ckpt.index.get("optimizer") or {})}
+    live = {"generator_device": optimizer.device.type, "scale_front": optimizer.scale_front}
+    live["disable_nl"] = optimizer.disable_nl
+    warn_run_changes(str(ckpt.path), saved, live, stacklevel=4)
 
 
 def _check_groups(path: Path, saved_groups: list[dict[str, Any]], live_groups: list[dict[str, Any]]) -> None:
@@ -156,7 +153,7 @@ def load_canonical(
     if verify:
         _verify_shared(ckpt, optimizer.process_group)
     index = ckpt.index
-    _warn_other_generator(ckpt, optimizer.device.type)
+    _warn_run_changes(ckpt, optimizer)
     names = _param_names(optimizer, model)
     saved_groups = index["param_groups"]
     _check_groups(ckpt.path, saved_groups, optimizer.param_groups)

@@ -344,8 +344,8 @@ def part_fp16(report: dict) -> None:
             "state_diff_on_overflow": gather_list(same(after, before)),
             "skipped": skipped_after - skipped,
             "loss_scale": [float(scale), float(scale_after)],
-            "steps_before": int(before[f"{len(opt.buckets) - 1}/step"]),
-            "steps_after_overflow": int(after[f"{len(opt.buckets) - 1}/step"]),
+            "steps_before": int(before[f"{len(opt.buckets) - 1}/step"].max()),
+            "steps_after_overflow": int(after[f"{len(opt.buckets) - 1}/step"].max()),
             "steps_after_next": opt.steps_taken,
             "finite": all(bool(torch.isfinite(v).all()) for v in full_params(engine, model).values()),
         }
