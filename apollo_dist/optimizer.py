@@ -168,6 +168,19 @@ class APOLLO(torch.optim.Optimizer):
             if layerwise:  # the hooks must be on the params before the first backward: bind now
                 self.ensure_bound()
 
+    @staticmethod
+    def of(obj: Any) -> "APOLLO":
+        """The APOLLO inside ``obj``: an APOLLO, or anything that holds one under ``.optimizer`` however deep
+        (DeepSpeed's ZeRO optimizer and its engine, accelerate's AcceleratedOptimizer, Lightning's
+        LightningOptimizer). TypeError naming the chain when there is none."""
+        chain, cur = [], obj
+        while not isinstance(cur, APOLLO):
+            chain.append(type(cur).__name__)
+            if not hasattr(cur, "optimizer") or len(chain) > 16:
+                raise TypeError(f"no APOLLO inside {' -> '.join(chain)} (followed .optimizer)")
+            cur = cur.optimizer
+        return cur
+
     @property
     def layerwise(self) -> bool:
         """Whether updates run inside backward (``layerwise=True``, apollo_dist.layerwise)."""

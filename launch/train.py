@@ -115,7 +115,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "no fp32 copy (pure bf16 training, as the APOLLO paper's one-GPU 7B runs); --engine single only (FSDP2 and "
         "DeepSpeed keep fp32 master weights and compute in bf16 with --dtype bf16)",
     )
-    a("--eval-every", type=int, default=50)
+    a("--eval-every", type=int, default=50, help="validation every N steps (0: only at the end)")
     a("--eval-samples", type=int, default=64, help="validation windows per evaluation")
     a("--save-dir", default=None)
     a("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end, with --save-dir)")
@@ -774,7 +774,7 @@ def train(
             row["optimizer_state_bytes_per_rank"] = per_rank
             if is_main:
                 bar.write(f"  optimizer state per rank: {', '.join(f'{b / 2**20:.2f} MiB' for b in per_rank)}")
-        if step % args.eval_every == 0 or step == run.steps:
+        if (args.eval_every > 0 and step % args.eval_every == 0) or step == run.steps:
             val = log_eval(step, row)
         metrics.log(row)
         bar.set_postfix(

@@ -135,7 +135,7 @@ def test_bf16_zero1_bf16_optimizer_and_zero2(runs):
     assert z1["wrapper"] == "BF16_Optimizer" and z2["wrapper"] == "DeepSpeedZeroOptimizer"
     assert z1["steps"] == z2["steps"] == 10
     assert abs(z1["max_rel_diff"] - z2["max_rel_diff"]) < 1e-2
-    assert z2["max_rel_diff"] < 0.25
+    assert z2["max_rel_diff"] < 0.25  # a smoke bound (chaotic lr 3e-2); the bf16 oracle is tests/test_bf16.py
 
 
 def test_zero3_model_built_under_zero_init(runs):
@@ -181,7 +181,7 @@ def test_plain_deepspeed_initialize_bf16(runs, stage):
     r = runs[2][f"plain_bf16/stage{stage}"]
     assert r["steps"] == 10 and r["wrapper"] == ("BF16_Optimizer" if stage == 1 else r["wrapper"])
     assert r["diff_vs_adapter"] < 1e-6
-    assert r["max_rel_diff_vs_fp32_oracle"] < 0.25
+    assert r["max_rel_diff_vs_fp32_oracle"] < 0.25  # smoke only; the bf16 oracle is tests/test_bf16.py
 
 
 # -- misuse: errors raised before DeepSpeed builds anything ------------------------------------------

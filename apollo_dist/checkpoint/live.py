@@ -130,11 +130,12 @@ def _load_slot(ckpt: CanonicalCheckpoint, b: Any, i: int, name: str, seed: int) 
 
 def load_canonical(
     path: Path,
-    optimizer: APOLLO,
+    optimizer: Any,
     model: Optional[torch.nn.Module] = None,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Load a canonical checkpoint into ``optimizer`` (an APOLLO, bound or bindable) and its model.
+    """Load a canonical checkpoint into ``optimizer`` (an APOLLO, bound or bindable, or what holds one:
+    DeepSpeed's ZeRO optimizer or engine, accelerate's or Lightning's wrapper; `APOLLO.of`) and its model.
 
     Works at any world size and under any engine: each rank reads only the elements it holds (master
     weights, plain-Adam moments) and the channels it owns (low-rank moments). Every trainable param
@@ -147,6 +148,10 @@ def load_canonical(
     position, ``scheduler``: the lr scheduler's state dict, ``run``, ...).
     Raises CheckpointError naming the file, param or value that does not fit.
     """
+    try:
+        optimizer = APOLLO.of(optimizer)
+    except TypeError as e:
+        raise CheckpointError(f"{path}: a canonical checkpoint loads into APOLLO: {e}") from None
     ckpt = CanonicalCheckpoint(path)
     optimizer.ensure_bound()
     refuse_int8(optimizer.slots(), "canonical checkpoints (load_canonical)")
@@ -192,14 +197,7 @@ def resume_canonical(
     state too. ``model``: the module whose parameter names the checkpoint uses (where an engine wraps
     the model, the wrapped module: DeepSpeed's ``engine.module``).
     Returns the trainer state (``step`` = the data position to continue after)."""
-    apollo = (
-        optimizer  # down to APOLLO itself: accelerate's wrapper is a torch Optimizer too (runtime.unwrap stops there)
-    )
-    while not isinstance(apollo, APOLLO) and hasattr(apollo, "optimizer"):
-        apollo = apollo.optimizer
-    if not isinstance(apollo, APOLLO):
-        raise CheckpointError(f"{path}: a canonical checkpoint loads into APOLLO, not {type(optimizer).__name__}")
-    trainer = load_canonical(path, apollo, model, verify=verify)
+    trainer = load_canonical(path, optimizer, model, verify=verify)
     sched = trainer.get("scheduler")
     if scheduler is not None and sched is not None:
         sched = dict(sched)
