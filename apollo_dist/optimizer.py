@@ -156,6 +156,7 @@ class APOLLO(torch.optim.Optimizer):
         self._received: list[list[Received]] = Received.of(self._groups)
         self._binding: Optional[Binding] = None
         self._buckets: list[Bucket] = []
+        self._clear_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the engine's gradient store zeroed
         self._comm = Collectives(None)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
         if any(is_dtensor(p) for g in self._groups for p in g["params"]):
@@ -257,6 +258,7 @@ class APOLLO(torch.optim.Optimizer):
         if self._graph is not None:
             self._graph.reset()
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
+        self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
         self._world, self._rank, self._device = comm.world, comm.rank, device
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
         if self._layerwise is not None:
@@ -354,6 +356,8 @@ class APOLLO(torch.optim.Optimizer):
         finally:
             for b in buckets:
                 b.discard()
+                if id(b) in self._clear_grads:  # ZeRO-3: a param without gradient next step must not get this one
+                    self._clear_grads[id(b)]()
 
     def _device_step(self, buckets: list, hparams: list[dict], check: bool, gated: bool) -> torch.Tensor:
         """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph

@@ -425,10 +425,11 @@ def part_plain(report: dict) -> None:
 
 def part_idle(report: dict) -> None:
     """A param without gradient under plain deepspeed.initialize, ZeRO-2 and ZeRO-3 (the last block's MLP
-    idle every third step): ZeRO fills an unused param's gradient with zeros before the optimizer sees it
-    (stage_1_and_2 ``set_none_gradients_to_zero``, stage3's leaf-module hook), so APOLLO, like DeepSpeed's
-    own Adam, steps it with a zero gradient. Compared with apollo-torch given zero gradients (that rule)
-    and with apollo-torch skipping them (the one-process rule, which ZeRO cannot see)."""
+    idle every third step): ZeRO-1/2 fill an unused param's gradient with zeros before the optimizer sees it
+    (stage_1_and_2 ``set_none_gradients_to_zero``); ZeRO-3 would hand it its last gradient again (its
+    reduced-gradient store is never cleared), which APOLLO's binding zeroes after each step. So APOLLO, like
+    DeepSpeed's own Adam under ZeRO-1/2, steps it with a zero gradient. Compared with apollo-torch given zero
+    gradients (that rule) and with apollo-torch skipping them (the one-process rule, which ZeRO cannot see)."""
     W = dist.get_world_size()
     for preset in ("apollo", "apollo-mini"):
         zeros = oracle.train_idle(oracle.oracle_class(), preset, zeros=True)
