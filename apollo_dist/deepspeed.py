@@ -57,8 +57,10 @@ This is the only module of apollo_dist that imports deepspeed (lazily).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -284,4 +286,101 @@ def initialize(
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")
     opt.ensure_bound()  # what DeepSpeed left in the groups, now: an unsupported layout fails here, not mid-run
+    _route_load_checkpoint(engine)
     return engine, ds_optimizer, loader, scheduler
+
+
+# The keys DeepSpeed's engine writes into a model-states file besides the client's (engine._common_checkpoint_state
+# and engine._load_checkpoint's list): what `load_checkpoint` leaves out of the client state it returns.
+_ENGINE_KEYS = (
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "ds_config",
+    "ds_version",
+)
+
+
+def load_checkpoint(engine: Any, load_dir: Any, tag: Optional[str] = None, **kwargs: Any) -> tuple[Any, dict]:
+    """``engine.load_checkpoint`` that also resumes at another world size, another ZeRO stage or from the
+    other engine's checkpoint, with no offline step. Returns what ``engine.load_checkpoint`` returns:
+    (the step directory loaded, the client state).
+
+    ``engine``: from plain ``deepspeed.initialize`` with an APOLLO, or from ``apollo_dist.deepspeed.initialize``
+    (whose ``engine.load_checkpoint`` is this function). ``load_dir``: a DeepSpeed save directory (``latest``
+    names the tag, or ``tag``) or step directory; or any other checkpoint `apollo_dist.checkpoint.load_checkpoint`
+    reads (FSDP2 DCP, canonical, launch/train.py's step directories). A DeepSpeed checkpoint written at this
+    engine's data-parallel world size and ZeRO stage goes to DeepSpeed's own ``load_checkpoint`` (with
+    ``kwargs``); anything else is loaded by APOLLO's loader, each rank taking only what it holds, one param at a
+    time: fp32 master weights (the model's own copy follows), APOLLO's state, per-param steps and seeds; from a
+    DeepSpeed checkpoint also the engine's counters (global steps and samples, skipped steps), its lr scheduler
+    (unless ``load_lr_scheduler_states=False``) and the client state saved with it.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from .checkpoint.format import CheckpointError
+    from .checkpoint.live import load_checkpoint as load_any
+    from .native_checkpoints import DeepSpeedSource, is_deepspeed_dir, resolve_deepspeed_dir
+
+    original = functools.partial(DeepSpeedEngine.load_checkpoint, engine)  # the class's: an instance may carry us
+    path = Path(load_dir)
+    if not is_deepspeed_dir(path) and tag is None:  # DCP, canonical, a train.py save directory of those
+        if kwargs.get("load_module_only"):
+            raise CheckpointError(f"{path}: load_module_only reads DeepSpeed checkpoints only")
+        trainer = load_any(path, engine.optimizer, engine.module)
+        _load_scheduler(engine, trainer.get("scheduler"), kwargs)
+        return str(path), {}
+    step_dir = resolve_deepspeed_dir(path, tag)
+    source = DeepSpeedSource(step_dir)
+    world = getattr(engine, "seq_dp_world_size", engine.dp_world_size)
+    if (source.world, source.stage) == (world, engine.zero_optimization_stage()) or kwargs.get("load_module_only"):
+        return original(load_dir, tag, **kwargs)
+    if kwargs.get("load_optimizer_states") is False:
+        raise CheckpointError(
+            f"{step_dir}: written at W={source.world} ZeRO-{source.stage}, this engine is W={world} "
+            f"ZeRO-{engine.zero_optimization_stage()}: the weights come with the optimizer state here "
+            "(load_optimizer_states=False is not supported across world sizes)"
+        )
+    states = torch.load(source.model_file, map_location="cpu", mmap=True, weights_only=False)
+    load_any(step_dir, engine.optimizer, engine.module, tag=None)
+    _load_buffers(engine, states)
+    engine.global_steps = states.get("global_steps", engine.global_steps)
+    engine.global_samples = states.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = states.get("skipped_steps", engine.skipped_steps)
+    _load_scheduler(engine, states.get("lr_scheduler"), kwargs)
+    return str(step_dir), {k: v for k, v in states.items() if k not in _ENGINE_KEYS}
+
+
+def _load_scheduler(engine: Any, state: Optional[dict], kwargs: dict) -> None:
+    """The engine's lr scheduler from ``state`` (when it has one, the checkpoint one, and it is asked for)."""
+    if kwargs.get("load_lr_scheduler_states", True) and engine.lr_scheduler is not None and state is not None:
+        engine.lr_scheduler.load_state_dict(state)
+
+
+def _load_buffers(engine: Any, states: dict) -> None:
+    """The module's buffers from a model-states file that holds them whole (ZeRO-1/2 save the whole module,
+    ZeRO-3 its buffers); params come from the optimizer's loader."""
+    module_sd = states.get("module") or {}
+    buffers = dict(engine.module.named_buffers())
+    with torch.no_grad():
+        for name in states.get("buffer_names") or []:
+            saved, live = module_sd.get(name), buffers.get(name)
+            if saved is not None and live is not None and tuple(saved.shape) == tuple(live.shape):
+                live.copy_(saved)
+
+
+def _route_load_checkpoint(engine: Any) -> None:
+    """``engine.load_checkpoint`` becomes `load_checkpoint` (any W, any stage, the other engine's checkpoints)."""
+    engine.load_checkpoint = functools.partial(load_checkpoint, engine)

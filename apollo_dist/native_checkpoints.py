@@ -135,6 +135,7 @@ class DeepSpeedSource:
         )
         if not model_file.is_file():
             raise CheckpointError(f"{model_file}: missing (DeepSpeed's model states of this checkpoint)")
+        self.model_file = model_file
         model_states = torch.load(model_file, map_location="cpu", mmap=True, weights_only=False)
         self.param_shapes = [dict(g) for g in model_states["param_shapes"]]
         names = self._names(apollo_sd)

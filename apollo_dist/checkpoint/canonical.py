@@ -89,6 +89,11 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
                 "seed": e.seed,
                 "step": e.step if e.step is not None else int(meta.groups[e.group]["step"]),
                 "rank": e.r,
+                **(
+                    {"projection": {"kind": meta.groups[e.group].get("proj", "random"), "tensors": []}}
+                    if e.lowrank
+                    else {}
+                ),
                 "file": where[e.name],
                 "tensors": {k: {"shape": list(s), "dtype": "float32"} for k, s in e.tensor_shapes().items()},
             }
@@ -112,7 +117,43 @@ def is_canonical(path: Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
 
-class CanonicalCheckpoint:
+class SliceReader:
+    """Reads of the parts of a param's canonical tensors that one rank holds, over ``_slice(name, key)``: an
+    object with ``get_shape()`` and ``[...]`` slicing (a safetensors slice, or `_TensorSlice`). Shared by
+    canonical checkpoints (reading only those rows from disk) and native ones (`SourceSlices`)."""
+
+    def _slice(self, name: str, key: str) -> Any:
+        raise NotImplementedError
+
+    def read_flat(self, name: str, key: str, start: int, end: int) -> torch.Tensor:
+        """Flat row-major elements [start, end) of ``name/key``, reading only the rows they lie in."""
+        sl = self._slice(name, key)
+        shape = sl.get_shape()
+        if end <= start:
+            return torch.zeros(0)
+        if len(shape) <= 1:
+            return sl[start:end].reshape(-1)
+        row = math.prod(shape[1:])
+        r0, r1 = start // row, -(-end // row)
+        return sl[r0:r1].reshape(-1)[start - r0 * row : end - r0 * row]
+
+    def read_held(self, name: str, key: str, slot: Any) -> torch.Tensor:
+        """The elements of ``name/key`` that `Slot` ``slot`` holds, row-major (a flat range, or a block)."""
+        if slot.block is None:
+            return self.read_flat(name, key, slot.start, slot.end)
+        r0, r1, c0, c1 = slot.block
+        if slot.numel == 0:
+            return torch.zeros(0)
+        n = slot.shape[1]
+        return self.read_flat(name, key, r0 * n, r1 * n).view(r1 - r0, n)[:, c0:c1].reshape(-1)
+
+    def read_channels(self, name: str, key: str, c0: int, c1: int, tall: bool) -> torch.Tensor:
+        """Channels [c0, c1) of a low-rank moment, channel-major ((c1 - c0) x r): rows when tall, columns when wide."""
+        sl = self._slice(name, key)
+        return sl[c0:c1] if tall else sl[:, c0:c1].t().contiguous()
+
+
+class CanonicalCheckpoint(SliceReader):
     """A canonical checkpoint directory: its index, checked, and its tensors, read lazily.
 
     Opening checks the format name and version, that every file the index names exists with its
@@ -191,34 +232,53 @@ class CanonicalCheckpoint:
         f = self.handle(entry.name)
         return {k: f.get_tensor(f"{entry.name}/{k}") for k in entry.tensor_shapes()}
 
-    def read_flat(self, name: str, key: str, start: int, end: int) -> torch.Tensor:
-        """Flat row-major elements [start, end) of ``name/key``, reading only the rows they lie in."""
-        f = self.handle(name)
-        sl = f.get_slice(f"{name}/{key}")
-        shape = sl.get_shape()
-        if end <= start:
-            return torch.zeros(0)
-        if len(shape) <= 1:
-            return sl[start:end].reshape(-1)
-        row = math.prod(shape[1:])
-        r0, r1 = start // row, -(-end // row)
-        return sl[r0:r1].reshape(-1)[start - r0 * row : end - r0 * row]
-
-    def read_held(self, name: str, key: str, slot: Any) -> torch.Tensor:
-        """The elements of ``name/key`` that `Slot` ``slot`` holds, row-major (a flat range, or a block)."""
-        if slot.block is None:
-            return self.read_flat(name, key, slot.start, slot.end)
-        r0, r1, c0, c1 = slot.block
-        if slot.numel == 0:
-            return torch.zeros(0)
-        n = slot.shape[1]
-        return self.read_flat(name, key, r0 * n, r1 * n).view(r1 - r0, n)[:, c0:c1].reshape(-1)
-
-    def read_channels(self, name: str, key: str, c0: int, c1: int, tall: bool) -> torch.Tensor:
-        """Channels [c0, c1) of a low-rank moment, channel-major ((c1 - c0) x r): rows when tall, columns when wide."""
-        sl = self.handle(name).get_slice(f"{name}/{key}")
-        return sl[c0:c1] if tall else sl[:, c0:c1].t().contiguous()
+    def _slice(self, name: str, key: str) -> Any:
+        return self.handle(name).get_slice(f"{name}/{key}")
 
     def close(self) -> None:
         """Drop the open file handles."""
         self._open.clear()
+
+
+class _TensorSlice:
+    """A tensor behind safetensors' slice API (``get_shape``, ``[...]``)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.t[index]
+
+
+class SourceSlices(SliceReader):
+    """Any `Source` (a native DeepSpeed or DCP checkpoint) read like a canonical checkpoint by the live loader:
+    an index of the same shape, built from its meta, and slices of one param at a time (the source assembles
+    a param's canonical tensors from its pieces; only the last param read is kept). Native checkpoints carry no
+    checksums: ``files`` is empty, so there is nothing to ``verify``."""
+
+    files: list[str] = []
+
+    def __init__(self, source: Any, path: Path):
+        self.source, self.path, self.meta = source, Path(path), source.meta
+        self.index = canonical_index(self.meta, {e.name: None for e in self.meta.params}, {})
+        self._entries = {e.name: e for e in self.meta.params}
+        self._name: Optional[str] = None
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
+        return self.source.read(entry)
+
+    def _slice(self, name: str, key: str) -> Any:
+        if name != self._name:
+            self._tensors, self._name = {}, None  # the previous param's tensors go before the next is read
+            self._tensors, self._name = self.source.read(self._entries[name]), name
+        return _TensorSlice(self._tensors[key])
+
+    def verify(self, files: Optional[list[str]] = None) -> None:
+        """Nothing to check: native checkpoints record no checksums."""
+
+    def close(self) -> None:
+        self._tensors, self._name = {}, None

@@ -13,7 +13,7 @@ import torch
 from ..groups import LOW_RANK_KEYS, RUN_KEYS
 
 FORMAT = "apollo_dist.canonical"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-param "step" and "projection" records (1: steps per group only)
 INDEX_FILE = "index.json"
 SHARD_BYTES = 2 * 2**30  # safetensors files of at most ~2 GiB (a bigger single tensor gets its own file)
 

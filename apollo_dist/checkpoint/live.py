@@ -16,7 +16,7 @@ from ..groups import LOW_RANK_KEYS, warn_run_changes
 from ..optimizer import APOLLO
 from ..projection import SeedChain
 from ..quant import refuse_int8
-from .canonical import CanonicalCheckpoint
+from .canonical import CanonicalCheckpoint, SliceReader, SourceSlices
 from .format import CheckpointError, ParamEntry, check_same_hyperparameters
 from .state_dicts import RankState, assemble_param, meta_from_state_dicts
 
@@ -33,7 +33,7 @@ def _param_names(optimizer: torch.optim.Optimizer, model: Optional[torch.nn.Modu
 
 
 # -- loading into a live optimizer -----------------------------------------------------------------
-def _verify_shared(ckpt: CanonicalCheckpoint, group: Optional[dist.ProcessGroup]) -> None:
+def _verify_shared(ckpt: SliceReader, group: Optional[dist.ProcessGroup]) -> None:
     """SHA-256 of every file, the files split over the ranks; every rank raises the same error."""
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
@@ -50,7 +50,7 @@ def _verify_shared(ckpt: CanonicalCheckpoint, group: Optional[dist.ProcessGroup]
         raise CheckpointError(error)
 
 
-def _warn_run_changes(ckpt: CanonicalCheckpoint, optimizer: Any) -> None:
+def _warn_run_changes(ckpt: SliceReader, optimizer: Any) -> None:
     """Warn when the checkpoint's run settings differ from this run's (CPU and CUDA draw different P; scale_front
     and disable_nl change the limiter)."""
     saved = {"generator_device": ckpt.index["generator_device"], **(ckpt.index.get("optimizer") or {})}
@@ -71,7 +71,7 @@ def _check_groups(path: Path, saved_groups: list[dict[str, Any]], live_groups: l
         check_same_hyperparameters(f"{path}: param group {gi}", saved, live)
 
 
-def _param_record(ckpt: CanonicalCheckpoint, name: Optional[str], s: Slot, group_index: int) -> dict[str, Any]:
+def _param_record(ckpt: SliceReader, name: Optional[str], s: Slot, group_index: int) -> dict[str, Any]:
     """The index's record of the param of slot ``s``, checked against it (name, shape, group)."""
     if name is None:
         raise CheckpointError(
@@ -91,7 +91,7 @@ def _param_record(ckpt: CanonicalCheckpoint, name: Optional[str], s: Slot, group
     return rec
 
 
-def _sync_model_param(slot: Slot, ckpt: CanonicalCheckpoint, name: str) -> None:
+def _sync_model_param(slot: Slot, ckpt: SliceReader, name: str) -> None:
     """Make the model's own copy of the param match the master weights just loaded, where the engine keeps
     one apart from them: the slot's ``model_copy`` (ZeRO-3: the rank's partition), else the whole param on
     every rank (ZeRO-1/2 and DDP-like replicas). One process and FSDP2 update the param in place."""
@@ -111,7 +111,7 @@ def _sync_model_param(slot: Slot, ckpt: CanonicalCheckpoint, name: str) -> None:
             )
 
 
-def _load_slot(ckpt: CanonicalCheckpoint, b: Any, i: int, name: str, seed: int) -> None:
+def _load_slot(ckpt: SliceReader, b: Any, i: int, name: str, seed: int) -> None:
     """Slot ``i`` of bucket ``b``: its master weights (and the model's copy), moments, limiter norm, seed."""
     s = b.slots[i]
     with torch.no_grad():
@@ -128,33 +128,47 @@ def _load_slot(ckpt: CanonicalCheckpoint, b: Any, i: int, name: str, seed: int) 
             b.seeds[i] = SeedChain(seed)
 
 
-def load_canonical(
+def open_checkpoint(path: Path, tag: Optional[str] = None) -> SliceReader:
+    """Any checkpoint the converter reads, as the live loader reads it: a canonical directory as it is; a
+    DeepSpeed save or step directory (ZeRO-1/2/3, any W; ``tag`` or ``latest``), an FSDP2 DCP directory or a
+    launch/train.py save directory of either, through `SourceSlices` (one param at a time)."""
+    from ..native_checkpoints import open_source  # native readers import this package
+
+    source = open_source(Path(path), tag)
+    return source if isinstance(source, CanonicalCheckpoint) else SourceSlices(source, Path(path))
+
+
+def load_checkpoint(
     path: Path,
     optimizer: Any,
     model: Optional[torch.nn.Module] = None,
     verify: bool = True,
+    tag: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Load a canonical checkpoint into ``optimizer`` (an APOLLO, bound or bindable, or what holds one:
+    """Load any checkpoint (canonical; DeepSpeed ZeRO-1/2/3 native at any W; FSDP2 DCP; launch/train.py's
+    step directories: `open_checkpoint`) into ``optimizer`` (an APOLLO, bound or bindable, or what holds one:
     DeepSpeed's ZeRO optimizer or engine, accelerate's or Lightning's wrapper; `APOLLO.of`) and its model.
 
-    Works at any world size and under any engine: each rank reads only the elements it holds (master
-    weights, plain-Adam moments) and the channels it owns (low-rank moments). Every trainable param
-    must be in the checkpoint with the same shape and the same group structure (rank, gap,
-    scale_type, scale); the group's lr, betas, eps, weight decay come from the checkpoint. Seeds,
-    limiter norms and step counts are restored, so the projections continue where they were.
+    Works at any world size and under any engine: each rank takes only the elements it holds (master
+    weights, plain-Adam moments) and the channels it owns (low-rank moments); a canonical checkpoint is read
+    only there, a native one one param at a time (each rank holds at most one param's canonical tensors
+    beyond its own state). Every trainable param must be in the checkpoint with the same shape and the same
+    group structure (rank, gap, scale_type, scale); the group's lr, betas, eps, weight decay come from the
+    checkpoint. Seeds, limiter norms and per-param step counts are restored, so the projections continue
+    where they were; fp32 master weights come from the checkpoint (also in bf16/fp16 runs).
 
-    ``model``: names the params (default: the groups' ``param_names``). ``verify``: check every
-    file's SHA-256 first (split over the ranks). Returns the trainer state (``step``: the data
-    position, ``scheduler``: the lr scheduler's state dict, ``run``, ...).
+    ``model``: names the params (default: the groups' ``param_names``). ``verify``: check every canonical
+    file's SHA-256 first (split over the ranks). Returns the trainer state (``step``: the data position,
+    ``scheduler``: the lr scheduler's state dict, ``run``, ...).
     Raises CheckpointError naming the file, param or value that does not fit.
     """
     try:
         optimizer = APOLLO.of(optimizer)
     except TypeError as e:
-        raise CheckpointError(f"{path}: a canonical checkpoint loads into APOLLO: {e}") from None
-    ckpt = CanonicalCheckpoint(path)
+        raise CheckpointError(f"{path}: a checkpoint loads into APOLLO: {e}") from None
+    ckpt = open_checkpoint(path, tag)
     optimizer.ensure_bound()
-    refuse_int8(optimizer.slots(), "canonical checkpoints (load_canonical)")
+    refuse_int8(optimizer.slots(), "checkpoints loaded at another world size or engine (load_checkpoint)")
     if verify:
         _verify_shared(ckpt, optimizer.process_group)
     index = ckpt.index
@@ -189,15 +203,23 @@ def load_canonical(
     return trainer
 
 
-def resume_canonical(
-    path: Path, optimizer: Any, model: torch.nn.Module, scheduler: Any = None, verify: bool = True
+load_canonical = load_checkpoint  # the name from before any checkpoint loaded here (canonical only then)
+
+
+def resume_checkpoint(
+    path: Path,
+    optimizer: Any,
+    model: torch.nn.Module,
+    scheduler: Any = None,
+    verify: bool = True,
+    tag: Optional[str] = None,
 ) -> dict[str, Any]:
-    """`load_canonical` for a training script, whatever the engine: finds the APOLLO inside optimizer
+    """`load_checkpoint` for a training script, whatever the engine: finds the APOLLO inside optimizer
     wrappers (``.optimizer``: DeepSpeed's ZeRO optimizer, accelerate's), restores the lr scheduler's
     state too. ``model``: the module whose parameter names the checkpoint uses (where an engine wraps
     the model, the wrapped module: DeepSpeed's ``engine.module``).
     Returns the trainer state (``step`` = the data position to continue after)."""
-    trainer = load_canonical(path, optimizer, model, verify=verify)
+    trainer = load_checkpoint(path, optimizer, model, verify=verify, tag=tag)
     sched = trainer.get("scheduler")
     if scheduler is not None and sched is not None:
         sched = dict(sched)
@@ -205,6 +227,9 @@ def resume_canonical(
             sched.setdefault("lr_lambdas", [None] * len(scheduler.lr_lambdas))
         scheduler.load_state_dict(sched)
     return trainer
+
+
+resume_canonical = resume_checkpoint  # the name from before any checkpoint loaded here
 
 
 # -- a live single-process optimizer as a source ---------------------------------------------------
