@@ -244,13 +244,15 @@ def test_nonfinite_gradient_on_one_rank_same_decision_everywhere(tmp_path, mode,
     """A NaN in one rank's gradient shard at step 5: every rank skips that step (and the result equals
     the oracle that never took it) or every rank raises; no rank hangs in a collective. "skip-on-device":
     the fused kernels (Triton's interpreter on CPU) skip it from the all-reduced device flag, no host sync; with
-    ZeRO-style flat pieces cut mid-row some writes are eager on some ranks: the same collectives run everywhere."""
-    out = tmp_path / "r.json"
-    env = {"TRITON_INTERPRET": "1"} if mode == "skip-on-device" else {}
+    ZeRO-style flat pieces cut mid-row some writes are eager on some ranks: the same collectives run everywhere.
+    On the device, every rank's non-finite check and plain Adam ran in their kernels at all 12 steps (counted)."""
+    out, counts = tmp_path / "r.json", tmp_path / "launches"
+    on_device = mode == "skip-on-device"
+    env = {"TRITON_INTERPRET": "1"} if on_device else {}
     mode = mode.split("-")[0]
+    counts.mkdir()
     torchrun(
-        WORKER,
-        3,
+        *(("tests/workers/launch_counted.py", 3, str(counts), WORKER) if on_device else (WORKER, 3)),
         "--layout",
         layout,
         "--steps",
@@ -271,6 +273,31 @@ def test_nonfinite_gradient_on_one_rank_same_decision_everywhere(tmp_path, mode,
     else:
         assert r["raised_per_rank"] == [1, 1, 1] and r["skipped_per_rank"] == [0, 0, 0]
     assert r["max_rel_diff"] < 1e-4
+    if on_device:
+        for rank in range(3):
+            launched = report(counts / f"rank{rank}.json")
+            assert launched["_multi_sum_sq_kernel"] == launched["_multi_adam_kernel"] == 12, (rank, launched)
+
+
+def test_repeated_skips_warn():
+    """Three non-finite steps in a row warn (then 10, 100, ...), naming the count; a taken step resets it."""
+    import warnings
+
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    seen, warned = [], []
+    for t in range(5):
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        if t < 4:
+            model.head.weight.grad.view(-1)[0] = float("nan")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+            seen.append(opt.skipped_steps)  # reading it settles the step's device decision
+        warned += [(t, str(w.message)) for w in caught if w.category is RuntimeWarning]
+        opt.zero_grad()
+    assert seen == [1, 2, 3, 4, 4] and opt.steps_taken == 1
+    assert len(warned) == 1 and warned[0][0] == 2 and "the last 3 steps were skipped" in warned[0][1], warned
 
 
 def test_nonfinite_single_process_leaves_everything_untouched():

@@ -171,7 +171,8 @@ def test_train_py_refuses_what_layerwise_cannot_do(flags, world, message):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
 def test_cuda_layerwise_matches_ordinary_step(preset):
-    """On CUDA (per-param buckets through the Triton kernels): the ordinary step's parameters to < 1e-5."""
+    """On CUDA (per-param buckets through the Triton kernels, counted): the ordinary step's parameters to < 1e-5."""
+    from launch_count import Launches
 
     def run(layerwise: bool) -> torch.nn.Module:
         model = oracle.make_model(0).cuda()
@@ -183,7 +184,10 @@ def test_cuda_layerwise_matches_ordinary_step(preset):
             opt.zero_grad()
         return model
 
-    assert oracle.max_rel_diff(run(True), run(False)) < 1e-5
+    with Launches() as launches:
+        layerwise = run(True)
+    assert all(launches.counts[k] > 0 for k in ("_project_kernel", "_channel_adam_kernel", "_multi_update_kernel"))
+    assert oracle.max_rel_diff(layerwise, run(False)) < 1e-5
 
 
 def test_clipping_layerwise_params_is_refused():
