@@ -8,6 +8,11 @@
 It works with no engine, DDP, DeepSpeed ZeRO-1/2/3 (``TrainingArguments(deepspeed=...)``) and FSDP2
 (``fsdp_config={"fsdp_version": 2}``): the Trainer hands the optimizer to accelerate / DeepSpeed, and
 APOLLO binds to whatever they leave in its param groups (apollo_dist.binding).
+``trainer.train(resume_from_checkpoint=...)`` continues a run on another number of GPUs: FSDP2 through
+accelerate's own resharding load; DeepSpeed through `apollo_dist.deepspeed.load_checkpoint`, to which
+APOLLOTrainer routes the engine's ``load_checkpoint`` (another W or ZeRO stage; the same ones go to DeepSpeed's
+loader). The Trainer's own state (global step, scheduler.pt, data position) resumes as at the same W; keep the
+global batch (per_device_train_batch_size x W x gradient_accumulation_steps) the same.
 
 The optimizer is built by `build_optimizer` from TrainingArguments: ``optim_target_modules`` (list,
 regex or "all-linear"; the weights of ``nn.Linear`` modules) and ``optim_args`` ("rank=..,proj=..,
@@ -192,6 +197,20 @@ def check_trainer_setup(args: Any, optimizers: Any = None) -> None:
         )
 
 
+def route_deepspeed_load(accelerator: Any) -> bool:
+    """Route the load_checkpoint of the DeepSpeed engine ``accelerator`` prepared (if any) to
+    `apollo_dist.deepspeed.load_checkpoint`; True when there was one. transformers' ``deepspeed_load_checkpoint``
+    (``resume_from_checkpoint``, ``load_best_model_at_end``) then resumes at any W and ZeRO stage: the same W
+    and stage still go to DeepSpeed's own loader."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if wrapped is None:
+        return False
+    from .deepspeed import _route_load_checkpoint
+
+    _route_load_checkpoint(wrapped.engine)
+    return True
+
+
 def _trainer_class():
     import transformers
 
@@ -210,6 +229,16 @@ def _trainer_class():
                 opt_model = self.model if model is None else model
                 self.optimizer = build_optimizer(self.args, opt_model, set(self.get_decay_parameter_names(opt_model)))
             return self.optimizer
+
+        def create_scheduler(
+            self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None
+        ) -> torch.optim.lr_scheduler.LRScheduler:
+            """Trainer's scheduler; under DeepSpeed also routes the engine's ``load_checkpoint`` to
+            `apollo_dist.deepspeed.load_checkpoint` (``resume_from_checkpoint`` at another W or ZeRO stage).
+            The Trainer calls this right after ``accelerator.prepare`` and before it loads a checkpoint."""
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            route_deepspeed_load(self.accelerator)
+            return scheduler
 
     return APOLLOTrainer
 

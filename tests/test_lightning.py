@@ -6,6 +6,8 @@ in one process (parameters after 30 steps, max relative difference < 1e-4), for 
 
 Two launches of ``torchrun --standalone --nproc_per_node 2 tests/workers/lightning_worker.py`` (gloo;
 Lightning takes the processes from torchrun's environment), one per strategy; the tests read their reports.
+The resume test launches it twice more (``--strategy deepspeed-resume``: W=2, then W=3 resuming W=2's
+checkpoint with ``apollo_dist.lightning.AnyWorldSizeResume``).
 
 FSDP2: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` runs on CPU as shipped
 (``configure_model`` calls ``fully_shard`` on each block and on the LightningModule with
@@ -116,3 +118,38 @@ def test_model_parallel_strategy_fsdp2_matches_oracle(fsdp2_run, preset):
     check_case(r)
     assert r["optimizer"] == "APOLLO"
     assert r["dtensor_params"] == 18
+
+
+# -- DeepSpeed: fit(ckpt_path=...) at another world size ----------------------------------------------
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_deepspeed_strategy_fit_resumes_at_another_world_size(tmp_path, stage):
+    """``trainer.fit(module, ckpt_path=...)`` with ``callbacks=[apollo_dist.lightning.AnyWorldSizeResume()]``
+    (the one-line change): W=2 ZeRO-2 (ZeRO-3: marked slow) trains 10 steps (APOLLO, update_proj_gap 3, global batch 12 = 6 x 2) and
+    saves after step 5 (ModelCheckpoint, DeepSpeed's checkpoint directory); W=3 (12 = 4 x 3) resumes it. Without
+    the callback DeepSpeed refuses; with it steps 6-10 give the uninterrupted run's losses within 1e-5 relative,
+    the parameters after step 10 agree within 1e-5 relative, and Lightning's global step continues to 10 from the
+    client state the loader returns (its loops)."""
+    ckpt = tmp_path / "ckpt"
+    runs = {}
+    for world, phase in ((2, "full"), (3, "resume")):
+        out = tmp_path / f"{phase}.json"
+        args = ("--strategy", "deepspeed-resume", "--stage", str(stage), "--phase", phase, "--ckpt-dir", str(ckpt))
+        torchrun(WORKER, world, *args, "--out", str(out), timeout=300)
+        r = report(out)
+        errors = {k: v for k, v in r.items() if k.startswith("error/")}
+        assert not errors, "\n".join(f"{k}:\n{v}" for k, v in errors.items())
+        assert r["world"] == world
+        runs[phase] = r[f"resume/{phase}"]
+        if phase == "resume":
+            assert "Automatic adjustment of ZeRO's optimizer state partitioning" in r["unrouted"]["refused"]
+    full, resumed = runs["full"], runs["resume"]
+    assert full["global_step"] == 10 and full["steps"] == 10
+    assert resumed["load_checkpoint"] == "apollo_dist.deepspeed.load_checkpoint"
+    assert resumed["global_step"] == 10 and resumed["steps"] == 10  # 5 loaded + 5 taken here
+    assert sorted(resumed["losses"], key=int) == [str(t) for t in range(6, 11)]
+    for step in range(6, 11):
+        a, b = full["losses"][str(step)], resumed["losses"][str(step)]
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+    for name, ref in full["final"].items():
+        scale = max(abs(v) for v in ref)
+        assert max(abs(x - y) for x, y in zip(resumed["final"][name], ref)) <= 1e-5 * scale, name

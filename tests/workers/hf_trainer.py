@@ -4,7 +4,9 @@
 --mode apollo_dist ``apollo_dist.hf.APOLLOTrainer`` under the launcher it is started with (torchrun),
                    with ``--stage N`` as the Trainer's ``deepspeed=`` ZeRO stage (0: no DeepSpeed)
 The global batch is the same for every world size (sequential sampling, ``GLOBAL`` rows per step).
-``--save-steps K`` writes Trainer checkpoints; ``--resume DIR`` continues from one.
+``--save-steps K`` writes Trainer checkpoints; ``--resume DIR`` continues from one (at any W: keep
+``--global-batch`` the same). ``--global-batch`` (default 4) rows per step, split evenly over the ranks;
+``--optim-args`` replaces the APOLLO optim_args (default ``OPTIM_ARGS``).
 ``--defaults``: TrainingArguments' own betas, adam_epsilon (1e-8) and weight_decay (0) instead of the pinned
 adam_epsilon 1e-6; ``--match-transformers``: ``match_transformers=true`` in optim_args (both modes:
 transformers ignores the key). The report holds each param's (betas, eps, weight_decay) by position.
@@ -45,9 +47,9 @@ def make_model() -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def dataset(steps: int) -> list[dict[str, torch.Tensor]]:
+def dataset(steps: int, global_batch: int = GLOBAL) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
-    rows = torch.randint(0, 64, (steps * GLOBAL, SEQ), generator=g)
+    rows = torch.randint(0, 64, (steps * global_batch, SEQ), generator=g)
     return [{"input_ids": r, "labels": r.clone()} for r in rows]
 
 
@@ -69,10 +71,14 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="CUDA + NCCL (default: CPU + gloo)")
     ap.add_argument("--defaults", action="store_true", help="TrainingArguments' default betas, eps, weight decay")
     ap.add_argument("--match-transformers", action="store_true", help="optim_args match_transformers=true")
+    ap.add_argument("--global-batch", type=int, default=GLOBAL, help="rows per optimizer step (all ranks)")
+    ap.add_argument("--optim-args", default=OPTIM_ARGS, help="APOLLO optim_args")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if a.global_batch % world:
+        raise SystemExit(f"--global-batch {a.global_batch} does not split over {world} ranks")
     gpu = a.gpu
     ds_config = None
     if a.stage and not gpu:
@@ -96,7 +102,7 @@ def main() -> None:
         }
     args = TrainingArguments(
         output_dir=a.dir,
-        per_device_train_batch_size=GLOBAL // world,
+        per_device_train_batch_size=a.global_batch // world,
         max_steps=a.steps,
         learning_rate=1e-2,
         # transformers' apollo_adamw gives only the low-rank group adam_epsilon (others: APOLLOAdamW's 1e-6), and
@@ -111,7 +117,7 @@ def main() -> None:
         save_only_model=False,
         optim="apollo_adamw",
         optim_target_modules=["attn", "mlp"],
-        optim_args=OPTIM_ARGS + (",match_transformers=true" if a.match_transformers else ""),
+        optim_args=a.optim_args + (",match_transformers=true" if a.match_transformers else ""),
         deepspeed=ds_config,
         ddp_backend="gloo" if world > 1 and not gpu else None,
         use_cpu=ds_config is None and not gpu,
@@ -134,19 +140,23 @@ def main() -> None:
     else:
         from apollo_dist.hf import APOLLOTrainer as base
     trainer = type("SequentialTrainer", (Sequential, base), {})(
-        model=make_model(), args=args, train_dataset=dataset(a.steps)
+        model=make_model(), args=args, train_dataset=dataset(a.steps, a.global_batch)
     )
     trainer.train(resume_from_checkpoint=a.resume)
     losses = {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
     opt = trainer.optimizer
     inner = getattr(opt, "optimizer", opt)
     inner = getattr(inner, "optimizer", inner)  # AcceleratedOptimizer -> DeepSpeed's wrapper -> APOLLO
+    # what the engine's load_checkpoint is: a functools.partial of apollo_dist.deepspeed.load_checkpoint when routed
+    routed = getattr(getattr(trainer.model_wrapped, "load_checkpoint", None), "func", None)
     if trainer.args.process_index == 0:
         with open(a.out, "w") as f:
             json.dump(
                 {
                     "losses": losses,
                     "world": world,
+                    "global_step": trainer.state.global_step,
+                    "load_checkpoint": f"{routed.__module__}.{routed.__qualname__}" if routed else None,
                     "optimizer": type(inner).__name__,
                     "steps_taken": getattr(inner, "steps_taken", None),
                     "hparams": [  # per param, in position order (the order the projections' seeds follow)

@@ -15,6 +15,10 @@ rank-major half of ``oracle.batch(t, size=12)`` at step t: rank r gets rows [6r,
   fsdp2      ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` as shipped;
              ``configure_model`` calls ``fully_shard`` on every block and on the LightningModule itself
              with ``self.device_mesh["data_parallel"]``; both presets.
+  deepspeed-resume  ``CPUDeepSpeedStrategy(stage=--stage)``, APOLLO, 10 steps; ``--phase full`` saves after
+             step 5 into ``--ckpt-dir`` (ModelCheckpoint); ``--phase resume`` (any W: torchrun's) fits from that
+             checkpoint, first without ``apollo_dist.lightning.AnyWorldSizeResume`` (the error, reported as
+             ``unrouted``), then with it; per-step losses (mean over ranks), global step, final parameters.
 Full parameters are gathered in ``on_train_end`` (ZeRO-3: ``deepspeed.zero.GatheredParameters``; FSDP2:
 ``DTensor.full_tensor``). Rank 0 writes a JSON report to ``--out``: per case ``max_rel_diff`` vs the
 oracle, ``steps`` (``APOLLO.steps_taken``), ``global_step`` (Lightning's), the optimizer Lightning steps,
@@ -232,6 +236,109 @@ def deepspeed_cases(report: dict) -> None:
     zero_cases(lambda **kw: CPUDeepSpeedStrategy(parallel_devices=indexed_cpus(), **kw))
 
 
+# -- DeepSpeed: fit(ckpt_path=...) at another world size --------------------------------------------
+RESUME_STEPS, SAVE_STEP, RESUME_GAP = 10, 5, 3  # one epoch of 10 steps, a checkpoint after step 5
+
+
+class ResumeModule(ApolloModule):
+    """ApolloModule with update_proj_gap 3 (projection refreshes on both sides of step 5), this rank's rows of
+    ``oracle.batch(t, 12)`` at step t, and every step's loss averaged over the ranks in ``self.losses`` (1-based
+    steps, as Lightning's global_step after the step). A plain DataLoader is not resumable mid-epoch in Lightning
+    (it restarts it from the epoch's start, with a warning): ``train_dataloader``, which Lightning calls after
+    restoring the checkpoint, starts at the restored ``global_step``, as a streaming loader would."""
+
+    def __init__(self, preset: str):
+        super().__init__(preset)
+        self.step_losses: dict[int, float] = {}
+        self.losses: dict[int, float] = {}
+
+    def configure_optimizers(self):
+        self.apollo = APOLLO(oracle.groups(self.net, self.preset, gap=RESUME_GAP), **oracle.HPARAMS)
+        return self.apollo
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.step_losses[self.global_step + 1] = float(loss.detach())
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        r = self.global_rank
+        xs, ys = zip(*(oracle.batch(t, size=GLOBAL_BATCH) for t in range(self.trainer.global_step, RESUME_STEPS)))
+        x = torch.cat([b[LOCAL_BATCH * r : LOCAL_BATCH * (r + 1)] for b in xs])  # step-major rows
+        y = torch.cat([b[LOCAL_BATCH * r : LOCAL_BATCH * (r + 1)] for b in ys])
+        return DataLoader(TensorDataset(x, y), batch_size=LOCAL_BATCH, shuffle=False)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, self.step_losses)
+        self.losses = {t: sum(d[t] for d in every) / len(every) for t in sorted(self.step_losses)}
+
+
+def resume_case(make_strategy, phase: str, ckpt_dir: str, route: bool) -> dict:
+    """``phase`` "full": 10 steps, a checkpoint after step 5; "resume": ``fit(ckpt_path=<that checkpoint>)``.
+    ``route``: with apollo_dist.lightning.AnyWorldSizeResume in the callbacks (the user's one-line change)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from apollo_dist.lightning import AnyWorldSizeResume
+
+    module = ResumeModule("apollo")
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=SAVE_STEP, save_top_k=-1)
+    callbacks = [saver] if phase == "full" else []
+    t = pl.Trainer(
+        strategy=make_strategy(),
+        accelerator="cpu",
+        devices=WORLD,
+        num_nodes=1,
+        precision="32-true",
+        max_steps=RESUME_STEPS,
+        gradient_clip_val=None,
+        use_distributed_sampler=False,
+        callbacks=callbacks + ([AnyWorldSizeResume()] if route else []),
+        enable_checkpointing=phase == "full",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    ckpt = os.path.join(ckpt_dir, f"epoch=0-step={SAVE_STEP}.ckpt") if phase == "resume" else None
+    t.fit(module, ckpt_path=ckpt)
+    routed = getattr(t.strategy.model.load_checkpoint, "func", None)  # a functools.partial when routed
+    return {
+        "losses": module.losses,
+        "global_step": t.global_step,
+        "current_epoch": t.current_epoch,
+        "steps": module.apollo.steps_taken,
+        "final": {n: p.flatten().tolist() for n, p in module.final.items()},
+        "load_checkpoint": f"{routed.__module__}.{routed.__qualname__}" if routed else None,
+    }
+
+
+def deepspeed_resume_cases(report: dict, stage: int, phase: str, ckpt_dir: str) -> None:
+    """CPUDeepSpeedStrategy (as in deepspeed_cases) at ZeRO ``stage``. At W=3 resuming W=2's checkpoint, first
+    without the callback (DeepSpeed's refusal, reported), then with it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from lightning.pytorch.strategies.ddp import DDPStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self) -> None:  # the CUDA-only guard lifted (see deepspeed_cases)
+            DDPStrategy.setup_environment(self)
+
+    def make():
+        return CPUDeepSpeedStrategy(stage=stage, parallel_devices=[torch.device("cpu", i) for i in range(WORLD)])
+
+    if phase == "resume":
+        try:
+            resume_case(make, phase, ckpt_dir, route=False)
+            report["unrouted"] = {"refused": None}
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's refusal is the result
+            report["unrouted"] = {"refused": f"{type(e).__name__}: {e}"}
+    run_case(report, f"resume/{phase}", lambda: resume_case(make, phase, ckpt_dir, route=True))
+
+
 # -- FSDP2 ----------------------------------------------------------------------------------------
 def fsdp2_cases(report: dict) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -258,12 +365,18 @@ def run_case(report: dict, name: str, fn) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["deepspeed", "fsdp2"], required=True)
+    ap.add_argument("--strategy", choices=["deepspeed", "fsdp2", "deepspeed-resume"], required=True)
+    ap.add_argument("--stage", type=int, default=2, help="deepspeed-resume: the ZeRO stage")
+    ap.add_argument("--phase", choices=["full", "resume"], default="full", help="deepspeed-resume: which run")
+    ap.add_argument("--ckpt-dir", default=None, help="deepspeed-resume: where the full run's checkpoints go")
     ap.add_argument("--out", required=True)
     ap.add_argument("--gpu", action="store_true", help="accelerator='gpu' (NCCL), the shipped strategies")
     args = ap.parse_args()
     report: dict = {}
-    {"deepspeed": deepspeed_cases, "fsdp2": fsdp2_cases}[args.strategy](report)
+    if args.strategy == "deepspeed-resume":
+        deepspeed_resume_cases(report, args.stage, args.phase, args.ckpt_dir)
+    else:
+        {"deepspeed": deepspeed_cases, "fsdp2": fsdp2_cases}[args.strategy](report)
     if dist.is_initialized():
         report["world"] = dist.get_world_size()
         if dist.get_rank() == 0:
