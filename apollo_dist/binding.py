@@ -11,7 +11,9 @@ Anything it cannot map is a ValueError / NotImplementedError that names the grou
 way out: APOLLO never steps tensors it has not mapped.
 
 Only attributes are read (``_hp_mapping``, ``_dp_group``, ``_z3_optimizer``, ``ds_shape``, ``ds_tensor``): nothing
-here imports deepspeed.
+here imports deepspeed. One exception, DeepSpeed's universal-checkpoint loader (`refuse_universal_loads`): the
+DeepSpeed bindings replace the entry points it calls (each ZeRO-1/2 param's ``load_hp_checkpoint_state``, ZeRO-3's
+``_load_universal_checkpoint``) with the error `UNIVERSAL_REFUSED`, and refuse to bind after such a load.
 """
 
 from __future__ import annotations
@@ -31,6 +33,41 @@ SUPPORTED = (
     "plain tensors (one process, DDP), FSDP2 DTensors (FSDP, HSDP, FSDP2 x tensor parallel), DeepSpeed ZeRO-1/2/3 "
     "partitions (deepspeed.initialize or apollo_dist.deepspeed.initialize)"
 )
+
+
+UNIVERSAL_REFUSED = (
+    'APOLLO with DeepSpeed: universal checkpoints ("checkpoint": {"load_universal": true}) are not supported: '
+    "DeepSpeed's universal loader puts Adam-shaped state per ZeRO partition into the optimizer, not APOLLO's "
+    "moments, projections and steps (and ds_to_universal cannot convert an APOLLO checkpoint). Resume the native "
+    "checkpoint (the directory engine.save_checkpoint wrote) at any world size or ZeRO stage instead, with "
+    "load_universal off: apollo_dist.deepspeed.load_checkpoint(engine, load_dir) for an engine from "
+    "deepspeed.initialize, engine.load_checkpoint(load_dir) for one from apollo_dist.deepspeed.initialize"
+)
+
+
+def _universal_refused(*args: Any, **kwargs: Any) -> None:
+    raise NotImplementedError(UNIVERSAL_REFUSED)
+
+
+def refuse_universal_loads(binding: "Binding", zero3: Any = None) -> None:
+    """DeepSpeed's universal loader fails with `UNIVERSAL_REFUSED` where it would write into APOLLO's params and
+    state: each ZeRO-1/2 / BF16_Optimizer param's ``load_hp_checkpoint_state`` (the universal loader calls it for
+    every param this rank holds a fragment of), ZeRO-3's ``_load_universal_checkpoint``. Refused now if such a
+    load already ran (before the first binding, when nothing of APOLLO's was in the way): ZeRO-1/2 leave the
+    loaded moments in the params' ``_hp_mapping.optim_fragment``, ZeRO-3 in ``optimizer.state[flat partition]``."""
+    if zero3 is not None:
+        state = getattr(getattr(zero3, "optimizer", None), "state", None) or {}
+        for flat in zero3.fp32_partitioned_groups_flat:
+            if any(torch.is_tensor(v) and v.dim() > 0 for v in (state.get(flat) or {}).values()):
+                raise NotImplementedError(UNIVERSAL_REFUSED)
+        zero3._load_universal_checkpoint = _universal_refused
+        return
+    for unit in binding.units:
+        for s in unit.slots:
+            mapping = getattr(s.param, "_hp_mapping", None)
+            if mapping is not None and getattr(mapping, "optim_fragment", None):
+                raise NotImplementedError(UNIVERSAL_REFUSED)
+            s.param.load_hp_checkpoint_state = _universal_refused
 
 
 def global_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -392,7 +429,9 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
                 Slot(p, r.position, r.shape, lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad)
             )
         units.append(Unit(gi, slots, flat))
-    return Binding("flat", units, group or dist.group.WORLD, held=[u.handle for u in units])
+    binding = Binding("flat", units, group or dist.group.WORLD, held=[u.handle for u in units])
+    refuse_universal_loads(binding)
+    return binding
 
 
 def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
@@ -436,7 +475,9 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
             )
             offset += chunk
         units.append(Unit(gi, slots, flat, clearers[i]))
-    return Binding("flat", units, group, held=[u.handle for u in units])
+    binding = Binding("flat", units, group, held=[u.handle for u in units])
+    refuse_universal_loads(binding, zero3=zero)
+    return binding
 
 
 def _zero3_grad_clearers(zero: Any) -> list[Callable[[], None]]:

@@ -47,7 +47,9 @@ DeepSpeed's per-parameter optimizer-state helpers (``safe_get_full_optimizer_sta
 APOLLO's state: read ``optimizer.state[param]`` (this rank's owned channels / elements) instead.
 
 Not supported (clear error at ``initialize``): optimizer/parameter offload (ZeRO-Offload, ZeRO-Infinity),
-ZeRO-1/2 elastic and DeepSpeed universal checkpoints, ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
+ZeRO-1/2 elastic, DeepSpeed universal checkpoints (``load_universal``: refused at ``initialize``, at
+``load_checkpoint`` and, for engines from plain ``deepspeed.initialize``, by APOLLO's binding; resume the native
+checkpoint at any W with ``load_checkpoint`` below instead), ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
 model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints
 resume at the same world size and stage; other world sizes go through ``tools/convert_checkpoint.py``.
 
@@ -136,8 +138,23 @@ def _off(block: Any) -> bool:
     return str(block.get("device", "none") if isinstance(block, dict) else block).lower() == "none"
 
 
+def _refuse_universal(config: Optional[dict] = None, engine: Any = None) -> None:
+    """NotImplementedError naming the working route when a DeepSpeed universal-checkpoint load is asked for
+    (``"checkpoint": {"load_universal": true}`` in ``config`` or ``engine``'s config): DeepSpeed's universal
+    loader would put Adam-shaped partition state into APOLLO (apollo_dist.binding refuses it there too, for
+    engines from plain ``deepspeed.initialize``)."""
+    from .binding import UNIVERSAL_REFUSED
+
+    on = (config.get("checkpoint") or {}).get("load_universal", False) if config is not None else False
+    if engine is not None and callable(getattr(engine, "load_universal_checkpoint", None)):
+        on = on or bool(engine.load_universal_checkpoint())
+    if on:
+        raise NotImplementedError(UNIVERSAL_REFUSED)
+
+
 def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
     """Raise NotImplementedError for DeepSpeed features the adapter does not handle; return the ZeRO stage."""
+    _refuse_universal(config)
     zero = config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     low_precision = (config.get("fp16") or {}).get("enabled") or (
@@ -330,6 +347,7 @@ def load_checkpoint(engine: Any, load_dir: Any, tag: Optional[str] = None, **kwa
     """
     from deepspeed.runtime.engine import DeepSpeedEngine
 
+    _refuse_universal(engine=engine)  # before anything is read: never DeepSpeed's universal loader into APOLLO
     from .checkpoint.format import CheckpointError
     from .checkpoint.live import load_checkpoint as load_any
     from .native_checkpoints import DeepSpeedSource, is_deepspeed_dir, resolve_deepspeed_dir
