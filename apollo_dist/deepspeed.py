@@ -50,8 +50,9 @@ Not supported (clear error at ``initialize``): optimizer/parameter offload (ZeRO
 ZeRO-1/2 elastic, DeepSpeed universal checkpoints (``load_universal``: refused at ``initialize``, at
 ``load_checkpoint`` and, for engines from plain ``deepspeed.initialize``, by APOLLO's binding; resume the native
 checkpoint at any W with ``load_checkpoint`` below instead), ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
-model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints
-resume at the same world size and stage; other world sizes go through ``tools/convert_checkpoint.py``.
+model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints resume at
+any world size and stage through `load_checkpoint` (``engine.load_checkpoint`` of engines from `initialize`): at the
+same ones it is DeepSpeed's own load.
 
 This is the only module of apollo_dist that imports deepspeed (lazily).
 """
@@ -333,7 +334,8 @@ _ENGINE_KEYS = (
 def load_checkpoint(engine: Any, load_dir: Any, tag: Optional[str] = None, **kwargs: Any) -> tuple[Any, dict]:
     """``engine.load_checkpoint`` that also resumes at another world size, another ZeRO stage or from the
     other engine's checkpoint, with no offline step. Returns what ``engine.load_checkpoint`` returns:
-    (the step directory loaded, the client state).
+    (the model-states file loaded, as DeepSpeed returns it; a non-DeepSpeed checkpoint: its directory), the
+    client state.
 
     ``engine``: from plain ``deepspeed.initialize`` with an APOLLO, or from ``apollo_dist.deepspeed.initialize``
     (whose ``engine.load_checkpoint`` is this function). ``load_dir``: a DeepSpeed save directory (``latest``
@@ -378,7 +380,8 @@ def load_checkpoint(engine: Any, load_dir: Any, tag: Optional[str] = None, **kwa
     engine.global_samples = states.get("global_samples", engine.global_steps * engine.train_batch_size())
     engine.skipped_steps = states.get("skipped_steps", engine.skipped_steps)
     _load_scheduler(engine, states.get("lr_scheduler"), kwargs)
-    return str(step_dir), {k: v for k, v in states.items() if k not in _ENGINE_KEYS}
+    # the path DeepSpeed's own load returns: the model-states file it read
+    return str(source.model_file), {k: v for k, v in states.items() if k not in _ENGINE_KEYS}
 
 
 def _load_scheduler(engine: Any, state: Optional[dict], kwargs: dict) -> None:
