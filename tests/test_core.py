@@ -466,3 +466,17 @@ def test_canonical_checkpoint_keeps_per_param_steps(tmp_path):
     got = {n: int(fresh.state[p]["step"]) for n, p in fresh_model.named_parameters()}
     want = {n: int(opt.state[p]["step"]) for n, p in model.named_parameters()}
     assert got == want and sorted(set(got.values())) == [4, 6]
+
+
+def test_apollo_of_finds_it_inside_the_wrappers_users_hold():
+    """accelerate's AcceleratedOptimizer (what the HF Trainer holds) and a chain of them lead to the APOLLO;
+    anything else is a TypeError naming the chain."""
+    from accelerate import Accelerator
+
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    _, wrapped = Accelerator(cpu=True).prepare(model, opt)
+    assert type(wrapped).__name__ == "AcceleratedOptimizer"
+    assert APOLLO.of(opt) is opt and APOLLO.of(wrapped) is opt
+    with pytest.raises(TypeError, match=r"no APOLLO inside AdamW"):
+        APOLLO.of(torch.optim.AdamW(model.parameters()))
