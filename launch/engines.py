@@ -4,7 +4,9 @@ An engine owns the model, the optimizer and the lr schedule. The training loop o
 ``train_step(micro_batches, step)``, ``token_losses(x, y)``, ``lr()``, ``optimizer_state_bytes()``,
 ``skipped_steps()`` and the checkpoint hooks ``save_checkpoint(step)`` / ``load_checkpoint(dir)``, which use
 each engine's native mechanism (torch.save; torch.distributed.checkpoint; DeepSpeed's save/load_checkpoint)
-and so resume only with the same world size and engine. tools/convert_checkpoint.py covers other world sizes.
+for a checkpoint of the same engine and world size, and ``load_any_checkpoint(dir)`` for one written at another
+world size or by the other engine (FSDP2 <-> DeepSpeed ZeRO-1/2/3) or a canonical one: apollo_dist's loader,
+each rank reading only what it holds, with no conversion.
 A save that fills the file system removes its partial step directory and raises DiskFullError.
 """
 
@@ -427,6 +429,22 @@ class Engine:
         self.scheduler.load_state_dict(meta["scheduler"])
         self.skipped_before = int(meta.get("skipped_steps", 0))  # absent in checkpoints of older versions
         return int(meta["step"])
+
+    def load_any_checkpoint(self, path: str) -> int:
+        """Load a checkpoint of another world size or engine (a launch/train.py save or step directory of
+        FSDP2 or DeepSpeed ZeRO-1/2/3), or a canonical one, through `apollo_dist.checkpoint.resume_checkpoint`:
+        fp32 master weights (the model's own copy follows; also in bf16 runs), APOLLO's state, per-param steps
+        and seeds, each rank reading only the elements it holds, one param at a time. The lr schedule, the
+        data position and the count of skipped steps come with it as with `load_checkpoint`; returns the step."""
+        from apollo_dist.checkpoint import is_canonical, resume_checkpoint
+
+        if not is_canonical(path):
+            root, tag, _ = resolve_checkpoint(path)
+            path = os.path.join(root, tag)  # the complete step directory (`latest`, a swap stopped mid-way)
+        module = getattr(self.model, "module", self.model)  # the names the checkpoint uses (DeepSpeed wraps)
+        trainer = resume_checkpoint(path, self.optimizer, module, self.scheduler)
+        self.skipped_before = int((trainer.get("run") or {}).get("skipped_steps", 0))  # trainer.json's count
+        return int(trainer["step"])
 
     def _save_native(self, path: str) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

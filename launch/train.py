@@ -265,7 +265,7 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         return v if isinstance(v, int) else None  # "auto" and absent alike
 
     global_batch = args.global_batch_size or from_json("train_batch_size")
-    micro = args.micro_batch_size or from_json("train_micro_batch_size_per_gpu")
+    micro_given = micro = args.micro_batch_size or from_json("train_micro_batch_size_per_gpu")
     if global_batch is None and micro is not None:
         global_batch = micro * dp * (from_json("gradient_accumulation_steps") or 1)
     global_batch = global_batch or 32
@@ -274,6 +274,9 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         raise UsageError(
             f"--global-batch-size {global_batch} is not divisible by {'W' if tp == 1 else 'W / tp'} x micro-batch = "
             f"{dp} x {micro} = {dp * micro}"
+            + batch_fix(
+                global_batch, micro_given, tp, resumed="global_batch_size" not in args.explicit and bool(args.resume)
+            )
         )
     if args.steps < 1 or args.seq_len < 1:
         raise UsageError("--steps and --seq-len must be >= 1")
@@ -322,6 +325,32 @@ def resolve_run(args: argparse.Namespace, ds_cfg: Optional[dict], defaults: dict
         weight_quant=args.weight_quant,
         param_dtype=args.param_dtype,
     )
+
+
+def world_sizes_for(global_batch: int, micro: Optional[int], tp: int = 1) -> list[int]:
+    """The world sizes W at which ``global_batch`` splits evenly: W / tp data-parallel ranks times ``micro``
+    (given) or any micro-batch (``micro`` None: global / (W / tp)) divides it."""
+    if micro and global_batch % micro:
+        return []
+    per = global_batch // micro if micro else global_batch
+    return [n * tp for n in range(1, per + 1) if per % n == 0]
+
+
+def batch_fix(global_batch: int, micro: Optional[int], tp: int, resumed: bool) -> str:
+    """The rest of the not-divisible error: which world sizes would work (``micro``: a micro-batch the flags or
+    the JSON fixed), and where the global batch came from (``resumed``: the checkpoint's)."""
+    sizes = world_sizes_for(global_batch, micro, tp)
+    shown = ", ".join(map(str, sizes[:16])) + (", ..." if len(sizes) > 16 else "")
+    with_micro = f" with micro-batch {micro}" if micro else ""
+    where = (
+        f" ({global_batch}: the resumed checkpoint's global batch; another --global-batch-size changes the batches "
+        "from the resumed step on)"
+        if resumed
+        else ""
+    )
+    if not sizes:
+        return f"; no world size works{with_micro}: give a --micro-batch-size that divides {global_batch}{where}"
+    return f"; it splits evenly over W = {shown}{with_micro}: launch one of those, or give another --global-batch-size{where}"
 
 
 def check_layerwise(args: argparse.Namespace, engine: str, grad_accum: int) -> float:
@@ -421,15 +450,7 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
     run.metrics_file = run.metrics_file or os.path.join(
         "runs", f"{run.engine}-{model_name}-{hp.optimizer}", "metrics.jsonl"
     )
-    from apollo_dist.checkpoint import is_canonical
-
-    if args.resume and not is_canonical(args.resume):  # a canonical checkpoint loads at any W, any engine
-        meta = saved
-        if (meta["engine"], meta["world_size"]) != (run.engine, world):
-            raise UsageError(
-                f"--resume {args.resume}: written by {meta['engine']} with W={meta['world_size']}, this run is "
-                f"{run.engine} with W={world}; convert it first with tools/convert_checkpoint.py"
-            )
+    args.resume_how = resume_how(args.resume, saved, run, hp) if args.resume else None
     if args.resume:
         check_same_model_and_optimizer(args.resume, saved, run, hp)
     tokenizer = data.load_tokenizer(args.tokenizer)
@@ -441,6 +462,31 @@ def validate(args: argparse.Namespace) -> tuple[RunConfig, OptimizerConfig, Opti
 # or in its hparams). A given flag wins; check_same_model_and_optimizer refuses the ones that cannot change.
 RUN_FLAGS = RUN_KEYS_SAVED  # RunConfig's saved fields
 HP_FLAGS = ("optimizer", "lr", "weight_decay", *TUNABLE_LOW_RANK_KEYS)
+
+
+def resume_how(path: str, meta: dict, run: RunConfig, hp: OptimizerConfig) -> str:
+    """How --resume ``path`` loads, as the start-up summary names it: "native" (written by this engine at
+    this W: the engine's own load), "canonical", or "native ENGINE W=N" (written by another engine or at
+    another W: apollo_dist's loader, each rank reading what it holds). UsageError for what only the writing
+    engine and W read."""
+    from apollo_dist.checkpoint import is_canonical
+
+    if is_canonical(path):
+        return "canonical"
+    if (meta["engine"], meta["world_size"]) == (run.engine, run.world):
+        return "native"
+    written = f"written by {meta['engine']} with W={meta['world_size']}, this run is {run.engine} with W={run.world}"
+    if meta["engine"] == "single":
+        raise UsageError(
+            f"--resume {path}: {written}; a --engine single checkpoint (one torch.save file) resumes only under "
+            "--engine single"
+        )
+    if hp.optimizer == "adamw":
+        raise UsageError(
+            f"--resume {path}: {written}; AdamW checkpoints resume only with the engine and W that wrote them "
+            "(the loader at another W or engine is APOLLO's)"
+        )
+    return f"native {meta['engine']} W={meta['world_size']}"
 
 
 def take_pretrained(args: argparse.Namespace) -> None:
@@ -793,6 +839,14 @@ def train(
     return seen, time.perf_counter() - t_start
 
 
+def _save_on_resume_hook(engine: Any, run: RunConfig, start: int) -> None:
+    """Test hook (tests/test_resume_any.py): with APOLLO_DIST_SAVE_ON_RESUME=1 a run resumed at another W or
+    engine saves what the load put into it (master weights, optimizer state) under --save-dir as step
+    ``start``, before any step."""
+    if os.environ.get("APOLLO_DIST_SAVE_ON_RESUME") == "1" and run.save_dir:
+        engine.save_checkpoint(start)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -835,22 +889,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     ds_full = deepspeed_config(ds_cfg, hp, run) if run.engine == "deepspeed" else None
 
-    from apollo_dist.checkpoint import is_canonical, resume_canonical
-
     start, resumed = 0, ""
     try:
         engine = engines.make_engine(run.engine, model, hp, run, d, ds_full)
-        if args.resume and is_canonical(args.resume):
-            start, resumed = (
-                int(
-                    resume_canonical(
-                        args.resume, engine.optimizer, getattr(engine.model, "module", engine.model), engine.scheduler
-                    )["step"]
-                ),
-                "canonical",
-            )
-        elif args.resume:
+        if args.resume_how == "native":  # this engine at this W: its own load
             start, resumed = engine.load_checkpoint(args.resume), "native"
+        elif args.resume:  # canonical, or native of another W or engine: each rank reads what it holds
+            start, resumed = engine.load_any_checkpoint(args.resume), args.resume_how
+            _save_on_resume_hook(engine, run, start)
     except ValueError as e:  # input that only the built model shows wrong: target_modules, a canonical checkpoint
         # Every rank finds the same problem (same model, same files), but a rank cannot know that the
         # others did: each one says it, rank 0 without a prefix; the launcher ends any rank still waiting.
