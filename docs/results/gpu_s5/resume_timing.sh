@@ -7,7 +7,7 @@ common="--model $M --seq-len 256 --global-batch-size 4 --micro-batch-size 4 --op
 ds() { deepspeed --num_gpus 1 launch/train.py --deepspeed ds_configs/apollo.json $common "$@"; }
 fs() { torchrun --standalone --nproc_per_node 1 launch/train.py --engine fsdp2 --dtype bf16 $common "$@"; }
 first_step() {  # seconds from $1 (launch) to the first metrics row of $2
-  python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[2]) if l.strip()]; print(f'{r[-1][\"wall_time\"] - float(sys.argv[1]):.1f}')" "$1" "$2"
+  python3 -c "import json,sys; r=[x for x in map(json.loads, filter(str.strip, open(sys.argv[2]))) if 'wall_time' in x]; print(round(r[0]['wall_time'] - float(sys.argv[1]), 1))" "$1" "$2"
 }
 run() {  # name, engine fn, args...
   local name=$1 fn=$2; shift 2
