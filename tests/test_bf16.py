@@ -173,6 +173,7 @@ def losses(metrics: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow  # 77 s; the default run covers a bf16 resume at another W bitwise (test_ds_resume, test_resume_any)
 def test_bf16_checkpoint_resumes_at_another_w(tmp_path):
     """ZeRO-2 W=2 bf16 trains 30 steps, saving at step 15; tools/convert_checkpoint.py makes it canonical;
     FSDP2 W=3 bf16 resumes it and trains steps 16-30. Their losses stay within 2x the floor of changing

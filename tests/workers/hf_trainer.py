@@ -171,3 +171,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from apollo_dist.runtime import shutdown
+
+    shutdown()  # torch 2.13's gloo teardown can abort a finished run ("terminate called without an active exception")
