@@ -104,9 +104,14 @@ def bias_corrected_step_size(lr: float, betas: tuple[float, float], step: int, c
     return lr * math.sqrt(1.0 - b2**step) / (1.0 - b1**step)
 
 
-def param_step_size(group: dict, t: float, factor: float) -> float:
-    """A param's step size at its step t + 1 (t: the steps that updated it so far), times ``factor``."""
-    return bias_corrected_step_size(group["lr"], group["betas"], int(t) + 1, group["correct_bias"]) * factor
+def param_step_sizes(group: dict, steps: list[float], factor: float) -> list[float]:
+    """Each param's step size at its step t + 1 (``steps``: the steps that updated each so far), times
+    ``factor``; computed once per distinct t (params share their count unless some lacked a gradient)."""
+    size = {
+        t: bias_corrected_step_size(group["lr"], group["betas"], int(t) + 1, group["correct_bias"]) * factor
+        for t in set(steps)
+    }
+    return [size[t] for t in steps]
 
 
 def _padded_rows(lengths: list[int], width: int) -> torch.Tensor:
@@ -235,7 +240,7 @@ class AdamBucket:
         """On the host: fetch the gradients; this step's bias-corrected lr per param, the decay, which params
         have a gradient here."""
         self.fetched = [s.grad() for s in self.slots]
-        sizes = [param_step_size(group, t, 1.0) for t in self.step_count.tolist()]
+        sizes = param_step_sizes(group, self.step_count.tolist(), 1.0)
         self.scalars.set(sizes, -group["lr"] * group["weight_decay"], [g is not None for g in self.fetched])
 
     def fused(self) -> bool:
@@ -402,7 +407,7 @@ class LowRankBucket:
         t = self.step_count.tolist()  # per param, 0 before its first update
         self._refresh_projections([int(x) // int(group["update_proj_gap"]) for x in t])
         self.fetched = [s.grad() if g.rows else None for s, g in zip(self.slots, self.geom)]
-        sizes = [param_step_size(group, x, math.sqrt(group["scale"])) for x in t]
+        sizes = param_step_sizes(group, t, math.sqrt(group["scale"]))
         self.scalars.set(sizes, -group["lr"] * group["weight_decay"], [g is not None for g in self.fetched])
 
     def fused(self) -> bool:

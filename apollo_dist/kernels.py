@@ -95,11 +95,6 @@ class StepScalars:
         self.live_t = self.tensor[1 + k :]
         self._live: Optional[list[bool]] = [True] * k  # None: decided on the device (`live_from`), unread
 
-    @property
-    def step_size(self) -> float:
-        """The first slot's step size (all slots share it while their step counts agree)."""
-        return self.step_sizes[0] if self.k else 0.0
-
     def set(self, step_sizes: "float | Sequence[float]", decay: float, live: Optional[Sequence[bool]] = None) -> None:
         """This step's numbers: ``step_sizes`` one per slot (a float: the same for all), ``decay``, and
         ``live`` (None: every slot has a gradient)."""
@@ -123,9 +118,6 @@ class StepScalars:
         if self._live is None:
             self._live = [bool(x) for x in (self.live_t > 0).tolist()]
         return self._live
-
-    def all_live(self) -> bool:
-        return all(self.live())
 
 
 def skipped(skip: Optional[torch.Tensor]) -> bool:

@@ -287,6 +287,11 @@ class APOLLO(torch.optim.Optimizer):
         self.ensure_bound()
         return self._device
 
+    def run_settings(self) -> dict[str, Any]:
+        """The run-level settings a saved state records (`groups.RUN_KEYS`): the projection generator's device
+        type (CPU and CUDA draw different P from one seed), ``scale_front``, ``disable_nl``."""
+        return {"generator_device": self.device.type, "scale_front": self.scale_front, "disable_nl": self.disable_nl}
+
     @property
     def steps_taken(self) -> int:
         """Optimizer steps applied so far (skipped non-finite steps not counted): the most any param was
@@ -369,9 +374,10 @@ class APOLLO(torch.optim.Optimizer):
         for b, hp in zip(buckets, hparams):
             b.prepare(hp)
         bad = self._bad_buffer()
-        zero = torch.zeros((), device=self._device)
-        if check or self._comm.world > 1:
-            bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), zero) if check else zero)
+        if check:
+            bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device)))
+        elif self._comm.world > 1:  # "ignore": the all-reduce below still decides which params have a gradient
+            bad.zero_()
         if self._comm.world > 1:
             # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
             # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
@@ -493,12 +499,7 @@ class APOLLO(torch.optim.Optimizer):
         groups = []
         for g, row in zip(self._groups, self._received):
             saved = {k: v for k, v in g.items() if k != "params"}
-            saved.update(
-                params=[r.position for r in row],
-                generator_device=self._device.type,
-                scale_front=self.scale_front,
-                disable_nl=self.disable_nl,
-            )
+            saved.update(params=[r.position for r in row], **self.run_settings())
             groups.append(saved)
         state = {s.index: dict(self.state[s.param]) for s in self.slots()}
         return {"state": state, "param_groups": groups, "apollo_layout": self.layout()}
@@ -550,12 +551,7 @@ class APOLLO(torch.optim.Optimizer):
         if state_dict["param_groups"] and any(
             float(_local(st.get("step", 0))) > 0 for st in state_dict["state"].values()
         ):
-            run = {
-                "generator_device": self._device.type,
-                "scale_front": self.scale_front,
-                "disable_nl": self.disable_nl,
-            }
-            warn_run_changes("optimizer state", state_dict["param_groups"][0], run)
+            warn_run_changes("optimizer state", state_dict["param_groups"][0], self.run_settings())
         _take_hyperparameters_into(self._groups, state_dict["param_groups"])
         for pid, live, saved_state in pairs:
             _load_param_state(pid, live, saved_state)
@@ -621,8 +617,7 @@ def _load_param_state(pid: Any, live: dict[str, Any], saved: dict[str, Any], wri
         if k not in live:
             raise ValueError(f"param {pid}: unknown optimizer state key {k!r}")
         dst, src = live[k], v
-        dst_l = dst._local_tensor if is_dtensor(dst) else dst
-        src_l = src._local_tensor if is_dtensor(src) else torch.as_tensor(src)
+        dst_l, src_l = _local(dst), torch.as_tensor(_local(src))
         if dst_l.shape != src_l.shape and not dst_l.numel() == src_l.numel() == 1:  # a scalar may be 0-d or (1,)
             raise ValueError(
                 f"param {pid}: saved state {k!r} has shape {tuple(src_l.shape)}, this optimizer's is "

@@ -44,3 +44,20 @@ def torchrun(script: str, nproc: int, *args: str, timeout: int = 600, **env: str
 def report(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def deepspeed_workers(worker: str, world: int, out: Path, *args: str) -> dict:
+    """``deepspeed --num_gpus world worker --out out args`` on CPU: the worker's report, after checking that no
+    DeepSpeed shared-memory segment was left behind and that no part of the worker failed."""
+    from apollo_dist.runtime import free_port
+
+    port = free_port()
+    cmd = [launcher("deepspeed"), "--num_gpus", str(world), "--master_port", str(port), worker, "--out", str(out)]
+    run_checked([*cmd, *args], timeout=600)
+    # engines.shutdown unlinks DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank otherwise)
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not left, f"shared-memory segments left behind: {left}"
+    r = report(out)
+    errors = {k: v for k, v in r.items() if k.startswith("error/")}
+    assert not errors, "\n".join(errors.values())
+    return r

@@ -359,13 +359,7 @@ def test_param_without_gradient_is_skipped_like_the_oracle(preset):
 
 def test_param_without_gradient_keeps_its_own_step_count():
     """The idle params' ``step`` counts only the steps that updated them; the others count every step."""
-    model = oracle.make_model(0)
-    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
-    for t in range(6):
-        oracle.set_idle(model, t)
-        oracle.loss_fn(model, *oracle.batch(t)).backward()
-        opt.step()
-        opt.zero_grad()
+    model, opt = _trained(6, idle=True)
     idle = {id(p) for p in oracle.idle_params(model)}
     steps = {id(p): int(opt.state[p]["step"]) for p in model.parameters()}
     assert {steps[i] for i in idle} == {4} and {s for i, s in steps.items() if i not in idle} == {6}
@@ -386,10 +380,12 @@ def test_fsdp2_param_without_gradient_matches_oracle(tmp_path, preset):
     assert r["max_rel_diff"] < 1e-4
 
 
-def _trained(steps: int = 3, **kw) -> tuple[torch.nn.Module, APOLLO]:
+def _trained(steps: int = 3, idle: bool = False, **kw) -> tuple[torch.nn.Module, APOLLO]:
+    """The oracle model after ``steps`` APOLLO steps (``idle``: the last block's MLP sits out every third)."""
     model = oracle.make_model(0)
     opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, **kw)
     for t in range(steps):
+        oracle.set_idle(model, t, oracle.IDLE_EVERY if idle else 0)
         oracle.loss_fn(model, *oracle.batch(t)).backward()
         opt.step()
         opt.zero_grad()
@@ -452,13 +448,7 @@ def test_canonical_checkpoint_keeps_per_param_steps(tmp_path):
     """Idle params' own step counts go through a canonical checkpoint and come back."""
     from apollo_dist.checkpoint import LiveSource, load_canonical, save_canonical
 
-    model = oracle.make_model(0)
-    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
-    for t in range(6):
-        oracle.set_idle(model, t)
-        oracle.loss_fn(model, *oracle.batch(t)).backward()
-        opt.step()
-        opt.zero_grad()
+    model, opt = _trained(6, idle=True)
     save_canonical(LiveSource(opt, model), tmp_path / "c")
     fresh_model = oracle.make_model(0)
     fresh = APOLLO(oracle.groups(fresh_model, "apollo"), **oracle.HPARAMS)

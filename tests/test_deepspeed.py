@@ -13,9 +13,7 @@ from pathlib import Path
 
 import oracle
 import pytest
-from spawn import ROOT, launcher, report, run_checked
-
-from apollo_dist.runtime import free_port
+from spawn import ROOT, deepspeed_workers
 
 WORKER = str(ROOT / "tests" / "workers" / "ds_equivalence.py")
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -24,26 +22,7 @@ TOL = 1e-4  # the issue's bar; DeepSpeed's gradient averaging alone gives ~1e-6
 
 def deepspeed_launch(world: int, out: Path, *args: str) -> dict:
     """``deepspeed --num_gpus world WORKER --out out args`` on CPU; the worker's report."""
-    port = free_port()
-    cmd = [
-        launcher("deepspeed"),
-        "--num_gpus",
-        str(world),
-        "--master_port",
-        str(port),
-        WORKER,
-        "--out",
-        str(out),
-        *args,
-    ]
-    run_checked(cmd, timeout=600)
-    # engines.shutdown unlinks DeepSpeed's CPU all-reduce segments (66 MB of RAM per rank otherwise)
-    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
-    assert not left, f"shared-memory segments left behind: {left}"
-    r = report(out)
-    errors = {k: v for k, v in r.items() if k.startswith("error/")}
-    assert not errors, "\n".join(errors.values())
-    return r
+    return deepspeed_workers(WORKER, world, out, *args)
 
 
 @pytest.fixture(scope="module")

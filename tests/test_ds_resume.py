@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from spawn import ROOT, launcher, report, run_checked, worker_env
-
-from apollo_dist.runtime import free_port
+from spawn import ROOT, deepspeed_workers, worker_env
 
 WORKER = str(ROOT / "tests" / "workers" / "ds_resume.py")
 TOL = 1e-5  # relative, per step (the issue's bar; gradient averaging over 2 vs 3 ranks gives ~1e-7)
@@ -40,17 +38,8 @@ RSS_SLACK = 16 * MIB  # Python objects, allocator rounding, the model-states fil
 
 
 def ds_launch(world: int, out: Path, *args: str) -> dict:
-    """``deepspeed --num_gpus world WORKER --out out args`` on CPU (as tests/test_deepspeed.py): the report,
-    after checking that no DeepSpeed shared-memory segment was left behind and no part failed."""
-    port = free_port()
-    cmd = [launcher("deepspeed"), "--num_gpus", str(world), "--master_port", str(port), WORKER, "--out", str(out)]
-    run_checked([*cmd, *args], timeout=600)
-    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
-    assert not left, f"shared-memory segments left behind: {left}"
-    r = report(out)
-    errors = {k: v for k, v in r.items() if k.startswith("error/")}
-    assert not errors, "\n".join(errors.values())
-    return r
+    """``deepspeed --num_gpus world WORKER --out out args`` on CPU (as tests/test_deepspeed.py): the report."""
+    return deepspeed_workers(WORKER, world, out, *args)
 
 
 def to_universal(step_dir: Path, *extra: str) -> subprocess.Popen:

@@ -54,9 +54,7 @@ def _warn_run_changes(ckpt: SliceReader, optimizer: Any) -> None:
     """Warn when the checkpoint's run settings differ from this run's (CPU and CUDA draw different P; scale_front
     and disable_nl change the limiter)."""
     saved = {"generator_device": ckpt.index["generator_device"], **(ckpt.index.get("optimizer") or {})}
-    live = {"generator_device": optimizer.device.type, "scale_front": optimizer.scale_front}
-    live["disable_nl"] = optimizer.disable_nl
-    warn_run_changes(str(ckpt.path), saved, live, stacklevel=4)
+    warn_run_changes(str(ckpt.path), saved, optimizer.run_settings(), stacklevel=4)
 
 
 def _check_groups(path: Path, saved_groups: list[dict[str, Any]], live_groups: list[dict[str, Any]]) -> None:

@@ -544,17 +544,23 @@ def main() -> None:
         "idle": part_idle,
         "checkpoint": lambda r: part_checkpoint(r, args.ckpt_dir),
     }
-    for name in args.parts.split(","):
+    run_parts(report, [(name, lambda fn=parts[name]: fn(report)) for name in args.parts.split(",")], args.out)
+
+
+def run_parts(report: dict, parts: list, out: str) -> None:
+    """Run (name, fn) parts in order, each timed; a failing part is reported (``error/<name>``) and the others
+    still run; rank 0 writes the report to ``out``; then every rank leaves through runtime.shutdown."""
+    for name, fn in parts:
         t0 = time.time()
         try:
-            parts[name](report)
+            fn()
         except Exception:  # report it and go on: one broken part must not hide the others
             report[f"error/{name}"] = traceback.format_exc()[-3000:]
             if dist.get_rank() == 0:
                 print(report[f"error/{name}"], file=sys.stderr, flush=True)
         report[f"seconds/{name}"] = round(time.time() - t0, 1)
     if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
     shutdown()
 

@@ -27,9 +27,7 @@ Rank 0 writes a JSON report to ``--out``; errors are reported as ``error/<part>`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import threading
 import time
 import traceback
@@ -48,13 +46,12 @@ import deepspeed.ops  # noqa: E402
 # gloo does every collective here; DeepSpeed's CPU shared-memory op would JIT-compile for a minute.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
-from ds_equivalence import GLOBAL_BATCH, base_config, local_rows, plain_config  # noqa: E402
+from ds_equivalence import GLOBAL_BATCH, base_config, local_rows, plain_config, run_parts  # noqa: E402
 
 import apollo_dist.checkpoint.live  # noqa: E402,F401  (imported before any RSS baseline)
 import apollo_dist.deepspeed as ads  # noqa: E402
 from apollo_dist import APOLLO  # noqa: E402
 from apollo_dist.native_checkpoints import DeepSpeedSource  # noqa: E402
-from apollo_dist.runtime import shutdown  # noqa: E402
 
 SAVE_AT, STEPS, GAP = 5, 10, 3
 
@@ -384,19 +381,7 @@ def main() -> None:
         parts.append(("adamw", lambda: part_adamw_save(report, root)))
     if args.universal:
         parts.append(("universal", lambda: part_universal(report, root)))
-    for name, fn in parts:
-        t0 = time.time()
-        try:
-            fn()
-        except Exception:  # report it and go on: one broken part must not hide the others
-            report[f"error/{name}"] = traceback.format_exc()[-3000:]
-            if dist.get_rank() == 0:
-                print(report[f"error/{name}"], file=sys.stderr, flush=True)
-        report[f"seconds/{name}"] = round(time.time() - t0, 1)
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-    shutdown()
+    run_parts(report, parts, args.out)
 
 
 if __name__ == "__main__":
