@@ -32,15 +32,24 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .binding import Binding, Unit
 from .quant import int8_module
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .optimizer import APOLLO
+
+class Updater(Protocol):
+    """What the hooks need of their optimizer (APOLLO's public methods; this module never imports it)."""
+
+    @property
+    def buckets(self) -> list: ...
+
+    def ensure_bound(self) -> None: ...
+
+    def update_now(self, buckets: list) -> None: ...
+
 
 DEEPSPEED_REFUSED = (
     "layer-wise APOLLO (layerwise=True) does not run under DeepSpeed ZeRO: ZeRO reduces and partitions the "
@@ -112,7 +121,7 @@ class LayerwiseUpdates:
     Created by ``APOLLO(layerwise=True)``; ``attach`` is called at every (re)binding with the new
     per-param buckets, ``step`` by ``APOLLO.step``."""
 
-    def __init__(self, optimizer: "APOLLO"):
+    def __init__(self, optimizer: Updater):
         self._optimizer = weakref.ref(optimizer)  # the hooks live on the params: don't keep the optimizer alive
         self._handles: list[Any] = []
         self._bucket_of: dict[int, Any] = {}  # id(param) -> its bucket
@@ -156,7 +165,7 @@ class LayerwiseUpdates:
             with torch.no_grad():
                 if int8 is not None:  # Q-APOLLO: update the dequantized weight, then re-quantize it
                     int8.load_scratch()
-                opt._step_buckets([bucket])
+                opt.update_now([bucket])
                 if int8 is not None:
                     int8.store_scratch(s.index + 1, int(bucket.step_count[0]))
         except FloatingPointError as e:
@@ -178,7 +187,7 @@ class LayerwiseUpdates:
         done, self._done = self._done, set()
         # A param whose hook did not fire had no gradient: it is skipped, as the ordinary step and the reference
         # skip it. Nothing updated at all is a misuse (no backward, or hooks on params an engine replaced).
-        if not done and any(b.slots for b in opt._buckets):
+        if not done and any(b.slots for b in opt.buckets):
             raise RuntimeError(
                 "layer-wise APOLLO: optimizer.step() found no parameter updated since the last step: run backward "
                 "before step() (the updates run inside backward); if an engine re-pointed the param groups (accelerate), "

@@ -330,6 +330,11 @@ class APOLLO(torch.optim.Optimizer):
         self._step_buckets(self._active_buckets())
         return loss
 
+    def update_now(self, buckets: list) -> None:
+        """Update ``buckets`` (from `buckets`) at once, outside ``step``: what layer-wise APOLLO's gradient hook
+        calls for its param's bucket (apollo_dist.layerwise). The ordinary step of those buckets."""
+        self._step_buckets(buckets)
+
     def _step_buckets(self, buckets: list) -> None:
         """Step ``buckets``; all ranks take one decision on non-finite gradients ("skip": settled at the next
         call, see `_settle`)."""
