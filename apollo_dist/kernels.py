@@ -121,9 +121,17 @@ class StepScalars:
 
 
 def skipped(skip: Optional[torch.Tensor]) -> bool:
-    """The eager paths' reading of a device-side skip flag (a host sync; the fused kernels read it on the
-    device instead, see `APOLLO.step`)."""
+    """A device-side skip flag read on the host (a host sync; the fused kernels and the eager twins gate on the
+    device instead; only the core's mid-row pieces read it here)."""
     return skip is not None and bool(skip.item() > 0)
+
+
+EAGER_CHUNK = 1 << 23  # elements per piece of a gated eager Adam (its temporaries stay ~ 5 x 32 MB)
+
+
+def _go(skip: torch.Tensor, live: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """0-dim bool on the device: a gated write goes ahead (``skip`` == 0 and, if given, ``live`` != 0)."""
+    return (skip == 0) if live is None else (skip == 0) & (live != 0)
 
 
 _ZEROS: dict[torch.device, torch.Tensor] = {}
@@ -376,8 +384,9 @@ def channel_adam_(
     ``keep`` (C,): rows where it is 0 keep their moments (a param without gradient); None: all updated."""
     C, r = exp_avg.shape
     if not fused(R, exp_avg, exp_avg_sq) or C == 0:
-        if skipped(skip):  # the results are not used: every write of a skipped step is gated
-            return R.new_zeros(C), R.new_zeros(C)
+        if skip is not None:  # gated on the device (no host sync): a skipped step keeps every row
+            go = _go(skip).to(exp_avg.dtype)
+            keep = go.expand(C) if keep is None else keep * go
         if keep is None:
             exp_avg.mul_(b1).add_(R, alpha=1.0 - b1)
             exp_avg_sq.mul_(b2).addcmul_(R, R, value=1.0 - b2)
@@ -500,7 +509,13 @@ class MultiUpdate:
         if not self.params:
             return
         if not (self.on_gpu and fused(*grads)):
-            if skipped(skip):
+            if skip is not None:  # gated on the device (no host sync): each result written where it goes ahead
+                for j, (p, g, row, off) in enumerate(zip(self.params, grads, self.per_row, self.coef_offsets)):
+                    new = p.clone()  # the in-place ops' rounding, in the param's dtype
+                    scaled_update_eager(
+                        new, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay
+                    )
+                    torch.where(_go(skip, live[0][j] if live is not None else None), new, p, out=p)
                 return
             on = live[1]() if live is not None else [True] * len(self.params)
             for p, g, row, off, here in zip(self.params, grads, self.per_row, self.coef_offsets, on):
@@ -632,7 +647,8 @@ class MultiAdam:
             return
         per_param = scalars.k == len(self.params)
         if not (self.on_gpu and fused(*grads)):
-            if skipped(skip):
+            if skip is not None:
+                self._gated_eager(grads, b1, b2, eps, scalars, skip, per_param)
                 return
             on = scalars.live() if per_param else [True] * len(self.params)
             sizes = scalars.step_sizes if per_param else scalars.step_sizes[:1] * len(self.params)
@@ -675,3 +691,29 @@ class MultiAdam:
             _flag(skip, self.exp_avg.device),
             BLOCK=BLOCK,
         )
+
+    def _gated_eager(
+        self,
+        grads: list[torch.Tensor],
+        b1: float,
+        b2: float,
+        eps: float,
+        scalars: StepScalars,
+        skip: torch.Tensor,
+        per_param: bool,
+    ) -> None:
+        """The eager step gated on the device (no host sync): each param's new moments and weight computed out
+        of place (the in-place ops' rounding) and written where the step goes ahead and the param is live, in
+        pieces of `EAGER_CHUNK` elements so the temporaries stay small (an embedding's moments are large)."""
+        sizes = scalars.step_sizes if per_param else scalars.step_sizes[:1] * len(self.params)
+        for i, (p, m, v, g) in enumerate(zip(self.params, self.m, self.v, grads)):
+            go = _go(skip, scalars.live_t[i] if per_param else None)
+            for a in range(0, p.numel(), EAGER_CHUNK):
+                pc, mc, vc, gc = (x[a : a + EAGER_CHUNK] for x in (p, m, v, g))
+                m_new = mc.mul(b1).add_(gc, alpha=1.0 - b1)
+                v_new = vc.mul(b2).addcmul_(gc, gc, value=1.0 - b2)
+                p_new = pc.clone().addcdiv_(m_new, v_new.sqrt().add_(eps), value=-sizes[i])
+                if scalars.decay != 0.0:
+                    p_new.add_(p_new, alpha=scalars.decay)
+                for dst, new in ((mc, m_new), (vc, v_new), (pc, p_new)):
+                    torch.where(go, new, dst, out=dst)

@@ -7,7 +7,17 @@ see torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py ``foreach_reduce``)
 ordinary step of that one parameter (the same core functions: seeds, projection refreshes, limiter,
 bias correction, decay) and drops its gradient (``p.grad = None``), so at most a layer's gradients are
 alive at any time instead of the whole model's. ``optimizer.step()`` then only checks that some
-parameter was updated since the previous step (a parameter without gradient is skipped, as in the ordinary step).
+parameter was updated since the previous step (a parameter without gradient is skipped, as in the ordinary step)
+and reads the non-finite decisions.
+
+Nothing in a hook waits for the GPU: the update is launched (`APOLLO.update_now`) and backward goes on.
+Non-finite gradients are decided per parameter on the device: a param whose gradient holds inf/NaN (on any
+rank: at W > 1 one all-reduce per param, the one that already tells every rank which params have a gradient)
+is not written (weight, moments, limiter norm, int8 storage), and its step count does not advance; the other
+params are updated. The host reads the flags once per step, in ``step()``: "raise" (the layer-wise default)
+raises FloatingPointError there naming the params not updated; "skip" reads them at the following call and
+warns naming them (``skipped_steps`` counts such steps; a step whose every param was non-finite, e.g. a
+non-finite loss, changes nothing, as the ordinary "skip" does); "ignore" checks nothing.
 
 Each parameter is its own unit (bucket): a param's update needs nothing but its own gradient, and its
 hook is the first moment that gradient is complete. Per-param buckets compute what the group-wide
@@ -23,9 +33,7 @@ What cannot hold in this mode, and is refused:
   ``clip_grad_value_`` on a layer-wise param raise (`guard_clipping`: what accelerate, Lightning's
   ``gradient_clip_val`` and the Trainer call); launch/train.py refuses ``--grad-clip`` > 0 with ``--layerwise``;
 - DeepSpeed ZeRO (ZeRO owns and partitions the gradients; no per-parameter hook after its reduction):
-  an error at ``apollo_dist.deepspeed.initialize``, or at the first hook under plain ``deepspeed.initialize``;
-- ``nonfinite="skip"``: a step cannot be skipped once earlier params were updated in the same backward
-  (and skipping only the bad params would desynchronize step counts); layer-wise defaults to "raise".
+  an error at ``apollo_dist.deepspeed.initialize``, or at the first hook under plain ``deepspeed.initialize``.
 """
 
 from __future__ import annotations
@@ -161,19 +169,12 @@ class LayerwiseUpdates:
                 "as the gradient is complete); call optimizer.step() after every backward, or use layerwise=False"
             )
         int8 = int8_module(param)
-        try:
-            with torch.no_grad():
-                if int8 is not None:  # Q-APOLLO: update the dequantized weight, then re-quantize it
-                    int8.load_scratch()
-                opt.update_now([bucket])
-                if int8 is not None:
-                    int8.store_scratch(s.index + 1, int(bucket.step_count[0]))
-        except FloatingPointError as e:
-            raise FloatingPointError(
-                f"layer-wise APOLLO: non-finite gradient in param {s.index} (shape {s.shape}) at step "
-                f"{int(bucket.step_count[0]) + 1}; params updated earlier in this backward keep their update, this one "
-                f"and later ones were not updated ({e})"
-            ) from None
+        with torch.no_grad():
+            if int8 is not None:  # Q-APOLLO: update the dequantized weight, then re-quantize it
+                int8.load_scratch()
+            bad = opt.update_now([bucket])  # launched, not waited for; writes gated on the device by ``bad``
+            if int8 is not None:  # the step count as the update saw it (+ 1), taken back later if it was skipped
+                int8.store_scratch(s.index + 1, int(bucket.step_count[0]), bad)
         self._done.add(s.index)
         param.grad = None  # the point of layer-wise updates: this gradient's memory goes back now
 

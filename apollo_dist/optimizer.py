@@ -68,11 +68,6 @@ def _nonfinite_policy(nonfinite: Optional[str], layerwise: bool) -> str:
         return "raise" if layerwise else "skip"
     if nonfinite not in ("skip", "raise", "ignore"):
         raise ValueError(f"invalid nonfinite={nonfinite!r}: expected 'skip', 'raise' or 'ignore'")
-    if layerwise and nonfinite == "skip":
-        raise ValueError(
-            "nonfinite='skip' with layerwise=True: a step cannot be skipped once earlier params were updated in the "
-            "same backward; use nonfinite='raise' (the layer-wise default) or 'ignore'"
-        )
     return nonfinite
 
 
@@ -97,9 +92,12 @@ class APOLLO(torch.optim.Optimizer):
     ``layerwise=True`` (apollo_dist.layerwise): each parameter is updated inside backward as soon as its
     gradient is complete (under FSDP2: reduce-scattered), and its gradient is freed at once, so the
     whole model's gradient is never held; same numbers as the ordinary step. ``step()`` then only
-    checks that every trainable param was updated exactly once since the last step. One process and
-    FSDP2 only (DeepSpeed: an error); no gradient accumulation (an error), no global-norm clipping;
-    ``nonfinite`` defaults to "raise" ("skip" is an error: a half-updated step cannot be skipped).
+    checks that some param was updated since the last step and reads the non-finite decisions. One process
+    and FSDP2 only (DeepSpeed: an error); no gradient accumulation (an error), no global-norm clipping.
+    The non-finite check is per parameter, on the device (no host sync in backward): a param whose gradient
+    holds inf/NaN (on any rank) is not written and its step count does not advance, the others are updated
+    (a non-finite loss: nothing changes). ``nonfinite`` defaults to "raise" there: ``step()`` raises
+    FloatingPointError naming those params; "skip" warns naming them (counted in ``skipped_steps``).
 
     Whoever drives it: it steps what its param groups hold at each ``step`` — the params themselves
     (one process, DDP), FSDP2 DTensors (also when the lists were re-pointed after construction, as
@@ -145,6 +143,11 @@ class APOLLO(torch.optim.Optimizer):
         self._skipped = 0  # steps skipped for non-finite gradients (nonfinite="skip")
         self._skipped_in_a_row = 0  # ... since the last step taken (warned about at 3, 10, 100, ...)
         self._pending: Optional[_Pending] = None  # a step whose device decisions the host has not read yet
+        self._updated: list[tuple] = []  # layer-wise: (bucket, count added, flags at) of each update_now this step
+        self._update_flags: Optional[torch.Tensor] = (
+            None  # ... their decisions on the device, [bad, live...] per bucket
+        )
+        self._update_at: dict[int, int] = {}  # ... where each bucket's are in it, by id(bucket)
         self._bad: Optional[torch.Tensor] = None  # the step's non-finite count (device)
         self._flags: Optional[torch.Tensor] = None  # W > 1: [non-finite count, ranks with each param's gradient]
         self._host: dict[int, torch.Tensor] = {}  # pinned host copies of those, by length
@@ -258,6 +261,7 @@ class APOLLO(torch.optim.Optimizer):
         if self._graph is not None:
             self._graph.reset()
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
+        self._updated, self._update_flags = [], None
         self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
         self._world, self._rank, self._device = comm.world, comm.rank, device
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
@@ -324,16 +328,80 @@ class APOLLO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._layerwise is not None:  # the updates ran in backward: only check that each param got one
+        if self._layerwise is not None:  # the updates ran in backward: check that some param got one, read decisions
             self._layerwise.step()
+            self._updates_taken()
             return loss
         self._step_buckets(self._active_buckets())
         return loss
 
-    def update_now(self, buckets: list) -> None:
+    def update_now(self, buckets: list) -> Optional[torch.Tensor]:
         """Update ``buckets`` (from `buckets`) at once, outside ``step``: what layer-wise APOLLO's gradient hook
-        calls for its param's bucket (apollo_dist.layerwise). The ordinary step of those buckets."""
-        self._step_buckets(buckets)
+        calls for its param's bucket (apollo_dist.layerwise). The ordinary step's device work, with every write
+        gated on the device by these buckets' own non-finite check (unless nonfinite="ignore"; at W > 1 all ranks
+        take one decision, through one all-reduce per call): no host sync, fused or eager. Their step counts
+        advance now; the next ``step()`` reads the decisions of every call since the last one and takes back
+        the count of a param that was not updated ("raise": FloatingPointError there; "skip": read at the
+        following call, warned). Returns the call's non-finite count (0-dim, on the device, valid until that
+        ``step()``; None with "ignore") for writes the caller gates on it (int8 weights)."""
+        hparams = [self._hparams(b.group_index) for b in buckets]
+        for b, hp in zip(buckets, hparams):
+            b.begin(hp)
+        check = self.nonfinite != "ignore"
+        try:
+            bad = self._record_update(buckets, self._device_step(buckets, hparams, check, gated=check))
+            return bad if check else None
+        finally:
+            for b in buckets:
+                b.discard()
+
+    def _record_update(self, buckets: list, bad: torch.Tensor) -> torch.Tensor:
+        """Count the steps of an `update_now` call as taken and keep its decisions on the device (no host sync):
+        [non-finite count, (W > 1) ranks with each slot's gradient] per bucket, at the bucket's place in one
+        buffer that ``step()`` copies to the host once ("ignore" at W = 1: never read). Returns the first bucket's
+        count."""
+        if self._update_flags is None or self._update_flags.device != self._device:
+            self._update_at, k = {}, 0
+            for b in self._buckets:
+                self._update_at[id(b)] = k
+                k += 1 + len(b.slots)
+            self._update_flags = torch.zeros(k, device=self._device)
+        here = self._comm.world == 1  # the host knows which params have a gradient
+        k = 1
+        for b in buckets:
+            at, n = self._update_at[id(b)], len(b.slots)
+            self._update_flags[at : at + 1].copy_(bad.reshape(1))
+            if not here:
+                self._update_flags[at + 1 : at + 1 + n].copy_(self._flags[k : k + n])
+            k += n
+            inc = torch.tensor(b.scalars.live(), dtype=torch.float32) if here else torch.ones(n)
+            b.step_count += inc
+            self._updated.append((b, inc, at))
+        at = self._update_at[id(buckets[0])]
+        return self._update_flags[at]
+
+    def _updates_taken(self) -> None:
+        """Layer-wise ``step()``: the decisions of this step's `update_now` calls to the host (one copy), read
+        now with "raise" (one host sync per step: FloatingPointError naming the params not updated), else at
+        the next call (`_settle`)."""
+        records, self._updated = self._updated, []
+        if not records or (self._comm.world == 1 and self.nonfinite == "ignore"):
+            return  # W = 1 "ignore": every count added was right
+        here = self._comm.world == 1
+        buckets, applied, at = zip(*records)
+        live_at = [None if here else a + 1 for a in at]
+        self._read_later(self._update_flags, list(buckets), list(applied), list(at), live_at)
+        if self.nonfinite != "raise":
+            return
+        failed = self._settle()
+        if failed:
+            slots = [s for b in failed for s in b.slots]
+            steps = int(max(float(b.step_count.max()) for b in failed)) + 1
+            raise FloatingPointError(
+                f"APOLLO (layer-wise): non-finite gradient in {_names(slots)} at step {steps}: not updated (weight, "
+                f"moments and step count unchanged); {len(records) - len(failed)} other param(s) were updated "
+                "in this backward and keep their update (nonfinite='skip' warns instead)"
+            )
 
     def _step_buckets(self, buckets: list) -> None:
         """Step ``buckets``; all ranks take one decision on non-finite gradients ("skip": settled at the next
@@ -410,14 +478,24 @@ class APOLLO(torch.optim.Optimizer):
         decided on the device which have one); where the host has not seen the device's decisions (the skip
         flag of a device-gated step, W > 1's live params), read them at the next call (`_settle`)."""
         here = self._comm.world == 1  # the host knows which params have a gradient
-        applied = []
+        applied, live_at, k = [], [], 1
         for b in buckets:
             inc = torch.tensor(b.scalars.live(), dtype=torch.float32) if here else torch.ones(len(b.slots))
             b.step_count += inc
             applied.append(inc)
+            live_at.append(None if here else k)  # W > 1: [count, live per slot of each bucket]
+            k += len(b.slots)
         if here and not gated:
             return
         src = self._bad.reshape(1) if here else self._flags
+        self._read_later(src, buckets, applied, [0] * len(buckets), live_at)
+
+    def _read_later(
+        self, src: torch.Tensor, buckets: list, applied: list, bad_at: list[int], live_at: list[Optional[int]]
+    ) -> None:
+        """Copy the device decisions ``src`` to pinned host memory without waiting (an event marks the copy);
+        `_settle` reads them: each bucket's non-finite count at ``bad_at``, its slots' live flags at ``live_at``
+        (None: ``applied`` already counts only the slots with a gradient)."""
         host = self._host.get(len(src))
         if host is None:
             host = self._host[len(src)] = torch.zeros(len(src), pin_memory=self._device.type == "cuda")
@@ -428,26 +506,40 @@ class APOLLO(torch.optim.Optimizer):
             event.record()
         else:
             host.copy_(src)
-        self._pending = _Pending(buckets, applied, host, event, here)
+        self._pending = _Pending(buckets, applied, host, event, bad_at, live_at)
 
-    def _settle(self) -> None:
-        """Read the device's decisions of the last step (waits for them): a skipped step is undone, and at W > 1
-        the params without gradient on any rank take back their count."""
+    def _settle(self) -> list:
+        """Read the device's decisions of the last step (waits for them): a skipped step is undone (layer-wise:
+        the buckets whose gradient was non-finite), and at W > 1 the params without gradient on any rank take
+        back their count. Returns the buckets not updated for a non-finite gradient ("skip": counted, warned)."""
         if self._pending is None:
-            return
+            return []
         p, self._pending = self._pending, None
         if p.event is not None:
             p.event.synchronize()
-        bad = p.host[0].item() > 0
-        k = 1
-        for b, inc in zip(p.buckets, p.applied):
-            live = inc if p.decided_on_host else (p.host[k : k + len(b.slots)] > 0).float()
-            k += len(b.slots)
+        failed = []
+        for b, inc, bad_at, live_at in zip(p.buckets, p.applied, p.bad_at, p.live_at):
+            live = inc if live_at is None else (p.host[live_at : live_at + len(b.slots)] > 0).float()
+            bad = bool(p.host[bad_at] > 0)
             b.step_count += (0.0 if bad else live) - inc
-        if not bad:
+            if bad:
+                failed.append(b)
+        if not failed:
             self._skipped_in_a_row = 0
-            return
+            return failed
+        if self.nonfinite != "skip":
+            return failed
         self._skipped += 1
+        if len(failed) < len(p.buckets):  # layer-wise: the other params were updated in this step
+            self._skipped_in_a_row = 0
+            slots = [s for b in failed for s in b.slots]
+            warnings.warn(
+                f"APOLLO (layer-wise): non-finite (inf/NaN) gradient in {_names(slots)}: not updated at this step "
+                f"(nonfinite='skip'); {len(p.buckets) - len(failed)} other param(s) were updated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return failed
         self._skipped_in_a_row += 1
         n = self._skipped_in_a_row
         if n == 3 or (n >= 10 and n == 10 ** (len(str(n)) - 1)):
@@ -458,6 +550,7 @@ class APOLLO(torch.optim.Optimizer):
                 RuntimeWarning,
                 stacklevel=3,
             )
+        return failed
 
     @staticmethod
     def _step_number(buckets: list) -> int:
@@ -465,7 +558,8 @@ class APOLLO(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped for non-finite gradients (``nonfinite="skip"``)."""
+        """Steps skipped for non-finite gradients (``nonfinite="skip"``; layer-wise: steps in which some param
+        was not updated for one)."""
         self._settle()
         return self._skipped
 
@@ -584,13 +678,22 @@ class APOLLO(torch.optim.Optimizer):
 @dataclass
 class _Pending:
     """A step whose device decisions the host reads at the next call: the buckets stepped, the counts added
-    to each (per param), the host copy of [non-finite count(, ranks with each param's gradient)] and its event."""
+    to each (per param), the host copy of the decisions and its event; where each bucket's non-finite count
+    is in it, and its slots' live flags (ranks with each param's gradient; None where the host knew them and
+    ``applied`` counts only the params with a gradient)."""
 
     buckets: list
     applied: list[torch.Tensor]
     host: torch.Tensor
     event: Optional[Any]
-    decided_on_host: bool  # W = 1: ``applied`` already counts only the params with a gradient
+    bad_at: list[int]
+    live_at: list[Optional[int]]
+
+
+def _names(slots: list) -> str:
+    """'param 3 (shape (23, 11)), ...' for a message (the first 8)."""
+    shown = ", ".join(f"param {s.index} (shape {tuple(s.shape)})" for s in slots[:8])
+    return f"{len(slots)} param(s): {shown}" + (", ..." if len(slots) > 8 else "")
 
 
 def _most_steps(buckets: list) -> int:

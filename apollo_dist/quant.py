@@ -133,13 +133,19 @@ class Int8Linear(nn.Module):
         """Before this weight's APOLLO update: the scratch holds its dequantized weight."""
         self._scratch.copy_(self.dequantize())
 
-    def store_scratch(self, seed: int, step: int) -> None:
-        """After the update: re-quantize the scratch into the int8 storage (stochastic rounding)."""
+    def store_scratch(self, seed: int, step: int, skip: Optional[torch.Tensor] = None) -> None:
+        """After the update: re-quantize the scratch into the int8 storage (stochastic rounding); where ``skip``
+        (0-dim, on the device) > 0 the storage is kept (the update was skipped), decided on the device."""
         q, scale = quantize_groupwise(
             self._scratch, self.group_size, rounding_generator(seed, step, self._scratch.device)
         )
-        self.weight_int8.copy_(q)
-        self.weight_scale.copy_(scale)
+        if skip is None:
+            self.weight_int8.copy_(q)
+            self.weight_scale.copy_(scale)
+            return
+        keep = skip > 0
+        torch.where(keep, self.weight_int8, q, out=self.weight_int8)
+        torch.where(keep, self.weight_scale, scale, out=self.weight_scale)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import oracle
+import poisoned
 import pytest
 import torch
 from spawn import report, torchrun
@@ -118,14 +119,58 @@ def test_layerwise_param_without_gradient_matches_oracle(preset):
     assert oracle.max_rel_diff(ours, ref) < 1e-5
 
 
-def test_nonfinite_gradient_raises_in_backward_and_skip_is_refused():
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_nonfinite_gradient_skips_only_its_params_and_a_nonfinite_loss_changes_nothing(preset):
+    """nonfinite="skip": a param whose gradient is NaN (a low-rank and a plain-Adam one, at two steps) is not
+    updated and its step count does not advance, the others are: the ordinary step with those gradients left
+    out (grad None), to 1e-5, same step counts; a warning names them. A NaN loss (every gradient NaN) leaves
+    weights and every state tensor bitwise as they were."""
+    ours = poisoned.train(preset, layerwise=True)
+    ref = poisoned.train(preset, layerwise=False)
+    assert oracle.max_rel_diff(ours["model"], ref["model"]) < 1e-5
+    assert ours["steps"] == ref["steps"] and sorted(set(ours["steps"])) == [5, 7], ours["steps"]
+    assert ours["untouched"] and ref["untouched"]
+    assert ours["skipped"] == 3 and ref["skipped"] == 1  # two partial steps and the NaN loss's
+    partial = [w for w in ours["warnings"] if "not updated at this step" in w]
+    assert len(partial) == 2 and all(r"2 param(s): param " in w and "(shape (23, 11))" in w for w in partial)
+
+
+def test_nonfinite_raise_names_the_params_in_step_and_training_goes_on():
+    """The layer-wise default "raise": backward runs through (no host sync in it); ``step()`` raises naming the
+    param, which was not updated (weight, moments, step count), while the others were; the next step trains it
+    again. A NaN loss raises and changes nothing."""
     model = oracle.make_model(0)
-    with pytest.raises(ValueError, match="nonfinite='skip' with layerwise=True"):
-        APOLLO(oracle.groups(model, "apollo"), layerwise=True, nonfinite="skip")
-    _opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)  # alive: its hooks run in backward
-    model.blocks[0].mlp["up"].weight.register_hook(lambda g: g * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"non-finite gradient in param \d+ \(shape \(23, 11\)\) at step 1"):
-        oracle.loss_fn(model, *oracle.batch(0)).backward()
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS, layerwise=True)
+    up = model.blocks[0].mlp["up"].weight
+    bad = [False]
+    up.register_hook(lambda g: g * float("nan") if bad[0] else g)
+    for t in range(2):
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = opt.state[up]["exp_avg"].clone()
+    bad[0] = True
+    oracle.loss_fn(model, *oracle.batch(2)).backward()  # no error in backward
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite gradient in 1 param\(s\): param \d+ \(shape \(23, 11\)\) at step 3"
+    ):
+        opt.step()
+    assert torch.equal(up, before["blocks.0.mlp.up.weight"]) and torch.equal(opt.state[up]["exp_avg"], moments)
+    assert int(opt.state[up]["step"]) == 2 and int(opt.state[model.head.weight]["step"]) == 3
+    assert not torch.equal(model.head.weight, before["head.weight"])
+    bad[0] = False
+    oracle.loss_fn(model, *oracle.batch(3)).backward()
+    opt.step()
+    assert int(opt.state[up]["step"]) == 3 and not torch.equal(up, before["blocks.0.mlp.up.weight"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    steps = [int(opt.state[p]["step"]) for p in model.parameters()]
+    (oracle.loss_fn(model, *oracle.batch(4)) * float("nan")).backward()
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite gradient in \d+ param\(s\).*0 other param\(s\) were updated"
+    ):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert [int(opt.state[p]["step"]) for p in model.parameters()] == steps
 
 
 def test_layouts_without_a_per_parameter_hook_are_refused():
