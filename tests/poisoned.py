@@ -59,11 +59,12 @@ def train(preset: str, layerwise: bool, steps: int = 8) -> dict:
             if t == NAN_LOSS_STEP:
                 opt.steps_taken  # noqa: B018
                 untouched = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+        skipped = opt.skipped_steps  # settles the last step ("skip" reads its flags at the next call)
         steps_of = [int(opt.state[p]["step"]) for p in model.parameters()]
     return {
         "model": model,
         "steps": steps_of,
         "untouched": untouched,
-        "skipped": opt.skipped_steps,
+        "skipped": skipped,
         "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
     }

@@ -105,6 +105,24 @@ def test_int8_layerwise_trains_like_fp32_and_stores_int8():
     assert drift < 0.1  # the weights stay near the fp32 run's (measured 0.074: rounding noise, 30 steps at lr 3e-2)
 
 
+def test_int8_nonfinite_loss_leaves_the_int8_weights_untouched():
+    """A NaN loss under layer-wise "skip": the stochastic re-quantization of every int8 weight is gated on the
+    device too, so int8 values, scales, every other weight and the optimizer state stay bitwise as they were."""
+    model = _model(True)
+    opt = _optimizer(model)
+    opt.nonfinite = "skip"
+    _train(model, opt, range(2))
+    opt.steps_taken  # noqa: B018  (settles step 2)
+    model_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = [torch.as_tensor(v).clone() for st in opt.state.values() for k, v in sorted(st.items())]
+    (oracle.loss_fn(model, *oracle.batch(2)) * float("nan")).backward()
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(v, model_sd[k]) for k, v in model.state_dict().items())
+    after = [torch.as_tensor(v) for st in opt.state.values() for k, v in sorted(st.items())]
+    assert all(torch.equal(a, b) for a, b in zip(after, opt_state))
+
+
 def test_int8_layerwise_resumes_exactly_from_its_checkpoint():
     """Model and optimizer state dicts after 10 steps (int8 weights and scales, moments, steps) into a fresh
     int8 model and optimizer, 10 more steps: bitwise the uninterrupted run (the rounding noise is seeded)."""
