@@ -84,10 +84,13 @@ class StepScalars:
     count; for APOLLO times sqrt(scale)) and ``live`` (whether the param has a gradient this step: a param
     without one is skipped, as the reference skips ``p.grad is None``), and ``decay`` (-lr * weight_decay).
     Floats for the eager ops and one fp32 device tensor ``[decay, step_sizes (k), live (k)]`` that the fused
-    kernels read, so that a captured CUDA graph replays with this step's values."""
+    kernels read, so that a captured CUDA graph replays with this step's values. ``gate_on_device``: the eager
+    twins gate their writes on a skip flag on the device too (a copy of each weight and ``torch.where``) instead
+    of reading it on the host (a host sync); layer-wise updates, which must not wait for the GPU, set it."""
 
     def __init__(self, device: torch.device, k: int = 1):
         self.k = k
+        self.gate_on_device = False
         self.decay = 0.0
         self.step_sizes = [0.0] * k
         self.tensor = torch.zeros(1 + 2 * k, device=device)
@@ -121,8 +124,8 @@ class StepScalars:
 
 
 def skipped(skip: Optional[torch.Tensor]) -> bool:
-    """A device-side skip flag read on the host (a host sync; the fused kernels and the eager twins gate on the
-    device instead; only the core's mid-row pieces read it here)."""
+    """The eager paths' reading of a device-side skip flag (a host sync; the fused kernels read it on the
+    device instead, see `APOLLO.step`, and so do the eager twins with `StepScalars.gate_on_device`)."""
     return skip is not None and bool(skip.item() > 0)
 
 
@@ -509,13 +512,15 @@ class MultiUpdate:
         if not self.params:
             return
         if not (self.on_gpu and fused(*grads)):
-            if skip is not None:  # gated on the device (no host sync): each result written where it goes ahead
+            if skip is not None and scalars.gate_on_device:  # no host sync: each result written where it goes ahead
                 for j, (p, g, row, off) in enumerate(zip(self.params, grads, self.per_row, self.coef_offsets)):
                     new = p.clone()  # the in-place ops' rounding, in the param's dtype
                     scaled_update_eager(
                         new, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay
                     )
                     torch.where(_go(skip, live[0][j] if live is not None else None), new, p, out=p)
+                return
+            if skipped(skip):
                 return
             on = live[1]() if live is not None else [True] * len(self.params)
             for p, g, row, off, here in zip(self.params, grads, self.per_row, self.coef_offsets, on):
@@ -647,8 +652,10 @@ class MultiAdam:
             return
         per_param = scalars.k == len(self.params)
         if not (self.on_gpu and fused(*grads)):
-            if skip is not None:
+            if skip is not None and scalars.gate_on_device:
                 self._gated_eager(grads, b1, b2, eps, scalars, skip, per_param)
+                return
+            if skipped(skip):
                 return
             on = scalars.live() if per_param else [True] * len(self.params)
             sizes = scalars.step_sizes if per_param else scalars.step_sizes[:1] * len(self.params)

@@ -347,6 +347,7 @@ class APOLLO(torch.optim.Optimizer):
         hparams = [self._hparams(b.group_index) for b in buckets]
         for b, hp in zip(buckets, hparams):
             b.begin(hp)
+            b.scalars.gate_on_device = True  # the eager twins too: no host read of the flag
         check = self.nonfinite != "ignore"
         try:
             bad = self._record_update(buckets, self._device_step(buckets, hparams, check, gated=check))
