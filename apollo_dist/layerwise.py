@@ -11,18 +11,21 @@ parameter was updated since the previous step (a parameter without gradient is s
 and reads the non-finite decisions.
 
 Nothing in a hook waits for the GPU: the update is launched (`APOLLO.update_now`) and backward goes on.
-Non-finite gradients are decided per parameter on the device: a param whose gradient holds inf/NaN (on any
-rank: at W > 1 one all-reduce per param, the one that already tells every rank which params have a gradient)
-is not written (weight, moments, limiter norm, int8 storage), and its step count does not advance; the other
-params are updated. The host reads the flags once per step, in ``step()``: "raise" (the layer-wise default)
+Non-finite gradients are decided per bucket on the device: a bucket (a param, or a layer's) with a gradient
+holding inf/NaN (on any rank: at W > 1 one all-reduce per bucket, the one that already tells every rank which
+params have a gradient) is not written (weights, moments, limiter norms, int8 storage), and its step counts do
+not advance; the other buckets are updated. The host reads the flags once per step, in ``step()``: "raise" (the layer-wise default)
 raises FloatingPointError there naming the params not updated; "skip" reads them at the following call and
 warns naming them (``skipped_steps`` counts such steps; a step whose every param was non-finite, e.g. a
 non-finite loss, changes nothing, as the ordinary "skip" does); "ignore" checks nothing.
 
 Each parameter is its own unit (bucket): a param's update needs nothing but its own gradient, and its
-hook is the first moment that gradient is complete. Per-param buckets compute what the group-wide
-buckets compute (all of APOLLO's reductions are per parameter), so the weights match the ordinary
-step. Under FSDP2 a low-rank param's shared channels cost its own collectives inside backward; every
+hook is the first moment that gradient is complete. Where the param groups carry ``param_names``, the
+params of one layer (`layer_of`: the name up to its first number) that are consecutive in a group are one
+bucket instead, updated at the hook of the last of them (the gradients of a decoder layer complete together;
+one launch per kernel for the layer instead of one per weight; at most a layer's gradients alive). int8
+weights stay one per bucket. These buckets compute what the group-wide buckets compute (all of APOLLO's
+reductions are per parameter), so the weights match the ordinary step. Under FSDP2 a low-rank param's shared channels cost its own collectives inside backward; every
 rank runs the hooks in the same order (FSDP2's per-group reduce order), so the collectives match.
 
 What cannot hold in this mode, and is refused:
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -98,8 +101,20 @@ def guard_clipping() -> None:
         setattr(torch.nn.utils, name, guarded)
 
 
-def per_param_binding(binding: Binding) -> Binding:
-    """The same binding with one unit per parameter (so one bucket per parameter), for layer-wise updates.
+def layer_of(name: Optional[str]) -> Optional[str]:
+    """The layer a parameter's name places it in: its path through the first number ('model.layers.3.mlp.up_proj
+    .weight' -> 'model.layers.3'); None for a name without one (embeddings, the head, the final norm) or no name."""
+    parts = name.split(".") if name else []
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def per_param_binding(binding: Binding, layer: Optional[Callable[[Any], Optional[str]]] = None) -> Binding:
+    """The same binding with one unit per parameter (so one bucket per parameter), for layer-wise updates; with
+    ``layer`` (slot -> its layer, or None), one unit per run of consecutive slots of a unit in the same layer
+    (a decoder layer's weights, whose gradients complete together: one bucket, one launch per kernel for them).
 
     Only bindings on the params themselves (plain tensors, FSDP2 DTensors) have a hook that fires when a
     parameter's gradient is complete; DeepSpeed's flat partitions ("flat") and adapters' ``bind`` layouts
@@ -111,7 +126,19 @@ def per_param_binding(binding: Binding) -> Binding:
             f"layer-wise APOLLO needs the param groups to hold the parameters themselves (one process, DDP, FSDP2); "
             f"got a {binding.kind!r} binding (APOLLO.bind): its gradients have no per-parameter hook"
         )
-    units = [Unit(u.group, [s]) for u in binding.units for s in u.slots]
+    units = []
+    for u in binding.units:
+        run: list = []
+        key = None
+        for s in u.slots:
+            k = layer(s) if layer is not None else None
+            if run and (k is None or k != key):
+                units.append(Unit(u.group, run))
+                run = []
+            run.append(s)
+            key = k
+        if run:
+            units.append(Unit(u.group, run))
     return Binding(
         binding.kind,
         units,
@@ -124,27 +151,34 @@ def per_param_binding(binding: Binding) -> Binding:
 
 
 class LayerwiseUpdates:
-    """The hooks of one layer-wise APOLLO and the bookkeeping of which params were updated this step.
+    """The hooks of one layer-wise APOLLO and the bookkeeping of which params got their gradient this step.
 
     Created by ``APOLLO(layerwise=True)``; ``attach`` is called at every (re)binding with the new
-    per-param buckets, ``step`` by ``APOLLO.step``."""
+    per-param (or per-layer) buckets, ``step`` by ``APOLLO.step``. A bucket is updated at the hook of its last
+    param's gradient (one param: at once), its gradients freed then; one whose params did not all get a
+    gradient in backward is updated at ``step()`` with those it got."""
 
     def __init__(self, optimizer: Updater):
         self._optimizer = weakref.ref(optimizer)  # the hooks live on the params: don't keep the optimizer alive
         self._handles: list[Any] = []
         self._bucket_of: dict[int, Any] = {}  # id(param) -> its bucket
-        self._done: set[int] = set()  # positions of the params updated since the last step()
+        self._slot_of: dict[int, Any] = {}  # id(param) -> its slot
+        self._done: set[int] = set()  # positions of the params whose gradient arrived since the last step()
+        self._waiting: dict[int, tuple[Any, list]] = {}  # id(bucket) -> (bucket, its params with a gradient) until all
         self._checked = False  # the binding was checked in this step (on the first hook)
 
     def attach(self, buckets: list) -> None:
-        """Hook every bucket's parameter (one slot per bucket); hooks of an earlier binding are removed."""
+        """Hook every bucket's parameters; hooks of an earlier binding are removed."""
         for h in self._handles:
             h.remove()
-        self._bucket_of = {id(b.slots[0].param): b for b in buckets}
-        self._handles = [b.slots[0].param.register_post_accumulate_grad_hook(self._on_grad) for b in buckets]
+        slots = [(b, s) for b in buckets for s in b.slots]
+        self._bucket_of = {id(s.param): b for b, s in slots}
+        self._slot_of = {id(s.param): s for _, s in slots}
+        self._handles = [s.param.register_post_accumulate_grad_hook(self._on_grad) for _, s in slots]
         guard_clipping()
-        _LAYERWISE_PARAMS.update((id(b.slots[0].param), b.slots[0].param) for b in buckets)
+        _LAYERWISE_PARAMS.update((id(s.param), s.param) for _, s in slots)
         self._done.clear()
+        self._waiting.clear()
 
     def _on_grad(self, param: torch.Tensor) -> None:
         """``param``'s gradient is complete (and, under FSDP2, reduce-scattered): update it, free it."""
@@ -161,28 +195,39 @@ class LayerwiseUpdates:
                 "param groups no longer hold (they were re-pointed after the hooks were registered): call "
                 "optimizer.ensure_bound() after an engine re-points the param groups, before the first backward"
             )
-        s = bucket.slots[0]
+        s = self._slot_of[id(param)]
         if s.index in self._done:
             raise RuntimeError(
                 f"layer-wise APOLLO: param {s.index} (shape {s.shape}) got a second gradient before optimizer.step(): "
                 "gradient accumulation over several backward passes cannot work layer-wise (each update runs as soon "
                 "as the gradient is complete); call optimizer.step() after every backward, or use layerwise=False"
             )
-        int8 = int8_module(param)
+        self._done.add(s.index)
+        _, arrived = self._waiting.setdefault(id(bucket), (bucket, []))
+        arrived.append(param)
+        if len(arrived) == len(bucket.slots):  # the bucket's last gradient: update it now
+            self._update(opt, bucket)
+
+    def _update(self, opt: Updater, bucket: Any) -> None:
+        """Update ``bucket`` with the gradients its params got, and free them."""
+        _, arrived = self._waiting.pop(id(bucket))
+        int8 = int8_module(bucket.slots[0].param) if len(bucket.slots) == 1 else None  # never grouped
         with torch.no_grad():
             if int8 is not None:  # Q-APOLLO: update the dequantized weight, then re-quantize it
                 int8.load_scratch()
             bad = opt.update_now([bucket])  # launched, not waited for; writes gated on the device by ``bad``
             if int8 is not None:  # the step count as the update saw it (+ 1), taken back later if it was skipped
-                int8.store_scratch(s.index + 1, int(bucket.step_count[0]), bad)
-        self._done.add(s.index)
-        param.grad = None  # the point of layer-wise updates: this gradient's memory goes back now
+                int8.store_scratch(bucket.slots[0].index + 1, int(bucket.step_count[0]), bad)
+        for p in arrived:
+            p.grad = None  # the point of layer-wise updates: this gradient's memory goes back now
 
     def step(self) -> None:
         """``optimizer.step()`` in layer-wise mode: the updates themselves ran in backward, each param's at most
         once (a second gradient is an error in its hook); a param without gradient was not updated (skipped, as
         in the ordinary step). RuntimeError when no param was updated since the previous step."""
         opt = self._optimizer()
+        for bucket, _ in list(self._waiting.values()):  # some of its params got no gradient: update it with the rest
+            self._update(opt, bucket)
         opt.ensure_bound()  # re-pointed groups re-bind here (and re-hook); their params were not updated
         self._checked = False
         done, self._done = self._done, set()

@@ -20,8 +20,8 @@ from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
 from .buckets import Bucket, build_buckets, exposed_state
 from .core import Collectives, LowRankBucket, Slot
 from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS, warn_run_changes
-from .layerwise import LayerwiseUpdates, per_param_binding
-from .quant import refuse_int8
+from .layerwise import LayerwiseUpdates, layer_of, per_param_binding
+from .quant import int8_module, refuse_int8
 from .step_graph import StepGraph
 
 GROUP_DEFAULTS = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0, "update_proj_gap": 200}
@@ -94,9 +94,11 @@ class APOLLO(torch.optim.Optimizer):
     whole model's gradient is never held; same numbers as the ordinary step. ``step()`` then only
     checks that some param was updated since the last step and reads the non-finite decisions. One process
     and FSDP2 only (DeepSpeed: an error); no gradient accumulation (an error), no global-norm clipping.
-    The non-finite check is per parameter, on the device (no host sync in backward): a param whose gradient
-    holds inf/NaN (on any rank) is not written and its step count does not advance, the others are updated
-    (a non-finite loss: nothing changes). ``nonfinite`` defaults to "raise" there: ``step()`` raises
+    Where the groups carry ``param_names``, the params of one layer (names up to their first number, e.g.
+    ``model.layers.3``) are one bucket, updated when the last of their gradients is complete. The non-finite
+    check is per bucket (a param, or a layer's params of one group), on the device (no host sync in backward):
+    a bucket with an inf/NaN gradient (on any rank) is not written and its step counts do not advance, the
+    others are updated (a non-finite loss: nothing changes). ``nonfinite`` defaults to "raise" there: ``step()`` raises
     FloatingPointError naming those params; "skip" warns naming them (counted in ``skipped_steps``).
 
     Whoever drives it: it steps what its param groups hold at each ``step`` — the params themselves
@@ -252,8 +254,8 @@ class APOLLO(torch.optim.Optimizer):
                 "Shard or wrap the model (fully_shard, deepspeed.initialize, accelerator.prepare) before the first "
                 "step and before loading optimizer state"
             )
-        if self._layerwise is not None:
-            binding = per_param_binding(binding)  # one bucket per param, each stepped by its param's hook
+        if self._layerwise is not None:  # one bucket per param or per layer, stepped at its last param's hook
+            binding = per_param_binding(binding, self._layer_key())
         else:
             refuse_int8((s for u in binding.units for s in u.slots), "APOLLO(layerwise=False)")
         buckets, comm, device = build_buckets(binding, self._groups)
@@ -267,6 +269,16 @@ class APOLLO(torch.optim.Optimizer):
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
         if self._layerwise is not None:
             self._layerwise.attach(buckets)
+
+    def _layer_key(self) -> Callable[[Slot], Optional[str]]:
+        """Layer-wise buckets: a slot's layer from its param's name (``param_names`` of its group, as
+        `apollo_dist.param_groups`, the HF Trainer and launch/train.py give them; `layerwise.layer_of`); None (a
+        bucket of its own) without a name and for int8 weights (they share one scratch per shape: one at a time)."""
+        names = {}
+        for g, row in zip(self._groups, self._received):
+            for r, name in zip(row, g.get("param_names") or []):
+                names[r.position] = name
+        return lambda s: None if int8_module(s.param) is not None else layer_of(names.get(s.index))
 
     # -- what this rank holds (public view for checkpoints, tools and tests) --------------------
     @property

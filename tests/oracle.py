@@ -74,6 +74,15 @@ def groups(model, preset: str, rank: int | None = None, gap: int = 7):
 HPARAMS = dict(lr=3e-2, weight_decay=0.1, betas=(0.9, 0.999))
 
 
+def named_groups(model, preset: str, **kw):
+    """`groups` with ``param_names`` kept (layer-wise APOLLO then buckets each block's params together)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    gs = groups(model, preset, **kw)
+    for g in gs:
+        g["param_names"] = [names[id(p)] for p in g["params"]]
+    return gs
+
+
 def train(opt_cls, preset: str, steps: int = 30, seed: int = 0, **kw) -> TinyNet:
     model = make_model(seed)
     opt = opt_cls(groups(model, preset), **HPARAMS, **kw)

@@ -25,6 +25,21 @@ def poisoned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [model.blocks[0].mlp["up"].weight, model.head.weight]
 
 
+def left_out(model: torch.nn.Module, names: bool) -> list[torch.nn.Parameter]:
+    """What a poisoned gradient keeps from being updated: the poisoned params, or with ``names`` (one bucket per
+    block and group) the whole bucket: block 0's low-rank weights, and the head (a bucket of its own)."""
+    if not names:
+        return poisoned(model)
+    block = model.blocks[0]
+    return [
+        block.attn["q"].weight,
+        block.attn["o"].weight,
+        block.mlp["up"].weight,
+        block.mlp["down"].weight,
+        model.head.weight,
+    ]
+
+
 def _snapshot(model: torch.nn.Module, opt: APOLLO) -> list[torch.Tensor]:
     tensors = [p.detach().clone() for p in model.parameters()]
     for st in opt.state.values():
@@ -32,14 +47,15 @@ def _snapshot(model: torch.nn.Module, opt: APOLLO) -> list[torch.Tensor]:
     return tensors
 
 
-def train(preset: str, layerwise: bool, steps: int = 8) -> dict:
+def train(preset: str, layerwise: bool, steps: int = 8, names: bool = False) -> dict:
     """The model after ``steps``, each param's step count, whether the NaN-loss step changed nothing (weights,
     every state tensor, step counts: bitwise), ``skipped_steps`` and the RuntimeWarnings' messages."""
     model = oracle.make_model(0)
     bad = [False]
     for p in poisoned(model):
         p.register_hook(lambda g: g * float("nan") if bad[0] else g)
-    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise, nonfinite="skip")
+    groups = (oracle.named_groups if names else oracle.groups)(model, preset)
+    opt = APOLLO(groups, **oracle.HPARAMS, layerwise=layerwise, nonfinite="skip")
     untouched = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -52,7 +68,7 @@ def train(preset: str, layerwise: bool, steps: int = 8) -> dict:
                 loss = loss * float("nan")
             loss.backward()
             if not layerwise and t in BAD_STEPS:
-                for p in poisoned(model):
+                for p in left_out(model, names):
                     p.grad = None  # the ordinary step skips a param without gradient
             opt.step()
             opt.zero_grad()

@@ -17,9 +17,10 @@ from apollo_dist.layerwise import per_param_binding
 WORKER = "tests/workers/layerwise_fsdp2.py"
 
 
-def _train(preset: str, layerwise: bool, steps: int = 30, probe: bool = False):
+def _train(preset: str, layerwise: bool, steps: int = 30, probe: bool = False, names: bool = False):
     """TinyNet after ``steps`` (gap 7: four projection refreshes; weight decay and an lr schedule on),
-    and the most gradient elements alive at once (a probe hook that runs before the optimizer's)."""
+    and the most gradient elements alive at once (a probe hook that runs before the optimizer's).
+    ``names``: the groups carry param_names (layer-wise: one bucket per block and group)."""
     model = oracle.make_model(0)
     params = list(model.parameters())
     live = [0]
@@ -30,7 +31,8 @@ def _train(preset: str, layerwise: bool, steps: int = 30, probe: bool = False):
     if probe:
         for p in params:  # registered before the optimizer's hook, so it runs first
             p.register_post_accumulate_grad_hook(count)
-    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise)
+    groups = (oracle.named_groups if names else oracle.groups)(model, preset)
+    opt = APOLLO(groups, **oracle.HPARAMS, layerwise=layerwise)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1.0 + 0.1 * t))
     for t in range(steps):
         oracle.loss_fn(model, *oracle.batch(t)).backward()
@@ -55,6 +57,20 @@ def test_single_process_matches_ordinary_step_and_never_holds_the_full_gradient(
     assert all(p.grad is None for p in ours.parameters())
 
 
+def test_layers_are_one_bucket_each_and_match_the_ordinary_step():
+    """With param_names, a block's low-rank weights are one bucket (its plain-Adam params another), updated at
+    the last of their gradients: the ordinary step's parameters to 1e-5; at most about a block's gradients alive."""
+    ref, _ = _train("apollo", layerwise=False)
+    ours, live = _train("apollo", layerwise=True, probe=True, names=True)
+    assert oracle.max_rel_diff(ours, ref) < 1e-5
+    block = sum(p.numel() for p in ours.blocks[0].parameters())
+    assert max(p.numel() for p in ours.parameters()) < live <= block + ours.head.weight.numel()
+    assert all(p.grad is None for p in ours.parameters())
+    opt = APOLLO(oracle.named_groups(oracle.make_model(0), "apollo"), **oracle.HPARAMS, layerwise=True)
+    assert sorted(len(b.slots) for b in opt.buckets) == [1, 1, 4, 4, 4, 4], [len(b.slots) for b in opt.buckets]
+    # embed and head alone; per block: q, o, up, down weights; o and up biases, norm weight and bias
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_matches_ordinary_step_and_never_holds_the_full_gradient(tmp_path, world):
     """fully_shard per block and root, gloo: both presets, 30 steps, within 1e-4 of the ordinary step
@@ -66,6 +82,7 @@ def test_fsdp2_matches_ordinary_step_and_never_holds_the_full_gradient(tmp_path,
     poisoned_run = r["poisoned"]
     assert poisoned_run["max_rel_diff"] < 1e-4 and poisoned_run["counts"] == poisoned_run["ref_counts"], r
     assert sorted(set(poisoned_run["counts"])) == [6, 8], r
+    assert r["max_rel_diff"]["grouped"] < 1e-4, r  # one bucket per block
     for preset in ("apollo", "apollo-mini"):
         assert r["max_rel_diff"][preset] < 1e-4, r
         assert r["ordinary_grad_numel"][preset] == r["total_numel"]
@@ -137,6 +154,16 @@ def test_nonfinite_gradient_skips_only_its_params_and_a_nonfinite_loss_changes_n
     assert ours["skipped"] == 3 and ref["skipped"] == 1  # two partial steps and the NaN loss's
     partial = [w for w in ours["warnings"] if "not updated at this step" in w]
     assert len(partial) == 2 and all(r"2 param(s): param " in w and "(shape (23, 11))" in w for w in partial)
+
+
+def test_nonfinite_gradient_skips_its_bucket_when_layers_are_grouped():
+    """One bucket per block (param_names): a NaN in one weight's gradient keeps the block's low-rank bucket
+    from being updated (the ordinary step without those four gradients), the others go on."""
+    ours = poisoned.train("apollo-mini", layerwise=True, names=True)
+    ref = poisoned.train("apollo-mini", layerwise=False, names=True)
+    assert oracle.max_rel_diff(ours["model"], ref["model"]) < 1e-5
+    assert ours["steps"] == ref["steps"] and ours["steps"].count(5) == 5 and ours["untouched"], ours["steps"]
+    assert sum("5 param(s): param " in w for w in ours["warnings"]) == 2, ours["warnings"]
 
 
 def test_nonfinite_gradient_per_param_on_the_kernels():

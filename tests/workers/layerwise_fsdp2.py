@@ -5,6 +5,7 @@ trained by APOLLO's ordinary step, the other by APOLLO(layerwise=True), whose up
 FSDP2 calls after each reduce-scatter. A probe hook registered before the optimizer's (so it runs first)
 records the elements of sharded gradients alive on this rank whenever a gradient completes.
 Rank 0 writes a JSON report: max relative difference per preset, live and total gradient elements per rank.
+"grouped": layer-wise with one bucket per block (param_names), apollo preset.
 "poisoned": the last rank's shard of a wide weight's and the head's gradient made NaN at steps 2 and 6 (a probe
 hook on that rank only, before the optimizer's): layer-wise ("skip") must leave those params out on every rank,
 as the ordinary step does when every rank sees their gradient None; report: difference and step counts.
@@ -36,7 +37,7 @@ BAD_STEPS = (2, 6)
 
 
 def train(
-    preset: str, steps: int, rank: int, world: int, layerwise: bool, poison: bool = False
+    preset: str, steps: int, rank: int, world: int, layerwise: bool, poison: bool = False, names: bool = False
 ) -> tuple[dict, int, int, list[int]]:
     """Full parameters after ``steps``, (max live, total) sharded-gradient elements on this rank, and every
     param's step count."""
@@ -58,9 +59,8 @@ def train(
 
     for p in params:  # before the optimizer's hooks: sees the gradient that just completed
         p.register_post_accumulate_grad_hook(probe)
-    opt = APOLLO(
-        oracle.groups(model, preset), **oracle.HPARAMS, layerwise=layerwise, nonfinite="skip" if poison else None
-    )
+    groups = (oracle.named_groups if names else oracle.groups)(model, preset)  # names: one bucket per block
+    opt = APOLLO(groups, **oracle.HPARAMS, layerwise=layerwise, nonfinite="skip" if poison else None)
     for t in range(steps):
         bad[0] = t in BAD_STEPS
         x, y = oracle.batch(t)
@@ -103,6 +103,11 @@ def main() -> None:
     for preset in ("apollo", "apollo-mini"):
         ref, ordinary_live, total, _ = train(preset, args.steps, rank, world, layerwise=False)
         ours, live, _, _ = train(preset, args.steps, rank, world, layerwise=True)
+        if preset == "apollo":  # one bucket per block (param_names): the shared channels' collectives per block
+            grouped, _, _, _ = train(preset, args.steps, rank, world, layerwise=True, names=True)
+            report["max_rel_diff"]["grouped"] = max(
+                float((grouped[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.items()
+            )
         report["max_rel_diff"][preset] = max(
             float((ours[n] - q).abs().max() / q.abs().max().clamp_min(1e-12)) for n, q in ref.items()
         )
