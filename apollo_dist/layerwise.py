@@ -223,8 +223,9 @@ class LayerwiseUpdates:
 
     def step(self) -> None:
         """``optimizer.step()`` in layer-wise mode: the updates themselves ran in backward, each param's at most
-        once (a second gradient is an error in its hook); a param without gradient was not updated (skipped, as
-        in the ordinary step). RuntimeError when no param was updated since the previous step."""
+        once (a second gradient is an error in its hook), but for buckets some of whose params got no gradient:
+        updated now with those they got; a param without gradient is not updated (skipped, as in the ordinary
+        step). RuntimeError when no param got a gradient since the previous step."""
         opt = self._optimizer()
         for bucket, _ in list(self._waiting.values()):  # some of its params got no gradient: update it with the rest
             self._update(opt, bucket)
