@@ -24,12 +24,12 @@ rows = [r for r in map(json.loads, filter(str.strip, open(sys.argv[1]))) if 'tok
 t = [r['tokens_per_s'] for r in rows][1:] or [0.0]
 print(f'{sum(t) / len(t):10.0f} tokens/s  peak {max(r[\"peak_mem_gib\"] for r in rows):6.2f} GiB  ({len(rows)} steps)')" "$1"
 }
-run() {  # name, limit (s), train.py flags...
-  local name=$1 limit=$2; shift 2
+run() {  # name, limit (s), micro-batch, train.py flags... (one micro-batch per step, its size probed alone)
+  local name=$1 limit=$2 mb=$3; shift 3
   local m=/tmp/lw_$name.jsonl
   rm -f "$m"
   local t0=$SECONDS
-  if timeout "$limit" python3 launch/train.py --engine single --optimizer apollo-mini --probe-micro-batches 1 \
+  if timeout "$limit" python3 launch/train.py --engine single --optimizer apollo-mini --probe-micro-batches "$mb" \
       --steps 6 --no-progress "${DATA[@]}" --metrics-file "$m" "$@" > /tmp/lw_$name.log 2>&1; then
     printf '%-22s %s  [%ss]\n' "$name" "$(summ "$m")" "$((SECONDS - t0))" >> "$RES"
   else
@@ -41,16 +41,16 @@ M1B=(--model 1b --seq-len 512 --global-batch-size 4 --micro-batch-size 4 --param
 M7B=(--model 7b --seq-len 256 --global-batch-size 1 --micro-batch-size 1 --param-dtype bf16 --dtype bf16)
 echo "## tokens/s (mean over steps 2-6) and peak max_memory_allocated" >> "$RES"
 for m in 60m 1b 7b; do
-  case $m in 60m) F=("${M60[@]}"); L=60;; 1b) F=("${M1B[@]}"); L=90;; 7b) F=("${M7B[@]}"); L=150;; esac
-  run "$m-ordinary" $L "${F[@]}"
-  run "$m-layerwise" $L "${F[@]}" --layerwise
-  run "$m-layerwise-int8" $L "${F[@]}" --layerwise --weight-quant int8
+  case $m in 60m) F=("${M60[@]}"); L=60; B=32;; 1b) F=("${M1B[@]}"); L=90; B=4;; 7b) F=("${M7B[@]}"); L=150; B=1;; esac
+  run "$m-ordinary" $L $B "${F[@]}"
+  run "$m-layerwise" $L $B "${F[@]}" --layerwise
+  run "$m-layerwise-int8" $L $B "${F[@]}" --layerwise --weight-quant int8
 done
 echo "## 60m with bf16 parameters (the eager path, as 1b and 7b)" >> "$RES"
-run "60m-bf16-ordinary" 60 "${M60[@]}" --param-dtype bf16 --dtype bf16
-run "60m-bf16-layerwise" 60 "${M60[@]}" --param-dtype bf16 --dtype bf16 --layerwise
+run "60m-bf16-ordinary" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16
+run "60m-bf16-layerwise" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16 --layerwise
 echo "## profiler: layer-wise 1b, steps 4 and 5 (host API calls and syncs per step)" >> "$RES"
 timeout 120 python3 docs/results/gpu_s6/layerwise_profile.py "$RES" --engine single --optimizer apollo-mini \
-  --probe-micro-batches 1 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof.jsonl \
+  --probe-micro-batches 4 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof.jsonl \
   "${M1B[@]}" --layerwise > /tmp/lw_prof.log 2>&1 || echo "profile FAILED: $(tail -5 /tmp/lw_prof.log)" >> "$RES"
 cat "$RES"
