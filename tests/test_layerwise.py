@@ -140,7 +140,7 @@ def test_layerwise_param_without_gradient_matches_oracle(preset):
     assert oracle.max_rel_diff(ours, ref) < 1e-5
 
 
-@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+@pytest.mark.parametrize("preset", [pytest.param("apollo", marks=pytest.mark.slow), "apollo-mini"])
 def test_nonfinite_gradient_skips_only_its_params_and_a_nonfinite_loss_changes_nothing(preset):
     """nonfinite="skip": a param whose gradient is NaN (a low-rank and a plain-Adam one, at two steps) is not
     updated and its step count does not advance, the others are: the ordinary step with those gradients left
