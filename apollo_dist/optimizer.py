@@ -146,9 +146,8 @@ class APOLLO(torch.optim.Optimizer):
         self._skipped_in_a_row = 0  # ... since the last step taken (warned about at 3, 10, 100, ...)
         self._pending: Optional[_Pending] = None  # a step whose device decisions the host has not read yet
         self._updated: list[tuple] = []  # layer-wise: (bucket, count added, flags at) of each update_now this step
-        self._update_flags: Optional[torch.Tensor] = (
-            None  # ... their decisions on the device, [bad, live...] per bucket
-        )
+        # ... their decisions on the device, [non-finite count, live per slot] per bucket
+        self._update_flags: Optional[torch.Tensor] = None
         self._update_at: dict[int, int] = {}  # ... where each bucket's are in it, by id(bucket)
         self._bad: Optional[torch.Tensor] = None  # the step's non-finite count (device)
         self._flags: Optional[torch.Tensor] = None  # W > 1: [non-finite count, ranks with each param's gradient]
@@ -410,10 +409,11 @@ class APOLLO(torch.optim.Optimizer):
         if failed:
             slots = [s for b in failed for s in b.slots]
             steps = int(max(float(b.step_count.max()) for b in failed)) + 1
+            others = sum(len(b.slots) for b in buckets) - len(slots)
             raise FloatingPointError(
-                f"APOLLO (layer-wise): non-finite gradient in {_names(slots)} at step {steps}: not updated (weight, "
-                f"moments and step count unchanged); {len(records) - len(failed)} other param(s) were updated "
-                "in this backward and keep their update (nonfinite='skip' warns instead)"
+                f"APOLLO (layer-wise): non-finite gradient in {_names(slots)} at step {steps}: not updated (weights, "
+                f"moments and step counts unchanged); {others} other param(s) were updated in this backward and keep "
+                "their update (nonfinite='skip' warns instead)"
             )
 
     def _step_buckets(self, buckets: list) -> None:
@@ -546,9 +546,10 @@ class APOLLO(torch.optim.Optimizer):
         if len(failed) < len(p.buckets):  # layer-wise: the other params were updated in this step
             self._skipped_in_a_row = 0
             slots = [s for b in failed for s in b.slots]
+            others = sum(len(b.slots) for b in p.buckets) - len(slots)
             warnings.warn(
                 f"APOLLO (layer-wise): non-finite (inf/NaN) gradient in {_names(slots)}: not updated at this step "
-                f"(nonfinite='skip'); {len(p.buckets) - len(failed)} other param(s) were updated",
+                f"(nonfinite='skip'); {others} other param(s) were updated",
                 RuntimeWarning,
                 stacklevel=3,
             )
