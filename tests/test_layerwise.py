@@ -140,6 +140,21 @@ def test_layerwise_param_without_gradient_matches_oracle(preset):
     assert oracle.max_rel_diff(ours, ref) < 1e-5
 
 
+def test_grouped_layer_with_params_without_gradient_is_updated_at_step():
+    """One bucket per block: on the steps where the last block's MLP is idle its bucket never completes in
+    backward; ``step()`` updates it with the gradients it got (q, o), skipping up and down, as the oracle does."""
+    ref = oracle.train_idle(oracle.oracle_class(), "apollo-mini")
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.named_groups(model, "apollo-mini"), **{**oracle.HPARAMS, "weight_decay": 0.01}, layerwise=True)
+    for t in range(12):  # oracle.train_idle's loop
+        oracle.set_idle(model, t)
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert oracle.max_rel_diff(model, ref) < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("preset", [pytest.param("apollo", marks=pytest.mark.slow), "apollo-mini"])
 def test_nonfinite_gradient_skips_only_its_params_and_a_nonfinite_loss_changes_nothing(preset):
     """nonfinite="skip": a param whose gradient is NaN (a low-rank and a plain-Adam one, at two steps) is not
