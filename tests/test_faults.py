@@ -169,6 +169,7 @@ def test_rank_killed_while_saving_leaves_latest_on_the_previous_checkpoint(refer
     assert latest_step(ckpt) == 10 and (ckpt / "step_0000006" / "trainer.json").is_file()  # step 6 rewritten whole
 
 
+@pytest.mark.slow  # the kill-while-saving test above covers the same rename-last rule in CI
 def test_rank_killed_while_rewriting_a_complete_checkpoint_leaves_it_whole(reference, tmp_path):
     """ZeRO-2 W=2 resumed from step 3 into a save directory whose steps 6, 9, 10 are complete (the
     reference's): rank 1 kills itself after writing its files of the new step 6, which went aside into

@@ -175,7 +175,7 @@ def test_train_py_bf16_parameters_run_in_one_process_only():
         train.resolve_run(args, None, train.defaults_config(args, None), 2)
 
 
-@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("param_dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_train_py_int8_layerwise_resume_takes_its_settings(tmp_path, corpus, param_dtype):
     """A --layerwise --weight-quant int8 job resumed with --resume alone continues exactly (the int8,
     layer-wise and parameter-dtype settings come from the checkpoint); resuming it as float weights is a

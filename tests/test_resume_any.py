@@ -121,7 +121,6 @@ def check_resume(src: Path, engine: str, world: int, tmp_path: Path) -> None:
 # (source engine, W, target engine, W, preset): the distinct code in the default run, the rest slow.
 DEFAULT_CELLS = [
     ("zero2", 2, "fsdp2", 3, "apollo"),  # DeepSpeed -> FSDP2, W up
-    ("fsdp2", 3, "zero3", 2, "apollo"),  # FSDP2 (DCP) -> ZeRO-3 (its partitions, model_copy), W down
     ("zero3", 2, "zero3", 3, "apollo-mini"),  # the same engine at another W; APOLLO-Mini's tensor scaling
 ]
 SLOW_CELLS = [
@@ -130,7 +129,10 @@ SLOW_CELLS = [
     for a, b in ((2, 3), (3, 2))
     for preset in ("apollo", "apollo-mini")
     if (f"zero{stage}", a, f"zero{stage}", b, preset) not in DEFAULT_CELLS
-] + [("zero2", 2, "zero3", 2, "apollo")]  # same W, another stage: DeepSpeed's load, routed by apollo_dist
+] + [
+    ("fsdp2", 3, "zero3", 2, "apollo"),  # FSDP2 (DCP) -> ZeRO-3 (its partitions, model_copy), W down
+    ("zero2", 2, "zero3", 2, "apollo"),  # same W, another stage: DeepSpeed's load, routed by apollo_dist
+]
 
 
 @pytest.mark.parametrize(

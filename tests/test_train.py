@@ -150,6 +150,7 @@ def test_same_w_resume_continues_exactly(runs, name, tmp_path):
         assert abs(got[s] - ref[s]) <= 1e-6 * abs(ref[s]), f"{name} step {s}: {got[s]} vs {ref[s]}"
 
 
+@pytest.mark.slow  # ~90 s in CI; activation checkpointing is a model switch, not optimizer code
 def test_activation_checkpointing_changes_no_loss(runs, tmp_path):
     """--activation-checkpointing (each decoder layer recomputed in backward): the same per-step losses
     (1e-6 relative, fp32 on CPU) under FSDP2 (W=2) and ZeRO-3 (W=2). (One process and ZeRO-2 wrap the
