@@ -40,7 +40,7 @@ M60=(--model 60m --seq-len 256 --global-batch-size 32 --micro-batch-size 32)
 M1B=(--model 1b --seq-len 512 --global-batch-size 4 --micro-batch-size 4 --param-dtype bf16 --dtype bf16)
 M7B=(--model 7b --seq-len 256 --global-batch-size 1 --micro-batch-size 1 --param-dtype bf16 --dtype bf16)
 echo "## tokens/s (mean over steps 2-6) and peak max_memory_allocated" >> "$RES"
-for m in 60m 1b 7b; do
+for m in ${MODELS:-60m 1b 7b}; do  # MODELS="60m 1b": a shorter run
   case $m in 60m) F=("${M60[@]}"); L=60; B=32;; 1b) F=("${M1B[@]}"); L=90; B=4;; 7b) F=("${M7B[@]}"); L=150; B=1;; esac
   run "$m-ordinary" $L $B "${F[@]}"
   run "$m-layerwise" $L $B "${F[@]}" --layerwise
