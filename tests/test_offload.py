@@ -119,3 +119,47 @@ def test_resume_across_stages_and_world_sizes(full, key):
     """Across ZeRO stages (W=2) and from W=2 to W=3 (offloaded both sides): APOLLO's any-W loader."""
     r = full[3 if key.startswith("load") else 2][key]
     assert r["loaded_steps"] == 6 and r["rel_diff"] < 1e-5  # another stage or W sums gradients in another order
+
+
+TINY = ["--model", "tiny", "--steps", "6", "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-len", "64"]
+TINY += ["--rank", "16", "--update-proj-gap", "4", "--eval-every", "0", "--eval-samples", "8", "--no-progress"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("corpus")
+def test_train_py_offload_equals_no_offload_and_resumes_without(tmp_path):
+    """launch/train.py, ZeRO-3 W=2 (launch/zero2.sh with DS_CONFIG): offload_optimizer + offload_param cpu gives
+    the run without offload's losses; --time-optimizer rows; its step-3 checkpoint resumes without offload
+    (DeepSpeed's own load) into steps 4-6 of the same losses."""
+    import json
+
+    from spawn import run_checked
+
+    base = json.loads((ROOT / "ds_configs" / "apollo_zero3.json").read_text())
+    configs = {"none": base, "param": json.loads(json.dumps(base))}
+    configs["param"]["zero_optimization"].update(
+        offload_optimizer={"device": "cpu", "pin_memory": True}, offload_param={"device": "cpu", "pin_memory": True}
+    )
+    rows, out = {}, {}
+    for kind, cfg in configs.items():
+        path = tmp_path / f"{kind}.json"
+        path.write_text(json.dumps(cfg))
+        metrics = tmp_path / f"{kind}.jsonl"
+        extra = ["--save-dir", str(tmp_path / "ckpt"), "--save-every", "3"] if kind == "param" else []
+        cmd = ["bash", "launch/zero2.sh", *TINY, "--time-optimizer", "--metrics-file", str(metrics), *extra]
+        out[kind] = run_checked(cmd, DS_CONFIG=str(path)).stdout
+        rows[kind] = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    assert "optimizer and params offloaded to CPU (APOLLO)" in out["param"]
+    assert "offloaded" not in out["none"]
+    steps = {k: {r["step"]: r for r in v if "loss" in r} for k, v in rows.items()}
+    assert sorted(steps["param"]) == list(range(1, 7))
+    for s, r in steps["param"].items():
+        assert abs(r["loss"] - steps["none"][s]["loss"]) <= 1e-6 * abs(r["loss"])
+        assert r["optimizer_s"] > 0 and r["host_peak_rss_gib"] > 0
+    metrics = tmp_path / "resumed.jsonl"
+    resume = ["--resume", str(tmp_path / "ckpt" / "step_0000003"), "--metrics-file", str(metrics)]
+    run_checked(["bash", "launch/zero2.sh", *TINY, *resume], DS_CONFIG=str(tmp_path / "none.json"))
+    resumed = {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r}
+    assert sorted(resumed) == [4, 5, 6]
+    for s, loss in resumed.items():
+        assert abs(loss - steps["param"][s]["loss"]) <= 1e-6 * abs(loss)
