@@ -1,8 +1,8 @@
 """ZeRO-Offload / ZeRO-Infinity (CPU) with APOLLO (DESIGN.md §2.7): real DeepSpeed engines on CPU
 (DS_ACCELERATOR=cpu, gloo; tests/workers/ds_offload.py), offload on vs off.
 
-CI runs one launch at W=2 (one cell per ZeRO stage, the resumes both ways); the full matrix (W = 2, 3, both
-ZeRO stages, both presets, optimizer and param offload), DeepSpeed's own offload path with torch AdamW, params
+CI runs one launch at W=2 (one cell each for ZeRO-2 and ZeRO-3, the resumes both ways); the full matrix
+(W = 2, 3, ZeRO 1-3, both presets, optimizer and param offload), DeepSpeed's own offload path with torch AdamW, params
 without gradient, and resumes across stages and world sizes are slow-marked.
 """
 
@@ -163,3 +163,33 @@ def test_train_py_offload_equals_no_offload_and_resumes_without(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for s, loss in resumed.items():
         assert abs(loss - steps["param"][s]["loss"]) <= 1e-6 * abs(loss)
+
+
+def test_projections_drawn_on_the_bindings_generator_device(monkeypatch):
+    """The plumbing that keeps offloaded runs on the non-offloaded run's projections: a binding's
+    ``generator_device`` (DeepSpeed's compute device) is where every P is drawn, whatever device the state is on,
+    and what ``run_settings`` (so checkpoints) record. In-process; "cuda" is only a name here (P is faked)."""
+    import oracle
+    import torch
+
+    import apollo_dist.core as core
+    from apollo_dist import APOLLO
+    from apollo_dist.binding import params_binding
+
+    drawn = []
+
+    def fake(shape, r, seed, device):
+        drawn.append(torch.device(device).type)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / r**0.5
+
+    monkeypatch.setattr(core, "random_projection", fake)
+    model = oracle.make_model(0)
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    binding = params_binding([g["params"] for g in opt.param_groups], opt._received)
+    binding.generator_device = torch.device("cuda")
+    opt._install(binding)
+    oracle.loss_fn(model, *oracle.batch(0)).backward()
+    opt.step()
+    assert drawn and set(drawn) == {"cuda"}
+    assert opt.device.type == "cpu" and opt.run_settings()["generator_device"] == "cuda"
+    assert opt.state_dict()["apollo_layout"]["generator_device"] == "cuda"
