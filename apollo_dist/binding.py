@@ -522,8 +522,9 @@ NVME_REFUSED = (
 
 def refuse_nvme(zero: Any) -> None:
     """NotImplementedError for what ZeRO-3 offload does that APOLLO's binding does not map: NVMe swapping of the
-    optimizer state or params (the fp32 partitions are not in memory between steps), partial offload (``ratio``
-    < 1: sub-groups DeepSpeed steps with another optimizer on the GPU) and SuperOffload."""
+    optimizer state or params (the fp32 partitions are not in memory between steps) and partial offload
+    (``ratio`` < 1: sub-groups DeepSpeed steps with another optimizer on the GPU). SuperOffload is another class,
+    refused by name above. Plain ``deepspeed.initialize`` reaches here; the adapter refuses these up front."""
     if getattr(zero, "swap_optimizer", False):
         raise NotImplementedError(NVME_REFUSED.format(what="zero_optimization.offload_optimizer"))
     if getattr(zero, "params_in_nvme_and_cpu", False):
