@@ -127,6 +127,10 @@ class Binding:
     mesh: Any = None
     signature: list[tuple[int, ...]] = field(default_factory=list)  # "params": ids in each group's list
     held: list[torch.Tensor] = field(default_factory=list)  # strong refs: ids stay unique while bound
+    # Where projections are drawn (CPU and CUDA generators draw different P) and collectives run, when that is
+    # not where the slots live: DeepSpeed's compute device, also when ZeRO-Offload keeps masters on the CPU.
+    # None: the slots' device.
+    generator_device: Optional[torch.device] = None
 
     def __post_init__(self) -> None:
         self.by_handle = {id(u.handle): u for u in self.units if u.handle is not None}
@@ -387,7 +391,7 @@ def _deepspeed_param(r: Received, gi: int) -> torch.Tensor:
 def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Received]]) -> Binding:
     """ZeRO-1/2 and BF16_Optimizer: each group's list is one flat fp32 partition; each param's piece of
     it is in ``p._hp_mapping`` (lp: elements of the param, hp: where they sit in the flat), cut anywhere."""
-    units, group = [], None
+    units, group, offload = [], None, False
     for gi, (ts, row) in enumerate(zip(lists, received)):
         if len(ts) != 1 or ts[0].dim() != 1:
             raise ValueError(
@@ -413,11 +417,7 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
             if mapping is None:  # none of this param's elements are in this rank's partition
                 slots.append(Slot(p, r.position, r.shape, 0, 0, flat.narrow(0, 0, 0), lambda: None))
                 continue
-            if mapping.use_offload:
-                raise NotImplementedError(
-                    "APOLLO with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported; "
-                    'remove offload_optimizer or set its device to "none"'
-                )
+            offload = offload or bool(mapping.use_offload)
             if mapping.hp_fragment.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
                 raise ValueError(
                     f"param group {gi}, position {r.position}: its DeepSpeed fragment is not in the group's flat partition"
@@ -429,9 +429,42 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
                 Slot(p, r.position, r.shape, lp.start, lp.start + lp.numel, flat.narrow(0, hp.start, hp.numel), grad)
             )
         units.append(Unit(gi, slots, flat))
-    binding = Binding("flat", units, group or dist.group.WORLD, held=[u.handle for u in units])
+    if offload:  # ZeRO-Offload copies each reduced gradient into flat.grad (CPU) and never clears it
+        for u in units:
+            u.clear_grads = _grad_clearer(u.handle)
+    binding = Binding(
+        "flat",
+        units,
+        group or dist.group.WORLD,
+        held=[u.handle for u in units],
+        generator_device=_compute_device(received),
+    )
     refuse_universal_loads(binding)
     return binding
+
+
+def _compute_device(received: list[list[Received]]) -> Optional[torch.device]:
+    """DeepSpeed's compute device: where the model's params are (ZeRO-3's placeholders too), whether or not the
+    masters are offloaded. Projections are drawn there, so an offloaded run draws the non-offloaded run's P."""
+    for row in received:
+        for r in row:
+            p = r.ref()
+            if p is not None:
+                return p.device
+    return None
+
+
+def _grad_clearer(flat: torch.Tensor) -> Callable[[], None]:
+    """Zero ``flat.grad`` after a step. Under ZeRO-Offload DeepSpeed copies each param's reduced gradient into
+    its slice of that persistent CPU buffer only when the param's gradient hook fires, and never clears it: a
+    param without gradient in a step would get its last gradient again (as ZeRO-3's store, `_zero3_grad_clearers`).
+    Zeroed, it steps as a zero gradient, the rule of ZeRO-1/2 without offload."""
+
+    def clear() -> None:
+        if flat.grad is not None:
+            flat.grad.zero_()
+
+    return clear
 
 
 def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
@@ -440,15 +473,16 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
     name = type(zero).__name__
     if name != "DeepSpeedZeroOptimizer_Stage3":
         raise NotImplementedError(f"APOLLO with DeepSpeed: {name} (e.g. MiCS) is not supported; use plain ZeRO stage 3")
-    if getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False):
-        raise NotImplementedError(
-            'APOLLO with DeepSpeed ZeRO-3: offload_optimizer / offload_param are not supported; remove them or set their device to "none"'
-        )
+    refuse_nvme(zero)
     position = {id(p): r for row in received for r in row if (p := r.ref()) is not None}
     group = zero.dp_process_group
     rank = dist.get_rank(group)
     units = []
-    clearers = _zero3_grad_clearers(zero)
+    clearers = (
+        [_grad_clearer(f) for f in zero.fp32_partitioned_groups_flat]
+        if getattr(zero, "offload_optimizer", False)
+        else _zero3_grad_clearers(zero)
+    )
     for i, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
         if flat is None or flat.dtype != torch.float32:
             raise NotImplementedError(
@@ -475,9 +509,32 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
             )
             offset += chunk
         units.append(Unit(gi, slots, flat, clearers[i]))
-    binding = Binding("flat", units, group, held=[u.handle for u in units])
+    binding = Binding("flat", units, group, held=[u.handle for u in units], generator_device=_compute_device(received))
     refuse_universal_loads(binding, zero3=zero)
     return binding
+
+
+NVME_REFUSED = (
+    "APOLLO with DeepSpeed: ZeRO-Infinity NVMe offload ({what}: device nvme) is not supported; offload to the CPU "
+    '(device "cpu") instead: APOLLO\'s optimizer state is small enough to stay in host memory'
+)
+
+
+def refuse_nvme(zero: Any) -> None:
+    """NotImplementedError for what ZeRO-3 offload does that APOLLO's binding does not map: NVMe swapping of the
+    optimizer state or params (the fp32 partitions are not in memory between steps) and partial offload
+    (``ratio`` < 1: sub-groups DeepSpeed steps with another optimizer on the GPU). SuperOffload is another class,
+    refused by name above. Plain ``deepspeed.initialize`` reaches here; the adapter refuses these up front."""
+    if getattr(zero, "swap_optimizer", False):
+        raise NotImplementedError(NVME_REFUSED.format(what="zero_optimization.offload_optimizer"))
+    if getattr(zero, "params_in_nvme_and_cpu", False):
+        raise NotImplementedError(NVME_REFUSED.format(what="zero_optimization.offload_param"))
+    devices = set((getattr(zero, "subgroup_to_device", None) or {}).values())
+    if getattr(zero, "offload_optimizer", False) and devices - {"cpu"}:
+        raise NotImplementedError(
+            "APOLLO with DeepSpeed ZeRO-3: partial optimizer offload (offload_optimizer.ratio < 1) steps some "
+            "sub-groups with another optimizer on the GPU; remove ratio (offload everything) or the offload"
+        )
 
 
 def _zero3_grad_clearers(zero: Any) -> list[Callable[[], None]]:

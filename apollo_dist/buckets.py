@@ -42,9 +42,10 @@ def all_ranges(slots: list[Slot], comm: Collectives, device: torch.device) -> tu
 def build_buckets(binding: Binding, groups: list[dict]) -> tuple[list[Bucket], Collectives, torch.device]:
     """The buckets of ``binding`` (one per unit; ``groups``: the param group dicts, by index), their
     collectives and device. Collective: every rank of the binding's process group calls it."""
-    comm = Collectives(binding.process_group)
     slots = [s for u in binding.units for s in u.slots]
     device = slots[0].data.device if slots else torch.device("cpu")
+    gen = binding.generator_device or device
+    comm = Collectives(binding.process_group, _stage(binding.process_group, device, gen))
     ranges, owned = all_ranges(slots, comm, device)
     buckets: list[Bucket] = []
     k = 0
@@ -62,8 +63,19 @@ def build_buckets(binding: Binding, groups: list[dict]) -> tuple[list[Bucket], C
                     own = chunk_owners(m, c, comm.world) if binding.owners == "chunk" else position_owners(m, c, rs)
                 layouts.append(ParamLayout(m, c, rs, own))
             buckets.append(LowRankBucket(u.group, u.slots, layouts, group, comm, device))
+            buckets[-1].generator_device = gen
         k += n
     return buckets, comm, device
+
+
+def _stage(group: Any, device: torch.device, gen: torch.device) -> Optional[torch.device]:
+    """Where collectives run when the state is on the CPU but the process group is not gloo's (ZeRO-Offload over
+    NCCL): the compute device ``gen``; else None (where the tensors are)."""
+    if group is None or device.type != "cpu" or gen.type == "cpu":
+        return None
+    import torch.distributed as dist
+
+    return None if dist.get_backend(group) == "gloo" else gen
 
 
 def as_global(local: torch.Tensor, s: Slot, mesh: Any, channel_shape: Optional[tuple[int, int]] = None) -> torch.Tensor:

@@ -197,25 +197,35 @@ def slot_geometry(s: Slot, lay: ParamLayout, rank: int) -> Geometry:
 
 
 class Collectives:
-    """The three collectives of a step, or nothing when W = 1."""
+    """The three collectives of a step, or nothing when W = 1. ``stage``: the device they run on when the
+    tensors live elsewhere (ZeRO-Offload: state on the CPU, an NCCL group), copied there and back."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup]):
+    def __init__(self, group: Optional[dist.ProcessGroup], stage: Optional[torch.device] = None):
         self.group = group
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        self.stage = stage
+
+    def _on_stage(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stage is None or x.device == self.stage else x.to(self.stage)
 
     def reduce_scatter(self, send: torch.Tensor) -> torch.Tensor:
-        out = send.new_empty((send.shape[0] // self.world,) + tuple(send.shape[1:]))
-        dist.reduce_scatter_tensor(out, send, group=self.group)
-        return out
+        src = self._on_stage(send)
+        out = src.new_empty((send.shape[0] // self.world,) + tuple(send.shape[1:]))
+        dist.reduce_scatter_tensor(out, src, group=self.group)
+        return out.to(send.device)
 
     def all_gather(self, mine: torch.Tensor) -> torch.Tensor:
-        out = mine.new_empty((mine.shape[0] * self.world,) + tuple(mine.shape[1:]))
-        dist.all_gather_into_tensor(out, mine, group=self.group)
-        return out
+        src = self._on_stage(mine)
+        out = src.new_empty((mine.shape[0] * self.world,) + tuple(mine.shape[1:]))
+        dist.all_gather_into_tensor(out, src, group=self.group)
+        return out.to(mine.device)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, group=self.group)
+        y = self._on_stage(x)
+        dist.all_reduce(y, group=self.group)
+        if y is not x:
+            x.copy_(y)
         return x
 
 
@@ -301,6 +311,7 @@ class LowRankBucket:
         self.layouts = layouts
         self.comm = comm
         self.device = device
+        self.generator_device = device  # where P is drawn (build_buckets pins it: ZeRO-Offload draws on the GPU)
         self.r = r = int(group["rank"])
         self.plan = build_comm_plan(layouts, comm.rank, comm.world, device)
         self.seeds = [SeedChain(s.index + 1) for s in slots]
@@ -372,7 +383,8 @@ class LowRankBucket:
             if g.rows == 0:
                 self.proj[i] = None
                 continue
-            P = random_projection(projection_shape(g.m, g.n, self.r), self.r, self.seeds[i](epoch), self.device)
+            shape = projection_shape(g.m, g.n, self.r)
+            P = random_projection(shape, self.r, self.seeds[i](epoch), self.generator_device).to(self.device)
             # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
             if g.tall:
                 P = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width]

@@ -46,8 +46,12 @@ zero.Init a config without "auto" values, since it reads the JSON without this a
 DeepSpeed's per-parameter optimizer-state helpers (``safe_get_full_optimizer_state``) do not see
 APOLLO's state: read ``optimizer.state[param]`` (this rank's owned channels / elements) instead.
 
-Not supported (clear error at ``initialize``): optimizer/parameter offload (ZeRO-Offload, ZeRO-Infinity),
-ZeRO-1/2 elastic, DeepSpeed universal checkpoints (``load_universal``: refused at ``initialize``, at
+Offload: ``"offload_optimizer": {"device": "cpu"}`` (ZeRO 1-3) and ``"offload_param": {"device": "cpu"}``
+(ZeRO-3) run APOLLO on the CPU partitions, same numbers as without offload (projections drawn on DeepSpeed's
+compute device either way); ``zero_force_ds_cpu_optimizer`` is set to false for it.
+
+Not supported (clear error at ``initialize``): NVMe offload (ZeRO-Infinity's nvme device), partial offload
+(``ratio``), SuperOffload, ZeRO-1/2 elastic, DeepSpeed universal checkpoints (``load_universal``: refused at ``initialize``, at
 ``load_checkpoint`` and, for engines from plain ``deepspeed.initialize``, by APOLLO's binding; resume the native
 checkpoint at any W with ``load_checkpoint`` below instead), ZeRO++ hpZ, MiCS, ZenFlow, torch_autocast, MoE, pipeline or tensor
 model parallelism (``mpu``), low-precision master weights, ZeRO stage 0 with fp16/bf16. Checkpoints resume at
@@ -165,13 +169,7 @@ def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
         raise NotImplementedError(
             "apollo_dist with DeepSpeed: fp16/bf16 needs ZeRO stage 1, 2 or 3 (stage 0 runs fp32 only)"
         )
-    if not _off(zero.get("offload_optimizer")) or zero.get("cpu_offload"):
-        raise NotImplementedError(
-            "apollo_dist with DeepSpeed: ZeRO-Offload (zero_optimization.offload_optimizer) is not supported yet; "
-            'remove offload_optimizer or set its device to "none"'
-        )
-    if not _off(zero.get("offload_param")) or zero.get("cpu_offload_params"):
-        raise NotImplementedError("apollo_dist with DeepSpeed: zero_optimization.offload_param is not supported yet")
+    check_offload(config)
     unsupported = {
         "elastic_checkpoint": zero.get("elastic_checkpoint", False),
         "universal checkpoints (checkpoint.load_universal)": (config.get("checkpoint") or {}).get(
@@ -191,6 +189,49 @@ def _check_supported(config: dict, mpu: Any, model: torch.nn.Module) -> int:
     if bad:
         raise NotImplementedError(f"apollo_dist with DeepSpeed: {', '.join(bad)} not supported yet")
     return stage
+
+
+def offloads(config: dict) -> bool:
+    """Whether the config offloads the optimizer (ZeRO-Offload) or the params (ZeRO-Infinity) anywhere."""
+    zero = config.get("zero_optimization") or {}
+    return bool(
+        not _off(zero.get("offload_optimizer"))
+        or not _off(zero.get("offload_param"))
+        or zero.get("cpu_offload")
+        or zero.get("cpu_offload_params")
+    )
+
+
+def check_offload(config: dict) -> None:
+    """Offload APOLLO supports: ``offload_optimizer`` {"device": "cpu"} under ZeRO 1-3 and ``offload_param``
+    {"device": "cpu"} under ZeRO-3, all of it (APOLLO steps the CPU partitions; DESIGN.md §2.7). NotImplementedError
+    naming the key for NVMe, partial offload (``ratio``), SuperOffload, and with ``zero_force_ds_cpu_optimizer``
+    true (DeepSpeed would refuse or replace the client optimizer)."""
+    zero = config.get("zero_optimization") or {}
+    for key in ("offload_optimizer", "offload_param"):
+        block = zero.get(key)
+        if isinstance(block, dict) and str(block.get("device", "none")).lower() == "nvme":
+            raise NotImplementedError(
+                f"apollo_dist with DeepSpeed: ZeRO-Infinity NVMe offload (zero_optimization.{key}.device nvme) is not "
+                'supported; use "device": "cpu" (APOLLO\'s optimizer state is small enough for host memory)'
+            )
+    opt = zero.get("offload_optimizer") if isinstance(zero.get("offload_optimizer"), dict) else {}
+    if float(opt.get("ratio", 1.0)) != 1.0:
+        raise NotImplementedError(
+            f"apollo_dist with DeepSpeed: zero_optimization.offload_optimizer.ratio={opt['ratio']} (partial offload "
+            "steps part of the model with another optimizer on the GPU) is not supported; remove ratio"
+        )
+    if opt.get("super_offload"):
+        raise NotImplementedError(
+            "apollo_dist with DeepSpeed: zero_optimization.offload_optimizer.super_offload not supported"
+        )
+    if not _off(zero.get("offload_param")) and int(zero.get("stage", 0)) != 3:
+        raise NotImplementedError("apollo_dist with DeepSpeed: zero_optimization.offload_param needs ZeRO stage 3")
+    if offloads(config) and config.get("zero_force_ds_cpu_optimizer") is True:
+        raise NotImplementedError(
+            "apollo_dist with DeepSpeed offload: zero_force_ds_cpu_optimizer is true, so DeepSpeed refuses any optimizer "
+            "but DeepSpeedCPUAdam; set it to false (APOLLO runs its step on the CPU partitions itself)"
+        )
 
 
 def _optimizer_from_config(block: dict, model: torch.nn.Module, model_parameters: Any) -> APOLLO:
@@ -300,6 +341,8 @@ def initialize(
         # One ZeRO-3 sub-group per param group, unless the user chose a size (checked after init).
         zero.setdefault("sub_group_size", 10**15)
     config["zero_allow_untested_optimizer"] = True
+    if offloads(config):  # DeepSpeed keeps a client optimizer with offload only when told to
+        config["zero_force_ds_cpu_optimizer"] = False
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(optimizer=opt, **passed)
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("apollo_dist with DeepSpeed: MoE layers are not supported yet")

@@ -42,8 +42,9 @@ transformers itself ignores that key, so the same ``optim_args`` work with ``Tra
 
 Refused with a clear error, because the Trainer would otherwise drop or replace APOLLO without a word:
 ``optimizers=(opt, ...)`` (discarded under DeepSpeed, transformers issue #38753), a DeepSpeed JSON
-``"optimizer"`` block (the Trainer then builds DeepSpeed's optimizer), DeepSpeed ``offload_optimizer``
-(accelerate swaps in DeepSpeedCPUAdam), and the layer-wise ``apollo_adamw_layerwise``.
+``"optimizer"`` block (the Trainer then builds DeepSpeed's optimizer), ``zero_force_ds_cpu_optimizer: true``
+with DeepSpeed offload (accelerate would swap in DeepSpeedCPUAdam; APOLLOTrainer sets it to false when the
+config offloads), NVMe offload, and the layer-wise ``apollo_adamw_layerwise``.
 """
 
 from __future__ import annotations
@@ -189,12 +190,17 @@ def check_trainer_setup(args: Any, optimizers: Any = None) -> None:
             f'the DeepSpeed config has an "optimizer" block (type {block.get("type")!r}): under the Trainer it '
             "replaces APOLLO; remove the block (APOLLOTrainer hands APOLLO to DeepSpeed itself)"
         )
-    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    if str(offload.get("device", "none")).lower() != "none":
-        raise NotImplementedError(
-            "DeepSpeed offload_optimizer with APOLLO is not supported (accelerate would also replace APOLLO by "
-            "DeepSpeedCPUAdam): remove zero_optimization.offload_optimizer"
-        )
+    from .deepspeed import check_offload, offloads
+
+    if offloads(config):
+        if config.get("zero_force_ds_cpu_optimizer") is True:
+            raise ValueError(
+                "DeepSpeed offload with zero_force_ds_cpu_optimizer true: accelerate would replace APOLLO by "
+                "DeepSpeedCPUAdam; set it to false (or leave it out: APOLLOTrainer sets it)"
+            )
+        check_offload(config)
+        # accelerate swaps a client optimizer for DeepSpeedCPUAdam under offload unless this is false
+        config["zero_force_ds_cpu_optimizer"] = False
 
 
 def route_deepspeed_load(accelerator: Any) -> bool:

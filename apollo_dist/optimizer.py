@@ -163,6 +163,7 @@ class APOLLO(torch.optim.Optimizer):
         self._clear_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the engine's gradient store zeroed
         self._comm = Collectives(None)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
+        self._generator_device = self._device  # where projections are drawn (ZeRO-Offload: the GPU, not the state's)
         if any(is_dtensor(p) for g in self._groups for p in g["params"]):
             self.ensure_bound()  # built after fully_shard: state exists from the start (DCP checkpoints at step 0)
         else:  # seeds now, the rest at binding: a non-empty state keeps DCP from a zero-gradient "init" step
@@ -265,6 +266,7 @@ class APOLLO(torch.optim.Optimizer):
         self._updated, self._update_flags = [], None
         self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
         self._world, self._rank, self._device = comm.world, comm.rank, device
+        self._generator_device = binding.generator_device or device
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
         if self._layerwise is not None:
             self._layerwise.attach(buckets)
@@ -298,14 +300,20 @@ class APOLLO(torch.optim.Optimizer):
 
     @property
     def device(self) -> torch.device:
-        """Where the state lives and projections are drawn."""
+        """Where the state lives (and projections are drawn, except under ZeRO-Offload: on DeepSpeed's compute
+        device, as without offload; ``run_settings()["generator_device"]``)."""
         self.ensure_bound()
         return self._device
 
     def run_settings(self) -> dict[str, Any]:
         """The run-level settings a saved state records (`groups.RUN_KEYS`): the projection generator's device
         type (CPU and CUDA draw different P from one seed), ``scale_front``, ``disable_nl``."""
-        return {"generator_device": self.device.type, "scale_front": self.scale_front, "disable_nl": self.disable_nl}
+        self.ensure_bound()
+        return {
+            "generator_device": self._generator_device.type,
+            "scale_front": self.scale_front,
+            "disable_nl": self.disable_nl,
+        }
 
     @property
     def steps_taken(self) -> int:
@@ -636,7 +644,7 @@ class APOLLO(torch.optim.Optimizer):
             "version": 1,
             "world_size": self._world,
             "rank": self._rank,
-            "generator_device": self._device.type,
+            "generator_device": self._generator_device.type,
             "params": params,
         }
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from apollo_dist import APOLLO, param_groups
 from apollo_dist.checkpoint.streaming import DiskFullError, free_bytes, is_disk_full, partial_bytes
+from apollo_dist.deepspeed import offloads
 from apollo_dist.groups import LOW_RANK_KEYS
 from apollo_dist.native_checkpoints import TRAINER_FILE
 from apollo_dist.runtime import free_port, host_peak_rss_gib, state_bytes, unwrap
@@ -616,6 +617,8 @@ class DeepSpeedEngine(Engine):
             model = materialize(model, run.seed, d.device, pretrained(run))
         self.host_rss_model_gib = host_peak_rss_gib()
         client = build_optimizer(model, hp) if hp.optimizer == "adamw" else None
+        if client is not None and offloads(ds_config):
+            client, ds_config = offload_adamw(model, hp, ds_config, d.rank)
         self.model, self.optimizer, _, _ = initialize(
             model=model, optimizer=client, model_parameters=model.parameters(), config=ds_config
         )
@@ -644,7 +647,17 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()  # DeepSpeed casts (bf16 config)
 
     def describe(self) -> str:
-        return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run.dtype}"
+        zero = self.model.optimizer
+        offload = [
+            what
+            for what, on in (
+                ("optimizer", getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)),
+                ("params", getattr(zero, "offload_param", False)),
+            )
+            if on
+        ]
+        where = f", {' and '.join(offload)} offloaded to CPU ({type(unwrap(zero)).__name__})" if offload else ""
+        return f"deepspeed ZeRO-{self.model.zero_optimization_stage()}, {self.run.dtype}{where}"
 
     def skipped_steps(self) -> int:
         """APOLLO's count plus DeepSpeed's: ZeRO checks the gradient norm (fp32; bf16 with
@@ -663,6 +676,30 @@ class DeepSpeedEngine(Engine):
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag} under {root}")
         self._ds_skipped_at_start = self.model.skipped_steps  # restored from the checkpoint: in skipped_before
+
+
+def offload_adamw(model: torch.nn.Module, hp: OptimizerConfig, ds_config: dict, rank: int) -> tuple:
+    """AdamW under ZeRO-Offload: DeepSpeedCPUAdam (DeepSpeed's own pairing) when its C++ op builds here, else
+    torch's AdamW on the CPU partitions (``zero_force_ds_cpu_optimizer`` false), said on stderr; torch's at once
+    with APOLLO_DIST_TORCH_ADAMW_OFFLOAD=1 (benchmarks where the op failed to build). Returns (optimizer, config)."""
+    import sys
+
+    try:
+        if os.environ.get("APOLLO_DIST_TORCH_ADAMW_OFFLOAD") == "1":
+            raise RuntimeError("APOLLO_DIST_TORCH_ADAMW_OFFLOAD=1")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        common = {"lr": hp.lr, "betas": tuple(hp.betas), "eps": hp.eps, "weight_decay": hp.weight_decay}
+        return DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **common), ds_config
+    except Exception as e:  # the op is JIT-compiled: no compiler, no headers, ...
+        if rank == 0:
+            print(
+                f"DeepSpeedCPUAdam unavailable ({type(e).__name__}: {str(e)[:300]}): torch.optim.AdamW steps the "
+                "CPU partitions instead",
+                file=sys.stderr,
+                flush=True,
+            )
+        return build_optimizer(model, hp), {**ds_config, "zero_force_ds_cpu_optimizer": False}
 
 
 def make_engine(

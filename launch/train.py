@@ -163,6 +163,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=600,
         help="seconds a collective waits for the other ranks before failing (a stuck or lost rank ends the job)",
     )
+    a(
+        "--time-optimizer",
+        action="store_true",
+        help="log optimizer_s (seconds inside the optimizer's own step, GPU synchronized before and after) and "
+        "host_peak_rss_gib in every step row",
+    )
     a("--metrics-file", default=None, help="JSON lines (default: runs/<engine>-<model>-<optimizer>/metrics.jsonl)")
     a("--no-progress", action="store_true", help="no tqdm bar (logs a line per eval instead)")
     a(
@@ -640,6 +646,32 @@ def evaluate(engine: engines.Engine, split: data.Split, run: RunConfig, n_sample
     return float(acc[0] / acc[1])
 
 
+class OptimizerTimer:
+    """--time-optimizer: the seconds spent inside ``optimizer.step`` (torch's step hooks; DeepSpeed calls it once
+    per ZeRO-3 sub-group or ZeRO-1/2 group: summed) since the last `take`. CUDA is synchronized at both ends,
+    so a GPU step's time is its real time (a small cost, hence a flag)."""
+
+    def __init__(self, optimizer: Any, device: Any):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.total, self.t0 = 0.0, 0.0
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, *_: Any) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.sync()
+        self.total += time.perf_counter() - self.t0
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+
 def timed_step(engine, split, run: RunConfig, d, step: int, micro: int, global_batch: int) -> dict:
     """Training step ``step`` (its batches, forward/backward per micro-batch of ``micro`` sequences, the
     update) and its metrics row: mean loss over ranks, tokens/s, peak memory, and ``wall_time`` (seconds
@@ -652,13 +684,17 @@ def timed_step(engine, split, run: RunConfig, d, step: int, micro: int, global_b
         d.all_sum(engine.train_step(batches, step).float().reshape(1)) / d.world
     )  # waits for the step: the time is real
     dt = time.perf_counter() - t0
-    return {
+    row = {
         "step": step,
         "loss": loss,
         "tokens_per_s": global_batch * run.seq_len / dt,
         "peak_mem_gib": peak_mem_gib(d.device),
         "wall_time": time.time(),
     }
+    timer = getattr(engine, "optimizer_timer", None)
+    if timer is not None:
+        row.update(optimizer_s=timer.take(), host_peak_rss_gib=runtime.host_peak_rss_gib())
+    return row
 
 
 def probe_sizes(text: str) -> list[int]:
@@ -903,6 +939,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"train.py: error: {'' if d.rank == 0 else f'(rank {d.rank}) '}{e}", file=sys.stderr, flush=True)
         return 2
     rss_init = engine.host_rss_model_gib  # this rank's host memory once its part of the model exists
+    if args.time_optimizer:
+        engine.optimizer_timer = OptimizerTimer(runtime.unwrap(engine.optimizer), d.device)
     n_int8 = sum(b.numel() for n, b in engine.model.named_buffers() if n.endswith("weight_int8"))
     is_main = d.rank == 0
     metrics = Metrics(run.metrics_file, start, is_main, args.tensorboard)

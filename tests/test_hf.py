@@ -90,6 +90,16 @@ def test_trainer_deepspeed_matches_reference_and_resumes(tmp_path, reference, st
     assert _max_diff(resumed["losses"], full["losses"], range(11, 21)) < 1e-6
 
 
+@pytest.mark.slow
+def test_trainer_deepspeed_offload_keeps_apollo(tmp_path, reference):
+    """Trainer(deepspeed=ZeRO-3 with offload_optimizer and offload_param cpu), W=2, no zero_force_ds_cpu_optimizer
+    in the JSON: APOLLOTrainer sets it false, so accelerate keeps APOLLO (not DeepSpeedCPUAdam), which steps the
+    CPU partitions: the single-process reference's losses."""
+    r = _run(tmp_path, "z3_offload", "--mode", "apollo_dist", "--stage", "3", "--offload", world=2)
+    assert r["optimizer"] == "APOLLO" and r["offloaded"] and r["steps_taken"] == 20
+    assert _max_diff(r["losses"], reference, range(1, 21)) < TOL
+
+
 # -- what the Trainer would silently do with APOLLO, refused ---------------------------------------------
 def _args(tmp_path, **kw):
     from transformers import TrainingArguments
@@ -203,8 +213,14 @@ def test_trainer_settings_that_would_drop_apollo_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match='"optimizer" block .* replaces APOLLO'):
         check_trainer_setup(ds({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
-    with pytest.raises(NotImplementedError, match="DeepSpeedCPUAdam"):
-        check_trainer_setup(ds({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(ValueError, match="DeepSpeedCPUAdam"):
+        check_trainer_setup(ds({**offload, "zero_force_ds_cpu_optimizer": True}))
+    with pytest.raises(NotImplementedError, match="nvme"):
+        check_trainer_setup(ds({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}))
+    args = ds(offload)  # ZeRO-Offload: accelerate must keep APOLLO (not swap in DeepSpeedCPUAdam)
+    check_trainer_setup(args)
+    assert args.hf_deepspeed_config.config["zero_force_ds_cpu_optimizer"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_trainer_setup(ds({"zero_optimization": {"stage": 3}}))

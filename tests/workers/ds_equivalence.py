@@ -460,14 +460,6 @@ def part_plain_errors(report: dict) -> None:
     W = dist.get_world_size()
     cases = {
         "bf16_stage0": {"bf16": {"enabled": True}},  # FP16_UnfusedOptimizer: fp32 copies, a zero-grad step at init
-        "offload_stage2": {
-            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-            "zero_force_ds_cpu_optimizer": False,
-        },
-        "offload_stage3": {
-            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}},
-            "zero_force_ds_cpu_optimizer": False,
-        },
     }
     for name, extra in cases.items():
         model = oracle.make_model(0)

@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--match-transformers", action="store_true", help="optim_args match_transformers=true")
     ap.add_argument("--global-batch", type=int, default=GLOBAL, help="rows per optimizer step (all ranks)")
     ap.add_argument("--optim-args", default=OPTIM_ARGS, help="APOLLO optim_args")
+    ap.add_argument("--offload", action="store_true", help="DeepSpeed offload_optimizer cpu (and offload_param at 3)")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -100,6 +101,10 @@ def main() -> None:
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
         }
+        if a.offload:  # no zero_force_ds_cpu_optimizer: APOLLOTrainer sets it, so accelerate keeps APOLLO
+            ds_config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            if a.stage == 3:
+                ds_config["zero_optimization"]["offload_param"] = {"device": "cpu"}
     args = TrainingArguments(
         output_dir=a.dir,
         per_device_train_batch_size=a.global_batch // world,
@@ -158,6 +163,10 @@ def main() -> None:
                     "global_step": trainer.state.global_step,
                     "load_checkpoint": f"{routed.__module__}.{routed.__qualname__}" if routed else None,
                     "optimizer": type(inner).__name__,
+                    "offloaded": bool(
+                        getattr(getattr(opt, "optimizer", None), "cpu_offload", False)
+                        or getattr(getattr(opt, "optimizer", None), "offload_optimizer", False)
+                    ),
                     "steps_taken": getattr(inner, "steps_taken", None),
                     "hparams": [  # per param, in position order (the order the projections' seeds follow)
                         [list(g["betas"]), g["eps"], g["weight_decay"], g.get("rank")]
