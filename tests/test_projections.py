@@ -1,0 +1,138 @@
+"""proj="svd" (the reference's) and proj="dct" (SVD-free, arXiv 2505.17967): one process against the oracle
+and a direct computation of the selection rule; sharded engines against one process; state in checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import oracle
+import pytest
+import torch
+
+from apollo_dist import APOLLO
+from apollo_dist.projection import dct_basis, dct_pick, dct_scores
+
+
+def proj_groups(model, preset: str, proj: str, gap: int = 7) -> list[dict]:
+    """`oracle.groups` with ``proj`` in the low-rank group."""
+    gs = oracle.groups(model, preset, gap=gap)
+    for g in gs:
+        if "rank" in g:
+            g["proj"] = proj
+    return gs
+
+
+def train(opt_cls, preset: str, proj: str, steps: int = 30, gap: int = 7, hook=None, **kw):
+    """`oracle.train` with ``proj``; ``hook(t, model, opt)`` runs after each backward, before the step."""
+    model = oracle.make_model(0)
+    opt = opt_cls(proj_groups(model, preset, proj, gap), **oracle.HPARAMS, **kw)
+    for t in range(steps):
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        if hook is not None:
+            hook(t, model, opt)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_svd_single_process_matches_oracle(preset):
+    """30 steps, gap 7 (refreshes at steps 0, 7, 14, 21, 28): max relative difference < 1e-4."""
+    ref, _ = train(oracle.oracle_class(), preset, "svd")
+    ours, opt = train(APOLLO, preset, "svd")
+    assert oracle.max_rel_diff(ours, ref) < 1e-4
+    # and not the random projection's result
+    rand, _ = train(APOLLO, preset, "random")
+    assert oracle.max_rel_diff(rand, ref) > 1e-2
+
+
+def test_svd_state_is_the_reference_projector_matrix():
+    """The saved P is the reference's ortho_matrix (same orientation and signs) after the last refresh."""
+    _, ref = train(oracle.oracle_class(), "apollo", "svd", steps=9)
+    _, ours = train(APOLLO, "apollo", "svd", steps=9)
+    low = [g for g in ours.param_groups if "rank" in g][0]["params"]
+    ref_low = [g for g in ref.param_groups if "rank" in g][0]["params"]
+    for p, q in zip(low, ref_low):
+        P = ours.state[p]["projection"]
+        assert P.shape == ref.state[q]["projector"].ortho_matrix.shape
+        torch.testing.assert_close(P, ref.state[q]["projector"].ortho_matrix, rtol=1e-4, atol=1e-5)
+
+
+def _paper_rule(G: torch.Tensor, r: int) -> list[int]:
+    """The DCT selection written out on one matrix: the orthonormal DCT-II basis from its definition, the
+    gradient's rows (tall) or columns (wide) projected on every basis vector, the r largest L2 norms."""
+    m, n = G.shape
+    size = n if m >= n else m
+    C = torch.tensor(
+        [
+            [
+                (1 / size if k == 0 else 2 / size) ** 0.5
+                * torch.cos(torch.tensor(torch.pi * k * (2 * i + 1) / (2 * size), dtype=torch.float64)).item()
+                for i in range(size)
+            ]
+            for k in range(size)
+        ],
+        dtype=torch.float64,
+    )
+    G = G.double()
+    norms = (G @ C.T).norm(dim=0) if m >= n else (C @ G).norm(dim=1)
+    return sorted(range(size), key=lambda k: (-norms[k].item(), k))[:r]
+
+
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_dct_indices_follow_the_rule_at_each_refresh(preset):
+    """After every refresh (steps 0, 7, 14) each weight's stored indices are the paper's rule on that step's gradient."""
+    seen, checked = {}, []
+
+    def hook(t, model, opt):
+        low = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+        if t - 1 in seen:  # the state the refresh at t - 1 left
+            r = [g for g in opt.param_groups if "rank" in g][0]["rank"]
+            for p, G in zip(low, seen[t - 1]):
+                assert opt.state[p]["projection"].tolist() == _paper_rule(G, r), (t - 1, tuple(G.shape))
+                checked.append(p)
+        if t % 7 == 0:
+            seen[t] = [p.grad.clone() for p in low]
+
+    _, opt = train(APOLLO, preset, "dct", steps=16, hook=hook)
+    assert len(checked) == 3 * 8
+
+
+def test_dct_basis_and_pick():
+    """The basis is orthonormal; ties go to the lower index; r above the basis size pads with -1."""
+    for size in (1, 7, 11, 64):
+        C = dct_basis(size, torch.device("cpu"))
+        torch.testing.assert_close(C @ C.T, torch.eye(size), atol=1e-5, rtol=0)
+    assert dct_pick(torch.tensor([1.0, 3.0, 3.0, 0.5, 3.0]), 2).tolist() == [1, 2]
+    assert dct_pick(torch.tensor([2.0, 1.0]), 3).tolist() == [0, 1, -1]
+
+
+def _ista_projector():
+    """ista-daslab-optimizers' FFT/DCT low-rank projector (its package __init__ imports wandb: bypassed)."""
+    if "ista_daslab_optimizers" not in sys.modules:
+        spec = importlib.util.find_spec("ista_daslab_optimizers")
+        if spec is None:
+            pytest.skip("ista-daslab-optimizers not installed (pip install --no-deps ista-daslab-optimizers)")
+        pkg = types.ModuleType("ista_daslab_optimizers")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["ista_daslab_optimizers"] = pkg
+    from ista_daslab_optimizers.fft_low_rank.fft_projector import FFTLowRankProjector
+    from ista_daslab_optimizers.utils.dct import dct3_matrix
+
+    return FFTLowRankProjector, dct3_matrix
+
+
+@pytest.mark.parametrize("shape", [(23, 11), (11, 23), (16, 16)])
+def test_dct_selection_matches_the_public_implementation(shape):
+    """ista-daslab-optimizers' similarity (matmul, L2 norm) on the DCT-II basis vectors selects the same set."""
+    Projector, dct3_matrix = _ista_projector()
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    r = 4
+    theirs = Projector(torch.zeros(shape), rank=r, proj=None, rotate_subspace=False, ell_norm=2)
+    Q = dct3_matrix(min(shape), torch.float32, "cpu")  # rows: the DCT-II basis vectors
+    _, norms = theirs.compute_similarity_matmul(Q.T, G)  # tall: scores G @ Q^T's columns, wide: Q @ G's rows
+    assert sorted(torch.topk(norms, r).indices.tolist()) == sorted(
+        dct_pick(dct_scores(G, shape[0] >= shape[1]), r).tolist()
+    )
