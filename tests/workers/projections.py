@@ -1,0 +1,175 @@
+"""Worker (launched by ``deepspeed --num_gpus W`` with DS_ACCELERATOR=cpu, gloo): proj="svd" and proj="dct"
+under FSDP2 and plain ``deepspeed.initialize`` (ZeRO-2, ZeRO-3), and resumes at another W.
+
+Parts (``--parts``, comma separated; each for APOLLO and APOLLO-Mini):
+  fsdp2_svd, zero3_svd  30 steps (gap 7: refreshes at 0, 7, 14, 21, 28) vs the apollo-torch oracle's svd;
+  fsdp2_dct, zero2_dct  the same vs one process (APOLLO, proj="dct", the same global batches);
+  resume   dct: one process 10 steps -> canonical checkpoint -> FSDP2 at W, 20 more steps; svd: ZeRO-3 at W
+           10 steps -> DeepSpeed native checkpoint -> one process (load_checkpoint), 20 more steps; each vs
+           its uninterrupted run (refreshes at 14, 21, 28 after the resume).
+Rank 0 writes a JSON report to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import deepspeed  # noqa: E402
+import ds_equivalence as dse  # noqa: E402  (stubs bitsandbytes, imports deepspeed for CPU)
+import oracle  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from apollo_dist import APOLLO  # noqa: E402
+
+STEPS, GAP, SPLIT = 30, 7, 10
+PRESETS = ["apollo", "apollo-mini"]  # --presets narrows it
+
+
+def proj_groups(model, preset: str, proj: str) -> list[dict]:
+    gs = oracle.groups(model, preset, gap=GAP)
+    for g in gs:
+        if "rank" in g:
+            g["proj"] = proj
+    return gs
+
+
+def one_process(opt_cls, preset: str, proj: str, steps: int = STEPS, model=None, opt=None, start: int = 0):
+    """``opt_cls`` in this process on the full global batches ``start`` .. ``start + steps`` (no collective)."""
+    if model is None:
+        model = oracle.make_model(0)
+        opt = opt_cls(proj_groups(model, preset, proj), **oracle.HPARAMS)
+    for t in range(start, start + steps):
+        oracle.loss_fn(model, *oracle.batch(t, size=dse.GLOBAL_BATCH)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def fsdp2(preset: str, proj: str):
+    """TinyNet fully_shard-ed per block, APOLLO on its DTensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = oracle.make_model(0)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model, APOLLO(proj_groups(model, preset, proj), **oracle.HPARAMS)
+
+
+def fsdp2_train(model, opt, steps: int, start: int = 0) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for t in range(start, start + steps):
+        x, y = oracle.batch(t, size=dse.GLOBAL_BATCH)
+        oracle.loss_fn(model, x[rank::world], y[rank::world]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def fsdp2_full(model) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor() for n, p in model.named_parameters()}
+
+
+def zero(stage: int, preset: str, proj: str):
+    """Plain deepspeed.initialize with APOLLO as client optimizer (tiny buckets: params cut mid-row)."""
+    model = oracle.make_model(0)
+    opt = APOLLO(proj_groups(model, preset, proj), **oracle.HPARAMS)
+    cfg = dse.plain_config(dse.base_config(stage, dse.GLOBAL_BATCH // dist.get_world_size()))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine, model, opt
+
+
+def projections(opt) -> dict[int, list]:
+    """Each low-rank param's projection state by position (the whole P / the indices: the same on every rank)."""
+    return {i: st["projection"].tolist() for i, st in opt.state_dict()["state"].items() if "projection" in st}
+
+
+def compare(report: dict, key: str, full: dict, opt, preset: str, proj: str) -> None:
+    """Rank 0: the max relative difference to the oracle (svd) or to one process (dct), and for dct whether
+    every weight selected the same basis vectors at the last refresh."""
+    state = projections(opt)
+    if dist.get_rank() == 0:
+        ref, ref_opt = one_process(oracle.oracle_class() if proj == "svd" else APOLLO, preset, proj)
+        report[key] = dse.rel_diff(full, ref)
+        if proj == "dct":
+            report[f"{key}/same_indices"] = state == projections(ref_opt) and len(state) == 8
+
+
+def part_fsdp2(report: dict, proj: str) -> None:
+    for preset in PRESETS:
+        model, opt = fsdp2(preset, proj)
+        fsdp2_train(model, opt, STEPS)
+        compare(report, f"fsdp2_{proj}/{preset}", fsdp2_full(model), opt, preset, proj)
+
+
+def part_zero(report: dict, stage: int, proj: str) -> None:
+    for preset in PRESETS:
+        engine, model, opt = zero(stage, preset, proj)
+        dse.train(engine, STEPS)
+        full = dse.full_params(engine, model)
+        compare(report, f"zero{stage}_{proj}/{preset}", full, opt, preset, proj)
+        engine.destroy()
+
+
+def part_resume(report: dict, ckpt_dir: str) -> None:
+    from apollo_dist.checkpoint import LiveSource, load_checkpoint, save_canonical
+
+    rank = dist.get_rank()
+    for preset in PRESETS:
+        # dct: one process -> canonical -> FSDP2 at W
+        path = os.path.join(ckpt_dir, f"dct_{preset}")
+        if rank == 0:
+            model, opt = one_process(APOLLO, preset, "dct", SPLIT)
+            save_canonical(LiveSource(opt, model), path)
+        dist.barrier()
+        model, opt = fsdp2(preset, "dct")
+        load_checkpoint(path, opt, model)
+        fsdp2_train(model, opt, STEPS - SPLIT, start=SPLIT)
+        full = fsdp2_full(model)
+        if rank == 0:
+            ref, _ = one_process(APOLLO, preset, "dct")
+            report[f"resume/dct/one->fsdp2/{preset}"] = dse.rel_diff(full, ref)
+        # svd: ZeRO-3 at W -> DeepSpeed's native checkpoint -> one process
+        engine, model, opt = zero(3, preset, "svd")
+        dse.train(engine, SPLIT)
+        engine.save_checkpoint(os.path.join(ckpt_dir, f"svd_{preset}"), tag="t")
+        engine.destroy()
+        dist.barrier()
+        if rank == 0:
+            model = oracle.make_model(0)
+            opt = APOLLO(proj_groups(model, preset, "svd"), **oracle.HPARAMS)
+            load_checkpoint(os.path.join(ckpt_dir, f"svd_{preset}"), opt, model, tag="t")
+            one_process(APOLLO, preset, "svd", STEPS - SPLIT, model, opt, start=SPLIT)
+            ref, _ = one_process(oracle.oracle_class(), preset, "svd")
+            report[f"resume/svd/zero3->one/{preset}"] = dse.rel_diff(dict(model.named_parameters()), ref)
+        dist.barrier()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="fsdp2_svd,zero3_svd,fsdp2_dct,zero2_dct")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt-dir", default=None)
+    ap.add_argument("--presets", default=",".join(PRESETS))
+    ap.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
+    args = ap.parse_args()
+    PRESETS[:] = args.presets.split(",")
+    deepspeed.init_distributed(dist_backend="gloo")
+    report: dict = {"world": dist.get_world_size()}
+    parts = {
+        "fsdp2_svd": lambda: part_fsdp2(report, "svd"),
+        "fsdp2_dct": lambda: part_fsdp2(report, "dct"),
+        "zero3_svd": lambda: part_zero(report, 3, "svd"),
+        "zero2_dct": lambda: part_zero(report, 2, "dct"),
+        "zero3_dct": lambda: part_zero(report, 3, "dct"),
+        "zero2_svd": lambda: part_zero(report, 2, "svd"),
+        "resume": lambda: part_resume(report, args.ckpt_dir),
+    }
+    dse.run_parts(report, [(name, parts[name]) for name in args.parts.split(",")], args.out)
+
+
+if __name__ == "__main__":
+    main()
