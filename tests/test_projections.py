@@ -61,6 +61,33 @@ def test_svd_state_is_the_reference_projector_matrix():
         torch.testing.assert_close(P, ref.state[q]["projector"].ortho_matrix, rtol=1e-4, atol=1e-5)
 
 
+def test_svd_layerwise_matches_oracle():
+    """Layer-wise updates (one process): each weight's SVD refresh inside its own hook."""
+    ref, _ = train(oracle.oracle_class(), "apollo", "svd", steps=16)
+    ours, _ = train(APOLLO, "apollo", "svd", steps=16, layerwise=True)
+    assert oracle.max_rel_diff(ours, ref) < 1e-4
+
+
+@pytest.mark.parametrize("proj", ["svd", "dct"])
+def test_nonfinite_refresh_step_is_skipped_and_refreshes_again(proj):
+    """A NaN gradient at a refresh step (7): the step is skipped and the next step refreshes from its own
+    gradient, so the run equals one that never saw step 7's batch (bit for bit)."""
+
+    def nan_at_7(t, model, opt):
+        if t == 7:
+            model.blocks[0].mlp["up"].weight.grad.view(-1)[0] = float("nan")
+
+    got, opt = train(APOLLO, "apollo", proj, steps=12, hook=nan_at_7)
+    assert opt.skipped_steps == 1
+    model = oracle.make_model(0)
+    ref = APOLLO(proj_groups(model, "apollo", proj), **oracle.HPARAMS)
+    for t in [t for t in range(12) if t != 7]:
+        oracle.loss_fn(model, *oracle.batch(t)).backward()
+        ref.step()
+        ref.zero_grad()
+    assert oracle.max_rel_diff(got, model) == 0.0
+
+
 def _paper_rule(G: torch.Tensor, r: int) -> list[int]:
     """The DCT selection written out on one matrix: the orthonormal DCT-II basis from its definition, the
     gradient's rows (tall) or columns (wide) projected on every basis vector, the r largest L2 norms."""
@@ -153,7 +180,7 @@ def _sharded(preset: str, tmp_path_factory) -> dict:
             3,
             tmp / "r.json",
             "--parts",
-            "fsdp2_svd,zero3_svd,fsdp2_dct,zero2_dct,resume",
+            "fsdp2_svd,zero3_svd,fsdp2_layerwise_svd,fsdp2_dct,zero2_dct,resume",
             "--presets",
             preset,
             "--ckpt-dir",
@@ -167,10 +194,12 @@ SHARDED_PRESETS = ["apollo", pytest.param("apollo-mini", marks=pytest.mark.slow)
 
 @pytest.mark.parametrize("preset", SHARDED_PRESETS)
 def test_svd_fsdp2_and_zero3_match_oracle(preset, tmp_path_factory):
-    """W = 3, 30 steps, 5 refreshes (each weight's SVD on one rank, broadcast): within 1e-4 of apollo-torch."""
+    """W = 3, 30 steps, 5 refreshes (each weight's SVD on one rank, broadcast): within 1e-4 of apollo-torch;
+    also FSDP2 with layer-wise updates (each weight's refresh inside its own hook)."""
     r = _sharded(preset, tmp_path_factory)
     assert r[f"fsdp2_svd/{preset}"] < 1e-4
     assert r[f"zero3_svd/{preset}"] < 1e-4
+    assert r[f"fsdp2_layerwise_svd/{preset}"] < 1e-4
 
 
 @pytest.mark.parametrize("preset", SHARDED_PRESETS)

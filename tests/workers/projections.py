@@ -3,6 +3,8 @@ under FSDP2 and plain ``deepspeed.initialize`` (ZeRO-2, ZeRO-3), and resumes at 
 
 Parts (``--parts``, comma separated; each for APOLLO and APOLLO-Mini):
   fsdp2_svd, zero3_svd  30 steps (gap 7: refreshes at 0, 7, 14, 21, 28) vs the apollo-torch oracle's svd;
+  fsdp2_layerwise_svd   FSDP2 with layer-wise updates (each weight refreshes inside its hook; rank
+           position % W decomposes it) vs the oracle;
   fsdp2_dct, zero2_dct  the same vs one process (APOLLO, proj="dct", the same global batches);
   resume   dct: one process 10 steps -> canonical checkpoint -> FSDP2 at W, 20 more steps; svd: ZeRO-3 at W
            10 steps -> DeepSpeed native checkpoint -> one process (load_checkpoint), 20 more steps; each vs
@@ -49,15 +51,15 @@ def one_process(opt_cls, preset: str, proj: str, steps: int = STEPS, model=None,
     return model, opt
 
 
-def fsdp2(preset: str, proj: str):
-    """TinyNet fully_shard-ed per block, APOLLO on its DTensors."""
+def fsdp2(preset: str, proj: str, **kw):
+    """TinyNet fully_shard-ed per block, APOLLO on its DTensors (``kw``: e.g. layerwise=True)."""
     from torch.distributed.fsdp import fully_shard
 
     model = oracle.make_model(0)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    return model, APOLLO(proj_groups(model, preset, proj), **oracle.HPARAMS)
+    return model, APOLLO(proj_groups(model, preset, proj), **oracle.HPARAMS, **kw)
 
 
 def fsdp2_train(model, opt, steps: int, start: int = 0) -> None:
@@ -98,11 +100,12 @@ def compare(report: dict, key: str, full: dict, opt, preset: str, proj: str) -> 
             report[f"{key}/same_indices"] = state == projections(ref_opt) and len(state) == 8
 
 
-def part_fsdp2(report: dict, proj: str) -> None:
+def part_fsdp2(report: dict, proj: str, layerwise: bool = False) -> None:
     for preset in PRESETS:
-        model, opt = fsdp2(preset, proj)
+        model, opt = fsdp2(preset, proj, layerwise=layerwise)
         fsdp2_train(model, opt, STEPS)
-        compare(report, f"fsdp2_{proj}/{preset}", fsdp2_full(model), opt, preset, proj)
+        name = f"fsdp2{'_layerwise' if layerwise else ''}_{proj}/{preset}"
+        compare(report, name, fsdp2_full(model), opt, preset, proj)
 
 
 def part_zero(report: dict, stage: int, proj: str) -> None:
@@ -162,6 +165,7 @@ def main() -> None:
     parts = {
         "fsdp2_svd": lambda: part_fsdp2(report, "svd"),
         "fsdp2_dct": lambda: part_fsdp2(report, "dct"),
+        "fsdp2_layerwise_svd": lambda: part_fsdp2(report, "svd", layerwise=True),
         "zero3_svd": lambda: part_zero(report, 3, "svd"),
         "zero2_dct": lambda: part_zero(report, 2, "dct"),
         "zero3_dct": lambda: part_zero(report, 3, "dct"),
