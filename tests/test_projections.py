@@ -49,6 +49,27 @@ def test_svd_single_process_matches_oracle(preset):
     assert oracle.max_rel_diff(rand, ref) > 1e-2
 
 
+def test_svd_rank_above_the_smaller_dimension_matches_oracle():
+    """r = 16 > 11: the reference keeps min(m, n)-wide moments; the zero rows of our r-row P change nothing."""
+
+    def run(opt_cls):
+        model = oracle.make_model(0)
+        gs = oracle.groups(model, "apollo", rank=16, gap=7)
+        for g in gs:
+            if "rank" in g:
+                g["proj"] = "svd"
+        opt = opt_cls(gs, **oracle.HPARAMS)
+        for t in range(9):
+            oracle.loss_fn(model, *oracle.batch(t)).backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    with pytest.warns(UserWarning, match="exceeds the smaller dimension"):
+        ours = run(APOLLO)
+    assert oracle.max_rel_diff(ours, run(oracle.oracle_class())) < 1e-4
+
+
 def test_svd_state_is_the_reference_projector_matrix():
     """The saved P is the reference's ortho_matrix (same orientation and signs) after the last refresh."""
     _, ref = train(oracle.oracle_class(), "apollo", "svd", steps=9)
@@ -220,3 +241,73 @@ def test_resume_at_another_world_size_continues(preset, tmp_path_factory):
     r = _sharded(preset, tmp_path_factory)
     assert r[f"resume/dct/one->fsdp2/{preset}"] < (1e-5 if preset == "apollo" else 1e-4)
     assert r[f"resume/svd/zero3->one/{preset}"] < 1e-4
+
+
+# -- entry points -------------------------------------------------------------------------------
+def _low(opt) -> dict:
+    return next(g for g in opt.param_groups if "rank" in g)
+
+
+def test_proj_reaches_the_optimizer_from_every_entry_point(tmp_path):
+    """param_groups(proj=...), the DeepSpeed JSON's optimizer block, train.py --proj (and the JSON it reads),
+    APOLLOTrainer's optim_args."""
+    import dataclasses
+    import json
+
+    from apollo_dist import param_groups
+    from apollo_dist.deepspeed import _optimizer_from_config
+    from apollo_dist.hf import build_optimizer
+    from launch import engines, train
+
+    model = oracle.make_model(0)
+    assert _low(APOLLO(param_groups(model, rank=3, proj="dct")))["proj"] == "dct"
+    block = {"type": "APOLLO-Mini", "params": {"lr": 1e-3, "proj": "svd"}}
+    assert _low(_optimizer_from_config(block, model, None))["proj"] == "svd"
+
+    args = train.parse_args(["--proj", "svd"])
+    hp = train.resolve_hparams(args, train.defaults_config(args, None))
+    assert hp.proj == "svd"
+    opt = engines.build_optimizer(model, dataclasses.replace(hp, target_modules=["attn", "mlp"]))
+    assert _low(opt)["proj"] == "svd"
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"optimizer": {"type": "APOLLO", "params": {"rank": 3, "proj": "dct"}}}))
+    args = train.parse_args(["--deepspeed", str(cfg)])
+    assert (
+        train.resolve_hparams(args, train.defaults_config(args, train.load_json(str(cfg), "--deepspeed"))).proj == "dct"
+    )
+
+    from transformers import TrainingArguments
+    from workers.hf_trainer import make_model
+
+    hf_args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        optim_target_modules=["attn", "mlp"],
+        optim_args="proj=dct",
+    )
+    assert _low(build_optimizer(hf_args, make_model()))["proj"] == "dct"
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"proj": "qr"}, r"param group 1: unsupported proj='qr': expected one of \('random', 'svd', 'dct'\)"),
+        ({"proj": "svd", "proj_type": "left"}, r"unsupported proj_type='left': only 'std' is supported"),
+        ({"proj": "dct", "proj_type": "reverse_std"}, r"unsupported proj_type='reverse_std'"),
+    ],
+)
+def test_unsupported_projections_are_refused(keys, message):
+    from apollo_dist import param_groups
+
+    with pytest.raises(ValueError, match=message):
+        APOLLO(param_groups(oracle.make_model(0), rank=3, **keys))
+
+
+def test_loading_a_state_of_another_projection_is_refused():
+    """A random-projection state into an svd optimizer (no P to continue with): an error naming proj."""
+    _, opt = train(APOLLO, "apollo", "random", steps=2)
+    model = oracle.make_model(0)
+    other = APOLLO(proj_groups(model, "apollo", "svd"), **oracle.HPARAMS)
+    with pytest.raises(ValueError, match="saved proj='random' differs from this optimizer's 'svd'"):
+        other.load_state_dict(opt.state_dict())
