@@ -311,3 +311,15 @@ def test_loading_a_state_of_another_projection_is_refused():
     other = APOLLO(proj_groups(model, "apollo", "svd"), **oracle.HPARAMS)
     with pytest.raises(ValueError, match="saved proj='random' differs from this optimizer's 'svd'"):
         other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.slow
+def test_dcp_checkpoints_carry_the_projection(tmp_path):
+    """FSDP2 W = 3 -> DCP (the projection a plain tensor, the same on every rank): svd resumed by FSDP2 at W = 3
+    through torch's set_state_dict (vs the oracle), dct by one process through load_checkpoint (vs one process)."""
+    r = deepspeed_workers(
+        "tests/workers/projections.py", 3, tmp_path / "r.json", "--parts", "dcp", "--ckpt-dir", str(tmp_path)
+    )
+    for preset in ("apollo", "apollo-mini"):
+        assert r[f"dcp/svd/fsdp2->fsdp2/{preset}"] < 1e-4
+        assert r[f"dcp/dct/fsdp2->one/{preset}"] < (1e-5 if preset == "apollo" else 1e-4)

@@ -8,7 +8,9 @@ Parts (``--parts``, comma separated; each for APOLLO and APOLLO-Mini):
   fsdp2_dct, zero2_dct  the same vs one process (APOLLO, proj="dct", the same global batches);
   resume   dct: one process 10 steps -> canonical checkpoint -> FSDP2 at W, 20 more steps; svd: ZeRO-3 at W
            10 steps -> DeepSpeed native checkpoint -> one process (load_checkpoint), 20 more steps; each vs
-           its uninterrupted run (refreshes at 14, 21, 28 after the resume).
+           its uninterrupted run (refreshes at 14, 21, 28 after the resume);
+  dcp      FSDP2 at W -> DCP (get_state_dict): svd resumed by FSDP2 at W (set_state_dict), dct by one process
+           (load_checkpoint), each vs its uninterrupted run.
 Rank 0 writes a JSON report to ``--out``.
 """
 
@@ -151,6 +153,43 @@ def part_resume(report: dict, ckpt_dir: str) -> None:
         dist.barrier()
 
 
+def part_dcp(report: dict, ckpt_dir: str) -> None:
+    """FSDP2 at W, 10 steps, DCP save (get_state_dict); svd: a fresh FSDP2 run at W loads it (set_state_dict);
+    dct: one process loads it (load_checkpoint's DCP reader); 20 more steps each, vs the uninterrupted run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from apollo_dist.checkpoint import load_checkpoint
+
+    rank = dist.get_rank()
+    for preset in PRESETS:
+        for proj in ("svd", "dct"):
+            path = os.path.join(ckpt_dir, f"dcp_{proj}_{preset}")
+            model, opt = fsdp2(preset, proj)
+            fsdp2_train(model, opt, SPLIT)
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+            ref_cls = oracle.oracle_class() if proj == "svd" else APOLLO
+            if proj == "svd":  # same W, native: torch's own loader
+                model, opt = fsdp2(preset, proj)
+                msd, osd = get_state_dict(model, opt)
+                state = {"model": msd, "optim": osd}
+                dcp.load(state, checkpoint_id=path)
+                set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                fsdp2_train(model, opt, STEPS - SPLIT, start=SPLIT)
+                full = fsdp2_full(model)
+                if rank == 0:
+                    report[f"dcp/svd/fsdp2->fsdp2/{preset}"] = dse.rel_diff(full, one_process(ref_cls, preset, proj)[0])
+            elif rank == 0:  # another W: apollo_dist's loader reads the DCP files
+                model = oracle.make_model(0)
+                opt = APOLLO(proj_groups(model, preset, proj), **oracle.HPARAMS)
+                load_checkpoint(path, opt, model)
+                one_process(APOLLO, preset, proj, STEPS - SPLIT, model, opt, start=SPLIT)
+                ref, _ = one_process(ref_cls, preset, proj)
+                report[f"dcp/dct/fsdp2->one/{preset}"] = dse.rel_diff(dict(model.named_parameters()), ref)
+            dist.barrier()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="fsdp2_svd,zero3_svd,fsdp2_dct,zero2_dct")
@@ -171,6 +210,7 @@ def main() -> None:
         "zero3_dct": lambda: part_zero(report, 3, "dct"),
         "zero2_svd": lambda: part_zero(report, 2, "svd"),
         "resume": lambda: part_resume(report, args.ckpt_dir),
+        "dcp": lambda: part_dcp(report, args.ckpt_dir),
     }
     dse.run_parts(report, [(name, parts[name]) for name in args.parts.split(",")], args.out)
 
