@@ -314,12 +314,17 @@ def test_loading_a_state_of_another_projection_is_refused():
 
 
 @pytest.mark.slow
-def test_dcp_checkpoints_carry_the_projection(tmp_path):
+def test_native_checkpoints_carry_the_projection(tmp_path):
     """FSDP2 W = 3 -> DCP (the projection a plain tensor, the same on every rank): svd resumed by FSDP2 at W = 3
-    through torch's set_state_dict (vs the oracle), dct by one process through load_checkpoint (vs one process)."""
+    through torch's set_state_dict (vs the oracle), dct by one process through load_checkpoint (vs one process);
+    DeepSpeed's own save / load at W = 3: ZeRO-3 svd, ZeRO-2 dct. Each resumed at step 10, refreshes after."""
     r = deepspeed_workers(
-        "tests/workers/projections.py", 3, tmp_path / "r.json", "--parts", "dcp", "--ckpt-dir", str(tmp_path)
+        "tests/workers/projections.py", 3, tmp_path / "r.json", "--parts", "dcp,ds_native", "--ckpt-dir", str(tmp_path)
     )
     for preset in ("apollo", "apollo-mini"):
+        dct_bound = 1e-5 if preset == "apollo" else 1e-4
         assert r[f"dcp/svd/fsdp2->fsdp2/{preset}"] < 1e-4
-        assert r[f"dcp/dct/fsdp2->one/{preset}"] < (1e-5 if preset == "apollo" else 1e-4)
+        assert r[f"dcp/dct/fsdp2->one/{preset}"] < dct_bound
+        assert r[f"ds_native/zero3_svd/{preset}"] < 1e-4
+        assert r[f"ds_native/zero2_dct/{preset}"] < dct_bound
+        assert r[f"ds_native/zero2_dct/{preset}/same_indices"]

@@ -10,7 +10,8 @@ Parts (``--parts``, comma separated; each for APOLLO and APOLLO-Mini):
            10 steps -> DeepSpeed native checkpoint -> one process (load_checkpoint), 20 more steps; each vs
            its uninterrupted run (refreshes at 14, 21, 28 after the resume);
   dcp      FSDP2 at W -> DCP (get_state_dict): svd resumed by FSDP2 at W (set_state_dict), dct by one process
-           (load_checkpoint), each vs its uninterrupted run.
+           (load_checkpoint), each vs its uninterrupted run;
+  ds_native  ZeRO-2 dct and ZeRO-3 svd: DeepSpeed's own save_checkpoint / load_checkpoint at W, likewise.
 Rank 0 writes a JSON report to ``--out``.
 """
 
@@ -190,6 +191,24 @@ def part_dcp(report: dict, ckpt_dir: str) -> None:
             dist.barrier()
 
 
+def part_ds_native(report: dict, ckpt_dir: str) -> None:
+    """ZeRO-2 (dct) and ZeRO-3 (svd) at W: 10 steps, engine.save_checkpoint, a fresh engine's
+    load_checkpoint (DeepSpeed's own, same W), 20 more steps: vs the uninterrupted run."""
+    for preset in PRESETS:
+        for stage, proj in ((2, "dct"), (3, "svd")):
+            path = os.path.join(ckpt_dir, f"ds_{proj}_{preset}")
+            engine, _, _ = zero(stage, preset, proj)
+            dse.train(engine, SPLIT)
+            engine.save_checkpoint(path, tag="t")
+            engine.destroy()
+            engine, model, opt = zero(stage, preset, proj)
+            engine.load_checkpoint(path, tag="t")
+            dse.train(engine, STEPS - SPLIT, start=SPLIT)
+            compare(report, f"ds_native/zero{stage}_{proj}/{preset}", dse.full_params(engine, model), opt, preset, proj)
+            engine.destroy()
+            dist.barrier()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="fsdp2_svd,zero3_svd,fsdp2_dct,zero2_dct")
@@ -211,6 +230,7 @@ def main() -> None:
         "zero2_svd": lambda: part_zero(report, 2, "svd"),
         "resume": lambda: part_resume(report, args.ckpt_dir),
         "dcp": lambda: part_dcp(report, args.ckpt_dir),
+        "ds_native": lambda: part_ds_native(report, args.ckpt_dir),
     }
     dse.run_parts(report, [(name, parts[name]) for name in args.parts.split(",")], args.out)
 
