@@ -80,15 +80,30 @@ def dct_basis(size: int, device: torch.device) -> torch.Tensor:
     return _DCT_CACHE[key]
 
 
+_TWIDDLE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def dct_rows(X: torch.Tensor) -> torch.Tensor:
+    """The orthonormal DCT-II of each row of X (rows x N, fp32): X @ dct_basis(N).T, computed with one FFT
+    of length N per row (Makhoul's reordering): O(N log N) per row instead of the product's O(N^2)."""
+    N = X.shape[-1]
+    key = (int(N), str(X.device))
+    if key not in _TWIDDLE_CACHE:  # exp(-i pi k / 2N) times the orthonormal scale, from float64 on the CPU
+        k = torch.arange(N, dtype=torch.float64)
+        scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
+        scale[0] = math.sqrt(1.0 / N)
+        _TWIDDLE_CACHE[key] = (torch.exp(-1j * math.pi * k / (2 * N)) * scale).to(X.device, torch.complex64)
+    v = torch.cat([X[..., ::2], X[..., 1::2].flip(-1)], dim=-1)
+    return (torch.fft.fft(v, dim=-1) * _TWIDDLE_CACHE[key]).real
+
+
 def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     """Each DCT basis vector's alignment with the gradient rows ``G`` (some rows of an m x n gradient, fp32):
     tall: ||G c_k||^2 for the n vectors of the n-point basis (a sum over rows: partial sums of row shards add
-    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole)."""
-    if tall:
-        S = G @ dct_basis(G.shape[1], G.device).T
-        return S.square().sum(dim=0)
-    S = dct_basis(G.shape[0], G.device) @ G
-    return S.square().sum(dim=1)
+    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole). The projections on the
+    whole basis come from `dct_rows` (an FFT), not a product with it."""
+    S = dct_rows(G) if tall else dct_rows(G.T)
+    return S.square().sum(dim=0)
 
 
 def dct_pick(scores: torch.Tensor, r: int) -> torch.Tensor:
