@@ -264,7 +264,7 @@ def test_proj_reaches_the_optimizer_from_every_entry_point(tmp_path):
     block = {"type": "APOLLO-Mini", "params": {"lr": 1e-3, "proj": "svd"}}
     assert _low(_optimizer_from_config(block, model, None))["proj"] == "svd"
 
-    args = train.parse_args(["--proj", "svd"])
+    args = train.parse_args(["--proj", "svd", "--rank", "3"])
     hp = train.resolve_hparams(args, train.defaults_config(args, None))
     assert hp.proj == "svd"
     opt = engines.build_optimizer(model, dataclasses.replace(hp, target_modules=["attn", "mlp"]))
@@ -319,7 +319,13 @@ def test_native_checkpoints_carry_the_projection(tmp_path):
     through torch's set_state_dict (vs the oracle), dct by one process through load_checkpoint (vs one process);
     DeepSpeed's own save / load at W = 3: ZeRO-3 svd, ZeRO-2 dct. Each resumed at step 10, refreshes after."""
     r = deepspeed_workers(
-        "tests/workers/projections.py", 3, tmp_path / "r.json", "--parts", "dcp,ds_native", "--ckpt-dir", str(tmp_path)
+        "tests/workers/projections.py",
+        3,
+        tmp_path / "r.json",
+        "--parts",
+        "dcp,ds_native,zero1_svd",
+        "--ckpt-dir",
+        str(tmp_path),
     )
     for preset in ("apollo", "apollo-mini"):
         dct_bound = 1e-5 if preset == "apollo" else 1e-4
@@ -328,6 +334,7 @@ def test_native_checkpoints_carry_the_projection(tmp_path):
         assert r[f"ds_native/zero3_svd/{preset}"] < 1e-4
         assert r[f"ds_native/zero2_dct/{preset}"] < dct_bound
         assert r[f"ds_native/zero2_dct/{preset}/same_indices"]
+        assert r[f"zero1_svd/{preset}"] < 1e-4  # and ZeRO-1 (plain deepspeed.initialize) vs the oracle
 
 
 @pytest.mark.slow

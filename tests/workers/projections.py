@@ -228,6 +228,7 @@ def main() -> None:
         "zero2_dct": lambda: part_zero(report, 2, "dct"),
         "zero3_dct": lambda: part_zero(report, 3, "dct"),
         "zero2_svd": lambda: part_zero(report, 2, "svd"),
+        "zero1_svd": lambda: part_zero(report, 1, "svd"),
         "resume": lambda: part_resume(report, args.ckpt_dir),
         "dcp": lambda: part_dcp(report, args.ckpt_dir),
         "ds_native": lambda: part_ds_native(report, args.ckpt_dir),
