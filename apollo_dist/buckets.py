@@ -117,6 +117,8 @@ def exposed_state(buckets: list[Bucket], mesh: Any) -> defaultdict:
                 st["exp_avg"] = as_global(b.exp_avg[rows], s, mesh, (b.layouts[i].channels, b.r))
                 st["exp_avg_sq"] = as_global(b.exp_avg_sq[rows], s, mesh, (b.layouts[i].channels, b.r))
                 st["limiter_norm"] = b.limiter_norm[i : i + 1]
+                if b.proj_state[i] is not None:  # svd / dct: the same whole tensor on every rank
+                    st["projection"] = b.proj_state[i]
             else:
                 st["exp_avg"] = as_global(b.exp_avg[i], s, mesh)
                 st["exp_avg_sq"] = as_global(b.exp_avg_sq[i], s, mesh)

@@ -53,7 +53,7 @@ from .kernels import (
     skipped,
 )
 from .layout import ParamLayout, build_comm_plan, touched_channels
-from .projection import SeedChain, projection_shape, random_projection
+from .projection import RefreshItem, SeedChain, make_projector, refresh_states
 
 # torch 2.13 renames these collectives (*_single); the old names work on every version we support.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.\w+_single`")
@@ -317,6 +317,11 @@ class LowRankBucket:
         self.seeds = [SeedChain(s.index + 1) for s in slots]
         self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
         self.proj_epoch = [-1] * len(slots)  # per param: its own step count sets its projection's epoch
+        # random / svd / dct (projection.Projector); svd and dct keep state per param (saved as "projection")
+        self.projector = make_projector(group.get("proj", "random"))
+        self.proj_state = [self.projector.state_like(lay.m, lay.n, r, device) for lay in layouts]
+        self._refreshed: list[int] = []  # params whose data-dependent projection the last ``begin`` refreshed
+        self._restore = False  # the next ``begin`` rebuilds P from loaded projection state
         self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them (flat)
         self._grads: Optional[list[Optional[torch.Tensor]]] = None
 
@@ -368,32 +373,75 @@ class LowRankBucket:
         return slice(self.o_off[i], self.o_off[i] + g.o1 - g.o0)
 
     def reset_projections(self) -> None:
-        """Regenerate every P at the next step (from the seeds, which a checkpoint load may have replaced)."""
+        """Regenerate every P at the next step (from the seeds, which a checkpoint load may have replaced);
+        svd / dct: rebuild P from the loaded projection state, refreshing only where the step count says so."""
         self.proj_epoch = [-1] * len(self.slots)
+        self._restore = self.projector.stateful
+
+    def undo_refresh(self) -> None:
+        """The last ``begin``'s step was not taken (non-finite gradient): its data-dependent refreshes happen
+        again at the next step (same step count), from that step's gradient."""
+        for i in self._refreshed:
+            self.proj_epoch[i] = -1
+        self._refreshed = []
 
     # -- projections --------------------------------------------------------------------------
-    def _refresh_projections(self, epochs: list[int]) -> None:
-        """Regenerate P for each param whose epoch changed and keep only the part this rank multiplies with
-        (written into the previous epoch's buffers: a captured step keeps reading the same addresses)."""
-        for i, (s, epoch) in enumerate(zip(self.slots, epochs)):
-            g = self.geom[i]
-            if epoch == self.proj_epoch[i]:
-                continue
-            self.proj_epoch[i] = epoch
-            if g.rows == 0:
-                self.proj[i] = None
-                continue
-            shape = projection_shape(g.m, g.n, self.r)
-            P = random_projection(shape, self.r, self.seeds[i](epoch), self.generator_device).to(self.device)
-            # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
-            if g.tall:
-                P = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width]
-            else:
-                P = P[g.row0 : g.row0 + g.rows]
-            if self.proj[i] is None:
-                self.proj[i] = P.contiguous()
-            else:
-                self.proj[i].copy_(P)
+    def _refresh_projections(self, epochs: list[int], gap: int) -> None:
+        """Make P for each param whose epoch changed (random: from the seed chain; svd / dct: from this step's
+        gradient, `projection.refresh_states`, a collective at W > 1) and keep only the part this rank
+        multiplies with (written into the previous epoch's buffers: a captured step keeps reading the same
+        addresses)."""
+        if self._restore:  # after a load: the saved state is the projection of the epoch of the last step taken
+            self._restore = False
+            for i, t in enumerate(self.step_count.tolist()):
+                if t > 0:
+                    self._set_projection(i, (int(t) - 1) // gap)
+        due = [i for i, epoch in enumerate(epochs) if epoch != self.proj_epoch[i]]
+        self._refreshed = []
+        if due and self.projector.stateful:
+            # a param without gradient (on every rank) is skipped by the step, so it refreshes when it next has one
+            live = torch.tensor([float(self.fetched[i] is not None) for i in due], device=self.device)
+            if self.comm.world > 1:
+                self.comm.all_reduce(live)
+            for i, has in zip(due, live.tolist()):
+                if not has:
+                    self._set_projection(i, self.proj_epoch[i])  # the state it has (P of zeros before any)
+            due = [i for i, has in zip(due, live.tolist()) if has]
+            self._refreshed = due
+            refresh_states(self.projector, [self._refresh_item(i) for i in due], self.r, self.comm)
+        for i in due:
+            self._set_projection(i, epochs[i])
+
+    def _refresh_item(self, i: int) -> RefreshItem:
+        """Param ``i`` as `refresh_states` reads it: this rank's gradient rows and where they sit."""
+        g, lay = self.geom[i], self.layouts[i]
+        whole_rows = all(
+            (len(h) == 4 and h[2] == 0 and h[3] == g.n) or (len(h) == 2 and h[0] % g.n == 0 and h[1] % g.n == 0)
+            for h in lay.ranges
+        )
+        return RefreshItem(
+            self.slots[i].index, g.m, g.n, self._grad_rows(i), g.row0, g.col0, whole_rows, self.proj_state[i]
+        )
+
+    def _set_projection(self, i: int, epoch: int) -> None:
+        """P of param ``i`` for ``epoch`` (from its seed chain or its projection state), this rank's part."""
+        g = self.geom[i]
+        self.proj_epoch[i] = epoch
+        if g.rows == 0:
+            self.proj[i] = None
+            return
+        # drawn on the pinned generator device (ZeRO-Offload: the GPU, as without offload), used on the state's
+        seed, state = self.seeds[i](epoch), self.proj_state[i]
+        P = self.projector.matrix(g.m, g.n, self.r, self.generator_device, seed, state).to(self.device)
+        # tall: R = G P^T, keep P's held columns (r x width); wide: R^T = G^T P, keep P's held rows (rows x r)
+        if g.tall:
+            P = P if g.width == g.n else P[:, g.col0 : g.col0 + g.width]
+        else:
+            P = P[g.row0 : g.row0 + g.rows]
+        if self.proj[i] is None:
+            self.proj[i] = P.contiguous()
+        else:
+            self.proj[i].copy_(P)
 
     def _grad_rows(self, i: int) -> Optional[torch.Tensor]:
         """This rank's gradient as rows (rows x width: whole rows of a flat range, zeros where it holds
@@ -417,8 +465,9 @@ class LowRankBucket:
         """On the host: the projections of a new epoch, this step's scalars, the gradients (which params have
         one here: a rank holding none of a param's elements says no, and the optimizer's all-reduce decides)."""
         t = self.step_count.tolist()  # per param, 0 before its first update
-        self._refresh_projections([int(x) // int(group["update_proj_gap"]) for x in t])
         self.fetched = [s.grad() if g.rows else None for s, g in zip(self.slots, self.geom)]
+        gap = int(group["update_proj_gap"])
+        self._refresh_projections([int(x) // gap for x in t], gap)
         sizes = param_step_sizes(group, t, math.sqrt(group["scale"]))
         self.scalars.set(sizes, -group["lr"] * group["weight_decay"], [g is not None for g in self.fetched])
 

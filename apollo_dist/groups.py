@@ -32,8 +32,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # projection rank r). Each changes what the optimizer computes from the same state ("structural"): a
 # checkpoint or state dict must agree with the optimizer on them.
 LOW_RANK_KEYS = ("rank", "proj", "proj_type", "scale_type", "scale", "update_proj_gap")
-# The ones with a choice (proj and proj_type support one value each): what flags set and resumes compare.
-TUNABLE_LOW_RANK_KEYS = ("rank", "scale_type", "scale", "update_proj_gap")
+# The ones with a choice (proj_type supports one value): what flags set and resumes compare.
+TUNABLE_LOW_RANK_KEYS = ("rank", "proj", "scale_type", "scale", "update_proj_gap")
 # Per-group keys APOLLO.state_dict adds that describe the run, not the group (this run's win on load).
 RUN_KEYS = ("generator_device", "scale_front", "disable_nl")
 

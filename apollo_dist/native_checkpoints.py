@@ -297,7 +297,8 @@ class DCPSource:
             meta_groups.append({**group_hyperparameters(g), "step": max(steps.values(), default=0)})
             for n in g["params"]:
                 shape = tuple(self.md.state_dict_metadata[f"{self.model}.{n}"].size)
-                params.append(ParamEntry(n, gi, shape, int(state[n]["seed"]), g.get("rank"), steps[n]))
+                proj = g.get("proj", "random") if "rank" in g else "random"
+                params.append(ParamEntry(n, gi, shape, int(state[n]["seed"]), g.get("rank"), steps[n], proj))
         run = _trainer_json(self.dir)
         first = self.groups[0] if self.groups else {}
         world = len({int(m.group(1)) for f in self._files() if (m := re.match(r"__(\d+)_\d+\.distcp$", f))})
@@ -373,6 +374,8 @@ class DCPSource:
             out[k] = t.t().contiguous() if entry.lowrank and entry.shape[0] < entry.shape[1] else t
         if entry.lowrank:
             out["limiter_norm"] = self._tensor(f"{st}.limiter_norm").float().reshape(1)
+            if "projection" in entry.tensor_shapes():  # svd / dct: the same plain tensor on every rank
+                out["projection"] = self._tensor(f"{st}.projection").to(entry.dtype("projection"))
         return out
 
 

@@ -21,6 +21,7 @@ from .buckets import Bucket, build_buckets, exposed_state
 from .core import Collectives, LowRankBucket, Slot
 from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS, warn_run_changes
 from .layerwise import LayerwiseUpdates, layer_of, per_param_binding
+from .projection import PROJECTIONS
 from .quant import int8_module, refuse_int8
 from .step_graph import StepGraph
 
@@ -46,10 +47,13 @@ def _check_group(i: int, group: dict) -> None:
         group.setdefault(k, v)
     if not isinstance(group["rank"], int) or group["rank"] < 1:
         raise ValueError(f"{where}: invalid rank={group['rank']!r}: must be an integer >= 1")
-    if group["proj"] != "random":
-        raise ValueError(f"{where}: unsupported proj={group['proj']!r}: only 'random' (APOLLO) is supported")
+    if group["proj"] not in PROJECTIONS:
+        raise ValueError(f"{where}: unsupported proj={group['proj']!r}: expected one of {PROJECTIONS}")
     if group["proj_type"] != "std":
-        raise ValueError(f"{where}: unsupported proj_type={group['proj_type']!r}: only 'std' is supported")
+        raise ValueError(
+            f"{where}: unsupported proj_type={group['proj_type']!r}: only 'std' is supported (the reference's "
+            "'reverse_std', 'left' and 'right' fail with channel-wise scaling)"
+        )
     if group["scale_type"] not in SCALE_TYPES:
         raise ValueError(f"{where}: unknown scale_type={group['scale_type']!r}: expected one of {SCALE_TYPES}")
     if not group["scale"] > 0:
@@ -75,7 +79,8 @@ class APOLLO(torch.optim.Optimizer):
     """APOLLO / APOLLO-Mini (arXiv 2412.05270), sharded across ranks.
 
     Args are those of ``apollo_torch.APOLLOAdamW``. Param groups that carry ``rank`` run APOLLO on
-    their 2-D weights with keys ``rank``, ``proj`` ("random"), ``proj_type`` ("std"), ``scale_type``
+    their 2-D weights with keys ``rank``, ``proj`` ("random", "svd": the reference's, "dct": SVD-free,
+    arXiv 2505.17967), ``proj_type`` ("std"), ``scale_type``
     ("channel" | "tensor"), ``scale``, ``update_proj_gap`` (steps); other groups run the reference's
     plain Adam. ``projection_tf32`` (not in the reference; off by default) runs the projection
     matmuls in TF32 on GPUs: faster, and R changes by ~1e-3 relative. ``nonfinite``: what a step
@@ -107,7 +112,8 @@ class APOLLO(torch.optim.Optimizer):
     or ``apollo_dist.deepspeed.initialize``). Anything else is a clear error, never a silent step.
     Seeds are positional: param k of all groups (in order, trainable or not) gets seed k + 1.
     State per parameter: ``exp_avg`` / ``exp_avg_sq`` for the channels this rank owns, channel-major
-    (C x r, C = max(m, n)), ``limiter_norm``, ``step``, ``seed``.
+    (C x r, C = max(m, n)), ``limiter_norm``, ``step``, ``seed``; with ``proj`` "svd" / "dct" also
+    ``projection`` (the whole P, r x n tall / m x r wide; the r DCT indices, int64), the same on every rank.
     """
 
     def __init__(
@@ -445,6 +451,7 @@ class APOLLO(torch.optim.Optimizer):
             bad = self._device_step(buckets, hparams, check, gated)
             if check and not gated:  # "raise": one host sync before any write
                 if bad.item() > 0:
+                    _undo_refreshes(buckets)
                     raise FloatingPointError(
                         f"APOLLO: non-finite gradient on {int(bad.item())} rank-bucket(s) at step "
                         f"{self._step_number(buckets)}; nothing was updated (nonfinite='skip' skips such steps instead)"
@@ -548,6 +555,7 @@ class APOLLO(torch.optim.Optimizer):
         if not failed:
             self._skipped_in_a_row = 0
             return failed
+        _undo_refreshes(failed)  # their svd / dct refreshes happen again at their next step
         if self.nonfinite != "skip":
             return failed
         self._skipped += 1
@@ -676,6 +684,9 @@ class APOLLO(torch.optim.Optimizer):
         _take_hyperparameters_into(self._groups, state_dict["param_groups"])
         for pid, live, saved_state in pairs:
             _load_param_state(pid, live, saved_state)
+        for b in self._buckets:
+            if isinstance(b, LowRankBucket):
+                b.reset_projections()  # svd / dct: P from the loaded state
 
     def _load_groups(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
         """Check the saved groups against these (warn where run-level settings differ); returns saved param
@@ -716,6 +727,13 @@ def _names(slots: list) -> str:
     """'param 3 (shape (23, 11)), ...' for a message (the first 8)."""
     shown = ", ".join(f"param {s.index} (shape {tuple(s.shape)})" for s in slots[:8])
     return f"{len(slots)} param(s): {shown}" + (", ..." if len(slots) > 8 else "")
+
+
+def _undo_refreshes(buckets: list) -> None:
+    """A step not taken: the svd / dct projections it refreshed refresh again at the next step."""
+    for b in buckets:
+        if isinstance(b, LowRankBucket):
+            b.undo_refresh()
 
 
 def _most_steps(buckets: list) -> int:

@@ -1,13 +1,18 @@
-"""Random projections, regenerated from (initial seed, epoch) exactly as the reference draws them.
+"""Projections: random ones regenerated from (initial seed, epoch) exactly as the reference draws them, and
+the data-dependent ones (the reference's SVD, the SVD-free DCT) behind one small interface, `Projector`.
 
 DESIGN.md §1.1: P = randn(shape) / sqrt(r) from a generator on the gradient's device seeded with the
 epoch's seed; the seed of epoch k is ``next_seed`` applied k times to the parameter's initial seed.
-Nothing here is stored in checkpoints: it is a pure function of (seed, epoch, shape, device type).
+Nothing of a random projection is stored in checkpoints: it is a pure function of (seed, epoch, shape,
+device type). SVD and DCT projections are computed from the gradient at each refresh (`refresh_states`,
+sharded: DESIGN.md §2.8) and keep state (the SVD's P, the DCT's r indices) that checkpoints carry.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -42,3 +47,242 @@ def random_projection(shape: tuple[int, int], r: int, seed: int, device: torch.d
     """P = randn(shape) / sqrt(r), fp32, drawn on ``device``'s generator (CPU and CUDA differ)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(r)
+
+
+# -- projections beyond random: the reference's SVD and the SVD-free DCT (DESIGN.md §2.8) -------------
+PROJECTIONS = ("random", "svd", "dct")
+
+
+def _pad_rows(top: torch.Tensor, r: int) -> torch.Tensor:
+    """``top`` (k x d, k <= r) as r rows (zero rows below): a rank above min(m, n) projects on zeros, which
+    leave the moments at zero and add nothing to any norm, as the reference's narrower moments do."""
+    if top.shape[0] == r:
+        return top.contiguous()
+    out = top.new_zeros(r, top.shape[1])
+    out[: top.shape[0]] = top
+    return out
+
+
+_DCT_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def dct_basis(size: int, device: torch.device) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (size x size, fp32): row k is the basis vector of frequency k,
+    c_k[i] = sqrt((1 if k == 0 else 2) / size) cos(pi k (2i + 1) / (2 size)). Built in float64 on the CPU
+    (the same bits on every device and rank), cached per (size, device)."""
+    key = (int(size), str(device))
+    if key not in _DCT_CACHE:
+        k = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+        i = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+        basis = torch.cos(math.pi * k * (2 * i + 1) / (2 * size)) * math.sqrt(2.0 / size)
+        basis[0] /= math.sqrt(2.0)
+        _DCT_CACHE[key] = basis.to(device=device, dtype=torch.float32)
+    return _DCT_CACHE[key]
+
+
+_TWIDDLE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def dct_rows(X: torch.Tensor) -> torch.Tensor:
+    """The orthonormal DCT-II of each row of X (rows x N, fp32): X @ dct_basis(N).T, computed with one FFT
+    of length N per row (Makhoul's reordering): O(N log N) per row instead of the product's O(N^2)."""
+    N = X.shape[-1]
+    key = (int(N), str(X.device))
+    if key not in _TWIDDLE_CACHE:  # exp(-i pi k / 2N) times the orthonormal scale, from float64 on the CPU
+        k = torch.arange(N, dtype=torch.float64)
+        scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
+        scale[0] = math.sqrt(1.0 / N)
+        _TWIDDLE_CACHE[key] = (torch.exp(-1j * math.pi * k / (2 * N)) * scale).to(X.device, torch.complex64)
+    v = torch.cat([X[..., ::2], X[..., 1::2].flip(-1)], dim=-1)
+    return (torch.fft.fft(v, dim=-1) * _TWIDDLE_CACHE[key]).real
+
+
+def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
+    """Each DCT basis vector's alignment with the gradient rows ``G`` (some rows of an m x n gradient, fp32):
+    tall: ||G c_k||^2 for the n vectors of the n-point basis (a sum over rows: partial sums of row shards add
+    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole). The projections on the
+    whole basis come from `dct_rows` (an FFT), not a product with it."""
+    S = dct_rows(G) if tall else dct_rows(G.T)
+    return S.square().sum(dim=0)
+
+
+def dct_pick(scores: torch.Tensor, r: int) -> torch.Tensor:
+    """The r best-aligned basis vectors: int64 (r,), by decreasing score, ties to the lower index (a stable
+    sort), -1 where r exceeds the basis size."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:r]
+    out = torch.full((r,), -1, dtype=torch.int64, device=scores.device)
+    out[: len(order)] = order
+    return out
+
+
+class Projector:
+    """How one low-rank group's projections are made at a refresh (every ``update_proj_gap`` steps of a
+    param). The core calls `matrix` for the full P of a param (r x n tall, m x r wide, fp32), from the
+    seed chain and epoch, or from the state a data-dependent projection keeps (`state_like`), which
+    `refresh_states` computes from the gradient at the refresh step."""
+
+    kind = "random"
+    stateful = False  # keeps state beyond the seed (saved in checkpoints as "projection")
+
+    def state_like(self, m: int, n: int, r: int, device: torch.device) -> Optional[torch.Tensor]:
+        """A fresh state buffer of one param (None: the projection keeps none)."""
+        return None
+
+    def matrix(self, m: int, n: int, r: int, device: torch.device, seed: int, state: Optional[torch.Tensor]):
+        """The full P of an m x n param (fp32)."""
+        return random_projection(projection_shape(m, n, r), r, seed, device)
+
+    def decide(self, G: torch.Tensor, r: int) -> torch.Tensor:
+        """The state of a param from its whole fp32 gradient G (m x n)."""
+        raise NotImplementedError
+
+    def scores_rows(self, m: int, n: int) -> bool:
+        """Whether partial results of row shards add up (then `local_scores` + one all-reduce replace the
+        whole gradient)."""
+        return False
+
+
+class SVDProjector(Projector):
+    """The reference's SVD projection (apollo-torch's ``proj="svd"``, GaLore's, ``proj_type="std"``):
+    torch.linalg.svd(G, full_matrices=False) of the whole fp32 gradient; tall: P = Vh[:r] (r x n),
+    wide: P = U[:, :r] (m x r). The same LAPACK / cuSOLVER call on the same matrix: the same signs."""
+
+    kind = "svd"
+    stateful = True
+
+    def state_like(self, m, n, r, device):
+        return torch.zeros(projection_shape(m, n, r), device=device)
+
+    def matrix(self, m, n, r, device, seed, state):
+        return state
+
+    def decide(self, G, r):
+        m, n = G.shape
+        if not bool(torch.isfinite(G).all()):  # the step is skipped or raises; LAPACK would fail on it first
+            return torch.full(projection_shape(m, n, r), float("nan"), device=G.device)
+        U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+        return _pad_rows(Vh[:r], r) if m >= n else _pad_rows(U[:, :r].T, r).T.contiguous()
+
+
+class DCTProjector(Projector):
+    """SVD-free projection (arXiv 2505.17967): the r vectors of the orthonormal DCT-II basis (n-point for tall
+    G, projecting rows; m-point for wide, projecting columns) best aligned with the gradient at the refresh
+    (`dct_scores`, `dct_pick`); only the r indices are kept (int64, -1 beyond the basis size)."""
+
+    kind = "dct"
+    stateful = True
+
+    def state_like(self, m, n, r, device):
+        return torch.full((r,), -1, dtype=torch.int64, device=device)
+
+    def matrix(self, m, n, r, device, seed, state):
+        tall = m >= n
+        basis = dct_basis(n if tall else m, device)
+        valid = state >= 0
+        rows = basis.new_zeros(r, basis.shape[1])
+        rows[valid] = basis[state[valid]]
+        return rows if tall else rows.T.contiguous()
+
+    def decide(self, G, r):
+        return dct_pick(dct_scores(G, G.shape[0] >= G.shape[1]), r)
+
+    def scores_rows(self, m, n):
+        return m >= n
+
+
+def make_projector(kind: str) -> Projector:
+    """The `Projector` of ``proj`` (one of `PROJECTIONS`)."""
+    table = {"random": Projector, "svd": SVDProjector, "dct": DCTProjector}
+    if kind not in table:
+        raise ValueError(f"unknown proj={kind!r}: expected one of {PROJECTIONS}")
+    return table[kind]()
+
+
+@dataclass
+class RefreshItem:
+    """One param whose data-dependent projection refreshes now, as this rank sees it."""
+
+    index: int  # its position (which rank decides it, where no other rule does)
+    m: int
+    n: int
+    rows: Optional[torch.Tensor]  # this rank's gradient rows (zeros where it holds nothing), None: none held
+    row0: int  # where they sit in G: rows [row0, row0 + rows) x columns [col0, col0 + width)
+    col0: int
+    whole_rows: bool  # every rank holds whole rows of it (so row-shard partial scores add up)
+    out: torch.Tensor  # its state buffer, written on every rank
+
+
+def _whole(it: RefreshItem) -> torch.Tensor:
+    """The whole fp32 gradient from one rank's rows (one process: they are the whole)."""
+    if it.rows is not None and tuple(it.rows.shape) == (it.m, it.n):
+        return it.rows.float()
+    G = torch.zeros(it.m, it.n, device=it.out.device)
+    if it.rows is not None:
+        G[it.row0 : it.row0 + it.rows.shape[0], it.col0 : it.col0 + it.rows.shape[1]] = it.rows
+    return G
+
+
+def decision_ranks(items: list[RefreshItem], world: int) -> list[int]:
+    """Which rank decides each item: largest first (cost m n min(m, n)) to the least loaded rank, ties to the
+    rank nearest after the item's position (a bucket of one param, layer-wise, goes to position % W). The
+    same on every rank (a function of shapes and positions only)."""
+    load = [0] * world
+    out = [0] * len(items)
+    for k in sorted(range(len(items)), key=lambda k: (-items[k].m * items[k].n * min(items[k].m, items[k].n), k)):
+        it = items[k]
+        d = min(range(world), key=lambda w: (load[w], (w - it.index) % world))
+        out[k] = d
+        load[d] += it.m * it.n * min(it.m, it.n)
+    return out
+
+
+def refresh_states(proj: Projector, items: list[RefreshItem], r: int, comm: Any) -> None:
+    """Compute the projection state of every item into its ``out`` on every rank of ``comm`` (a collective:
+    every rank calls it with the same items, in the same order).
+
+    W = 1: from the gradient directly. W > 1: where row-shard partial scores add up (DCT, tall, whole rows
+    on every rank), each rank scores its rows and one all-reduce of the concatenated score vectors gives
+    every rank the same selection; the others are divided among the ranks (`decision_ranks`): per round,
+    one reduce-scatter assembles each decider's whole gradient (every rank sends its held elements,
+    zeros elsewhere: the sum is exact), each decides its own, one all-gather hands the results to all."""
+    if comm.world == 1:
+        for it in items:
+            it.out.copy_(proj.decide(_whole(it), r))
+        return
+    local = [it for it in items if it.whole_rows and proj.scores_rows(it.m, it.n)]
+    if local:
+        parts = [
+            dct_scores(it.rows.float(), True) if it.rows is not None else torch.zeros(it.n, device=it.out.device)
+            for it in local
+        ]
+        scores = comm.all_reduce(torch.cat(parts))
+        k = 0
+        for it in local:
+            it.out.copy_(dct_pick(scores[k : k + it.n], r))
+            k += it.n
+    rest = [it for it in items if not (it.whole_rows and proj.scores_rows(it.m, it.n))]
+    if not rest:
+        return
+    world, me = comm.world, comm.rank
+    deciders = decision_ranks(rest, world)
+    queues = [[it for it, d in zip(rest, deciders) if d == w] for w in range(world)]
+    device = rest[0].out.device
+    for j in range(max(len(q) for q in queues)):
+        pick = [q[j] if j < len(q) else None for q in queues]
+        seg = max(it.m * it.n for it in pick if it is not None)
+        send = torch.zeros(world, seg, device=device)
+        for w, it in enumerate(pick):
+            if it is not None and it.rows is not None:
+                block = send[w, : it.m * it.n].view(it.m, it.n)
+                block[it.row0 : it.row0 + it.rows.shape[0], it.col0 : it.col0 + it.rows.shape[1]] = it.rows
+        G = comm.reduce_scatter(send.view(-1))
+        mine = pick[me]
+        size = max(it.out.numel() for it in pick if it is not None)
+        result = torch.zeros(size, dtype=rest[0].out.dtype, device=device)
+        if mine is not None:
+            decided = proj.decide(G[: mine.m * mine.n].view(mine.m, mine.n), r)
+            result[: decided.numel()] = decided.reshape(-1)
+        every = comm.all_gather(result).view(world, size)
+        for w, it in enumerate(pick):
+            if it is not None:
+                it.out.copy_(every[w, : it.out.numel()].view(it.out.shape))

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from apollo_dist import runtime
 from apollo_dist.groups import LOW_RANK_KEYS, TUNABLE_LOW_RANK_KEYS
+from apollo_dist.projection import PROJECTIONS
 from launch import data, engines
 from launch.config import RUN_KEYS_SAVED, OptimizerConfig, RunConfig
 from launch.model import check_model_arg
@@ -87,6 +88,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     a("--scale", type=float, default=None)
     a("--scale-type", choices=["channel", "tensor"], default=None)
     a("--update-proj-gap", type=int, default=None)
+    a("--proj", choices=list(PROJECTIONS), default=None, help="the projection: random (APOLLO's), svd, dct")
     a("--lr", type=float, default=None)
     a("--weight-decay", type=float, default=None)
     a("--warmup-steps", type=int, default=None, help="linear warm-up, then cosine to 10%% (default: steps/10)")
@@ -246,6 +248,7 @@ def resolve_hparams(args: argparse.Namespace, defaults: Optional[dict]) -> Optim
     flags = {"lr": args.lr, "weight_decay": args.weight_decay}
     if name != "adamw":
         flags.update(rank=args.rank, scale=args.scale, scale_type=args.scale_type, update_proj_gap=args.update_proj_gap)
+        flags.update(proj=args.proj)
     hp.update({k: v for k, v in flags.items() if v is not None})
     return OptimizerConfig.from_dict(hp)
 
@@ -573,7 +576,10 @@ def describe_hparams(hp: OptimizerConfig, run: RunConfig) -> str:
     low = (
         ""
         if hp.optimizer == "adamw"
-        else (f" rank {hp.rank} scale_type {hp.scale_type} scale {hp.scale:g} proj gap {hp.update_proj_gap}")
+        else (
+            f" rank {hp.rank} scale_type {hp.scale_type} scale {hp.scale:g} proj gap {hp.update_proj_gap}"
+            + (f" proj {hp.proj}" if hp.proj not in (None, "random") else "")
+        )
     )
     return (
         f"{hp.optimizer}{low} lr {hp.lr:g} wd {hp.weight_decay:g}, "

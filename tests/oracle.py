@@ -59,12 +59,16 @@ def loss_fn(model, x, y):
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def groups(model, preset: str, rank: int | None = None, gap: int = 7):
+def groups(model, preset: str, rank: int | None = None, gap: int = 7, proj: str = "random"):
     """Param groups for both optimizers (plain dicts, the reference's keys)."""
     from apollo_dist import param_groups
 
     gs = param_groups(
-        model, preset=preset, update_proj_gap=gap, rank=rank if rank is not None else (5 if preset == "apollo" else 1)
+        model,
+        preset=preset,
+        update_proj_gap=gap,
+        rank=rank if rank is not None else (5 if preset == "apollo" else 1),
+        proj=proj,
     )
     for g in gs:
         g.pop("param_names", None)

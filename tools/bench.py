@@ -33,15 +33,18 @@ EXTRA_SIZES = {
     )
 }
 OPTIMIZERS = ("adamw", "apollo-torch", "apollo-torch-mini", "apollo", "apollo-mini")
+# Any APOLLO name may end in -svd or -dct (the projection; apollo-torch has svd): e.g. apollo-svd, apollo-torch-svd.
+PROJ_SUFFIXES = ("-svd", "-dct")
 
 
 def make_optimizer(
-    name: str, model: torch.nn.Module, lr: float, tf32: bool, cuda_graph: bool = True
+    name: str, model: torch.nn.Module, lr: float, tf32: bool, cuda_graph: bool = True, gap: int | None = None
 ) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-    preset = "apollo-mini" if name.endswith("mini") else "apollo"
-    groups = param_groups(model, preset=preset)
+    proj = next((s[1:] for s in PROJ_SUFFIXES if name.endswith(s)), "random")
+    preset = "apollo-mini" if "mini" in name else "apollo"
+    groups = param_groups(model, preset=preset, proj=proj, update_proj_gap=gap)
     if name.startswith("apollo-torch"):
         from tools.reference import oracle_class  # apollo-torch (CC-BY-NC): measured, never imported by the library
 
@@ -124,6 +127,7 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
         args.lr,
         args.tf32 and not opt_name.startswith("apollo-torch") and opt_name != "adamw",
         cuda_graph=not args.eager,
+        gap=_steps_before_refresh(args) if args.refresh_after else None,
     )
     gen = torch.Generator(device="cuda").manual_seed(0)
     for p in model.parameters():
@@ -135,9 +139,9 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
     opt_ms = statistics.median(steps)
     host = statistics.median(host_ms(opt.step, args.steps))
     prof = profile_summary(opt.step) if args.profile else None
-    done = 3 + 2 * args.steps + (3 if args.profile else 0)
-    if args.refresh:  # run on to step 200, where every APOLLO variant redraws its projections
-        for _ in range(200 - done):
+    done = _steps_before_refresh(args)
+    if args.refresh:  # run on to step 200 (or, --refresh-after, none), where every APOLLO variant refreshes
+        for _ in range((done if args.refresh_after else 200) - done):
             opt.step()
         refresh = cuda_ms(opt.step, 1)[0]
     else:
@@ -189,6 +193,11 @@ def bench_one(model: torch.nn.Module, model_name: str, opt_name: str, args) -> d
     return out
 
 
+def _steps_before_refresh(args) -> int:
+    """The optimizer steps `bench_one` takes before its refresh step (first, warm-up, timed, host, profiled)."""
+    return 3 + 2 * args.steps + (3 if args.profile else 0)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | optimizer | opt step ms | vs AdamW | host ms | refresh ms | full step ms | vs AdamW | tokens/s | peak GiB | state GiB |",
@@ -222,6 +231,12 @@ def main() -> None:
     )
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--refresh", action="store_true", help="also time step 200 (projection refresh)")
+    ap.add_argument(
+        "--refresh-after",
+        action="store_true",
+        help="with --refresh: update_proj_gap = the steps taken before it, so the refresh is the step right after "
+        "the timed ones (no run to step 200; an SVD refresh costs seconds at 1b)",
+    )
     ap.add_argument("--profile", action="store_true", help="also a torch.profiler summary of 3 optimizer steps per row")
     ap.add_argument("--json", default="bench.json")
     args = ap.parse_args()

@@ -8,13 +8,15 @@ A canonical checkpoint is a directory::
                              step, param names); per param: group, shape, initial seed, its own step
                              (version 2; version 1: the group's), projection rank r (key "rank"), the
                              projection's record ({"kind": "random", "tensors": []}: the state a projection
-                             keeps besides the seed, none for random; version 2), file, tensor shapes and
-                             dtypes; per file: size and SHA-256
+                             keeps besides the seed: none for random, ["projection"] for svd / dct; version 2),
+                             file, tensor shapes and dtypes; per file: size and SHA-256
     state-00001.safetensors  per param, in index order:
     ...                        <name>/weight        fp32 master weights, the param's shape
                                <name>/exp_avg       low-rank: the reference's orientation (m x r when
                                <name>/exp_avg_sq      tall, m >= n; r x n when wide); plain Adam: the param's shape
                                <name>/limiter_norm  low-rank only, shape (1,); < 0: no norm yet
+                               <name>/projection    proj "svd": P (r x n tall / m x r wide, fp32);
+                                                    proj "dct": the r basis indices (int64, -1: none)
 
 It is written one parameter at a time (`write_canonical` streams safetensors files), so converting a
 checkpoint never holds more than one parameter's tensors. `load_checkpoint` (alias `load_canonical`) loads it

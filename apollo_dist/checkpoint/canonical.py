@@ -90,12 +90,15 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
                 "step": e.step if e.step is not None else int(meta.groups[e.group]["step"]),
                 "rank": e.r,
                 **(
-                    {"projection": {"kind": meta.groups[e.group].get("proj", "random"), "tensors": []}}
+                    {"projection": {"kind": e.proj, "tensors": [k for k in e.tensor_shapes() if k == "projection"]}}
                     if e.lowrank
                     else {}
                 ),
                 "file": where[e.name],
-                "tensors": {k: {"shape": list(s), "dtype": "float32"} for k, s in e.tensor_shapes().items()},
+                "tensors": {
+                    k: {"shape": list(s), "dtype": str(e.dtype(k)).removeprefix("torch.")}
+                    for k, s in e.tensor_shapes().items()
+                },
             }
             for e in meta.params
         },
@@ -192,7 +195,15 @@ class CanonicalCheckpoint(SliceReader):
     def _meta(self) -> Meta:
         ix = self.index
         params = [
-            ParamEntry(name, int(p["group"]), tuple(p["shape"]), int(p["seed"]), p.get("rank"), p.get("step"))
+            ParamEntry(
+                name,
+                int(p["group"]),
+                tuple(p["shape"]),
+                int(p["seed"]),
+                p.get("rank"),
+                p.get("step"),
+                (p.get("projection") or {}).get("kind", "random"),
+            )
             for name, p in ix["params"].items()
         ]
         groups = [{k: v for k, v in g.items() if k != "params"} for g in ix["param_groups"]]

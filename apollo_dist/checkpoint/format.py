@@ -33,6 +33,7 @@ class ParamEntry:
     r: Optional[int] = None  # the projection rank (index.json's "rank"); None: plain Adam
     step: Optional[int] = None  # the optimizer steps that updated it (a param without gradient in a step is
     # skipped, so params of a group can differ); None: its group's "step" (checkpoints before per-param steps)
+    proj: str = "random"  # the group's projection; "svd" and "dct" keep a "projection" tensor
 
     @property
     def lowrank(self) -> bool:
@@ -44,12 +45,21 @@ class ParamEntry:
             return {"weight": self.shape, "exp_avg": self.shape, "exp_avg_sq": self.shape}
         m, n = self.shape
         moments = (m, self.r) if m >= n else (self.r, n)
-        return {"weight": self.shape, "exp_avg": moments, "exp_avg_sq": moments, "limiter_norm": (1,)}
+        out = {"weight": self.shape, "exp_avg": moments, "exp_avg_sq": moments, "limiter_norm": (1,)}
+        if self.proj == "svd":  # the whole P, the reference's orientation
+            out["projection"] = (self.r, n) if m >= n else (m, self.r)
+        elif self.proj == "dct":  # the r selected basis vectors
+            out["projection"] = (self.r,)
+        return out
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype of canonical tensor ``key`` (the DCT's indices are int64, everything else fp32)."""
+        return torch.int64 if key == "projection" and self.proj == "dct" else torch.float32
 
 
 def canonical_entries(entry: ParamEntry) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(key, dtype, shape) of each canonical tensor of ``entry``, as its safetensors file names them."""
-    return [(f"{entry.name}/{k}", torch.float32, s) for k, s in entry.tensor_shapes().items()]
+    return [(f"{entry.name}/{k}", entry.dtype(k), s) for k, s in entry.tensor_shapes().items()]
 
 
 @dataclass

@@ -124,6 +124,9 @@ def _load_slot(ckpt: SliceReader, b: Any, i: int, name: str, seed: int) -> None:
             b.exp_avg_sq[rows].copy_(ckpt.read_channels(name, "exp_avg_sq", g.o0, g.o1, g.tall))
             b.limiter_norm[i : i + 1].copy_(ckpt.read_flat(name, "limiter_norm", 0, 1))
             b.seeds[i] = SeedChain(seed)
+            state = b.proj_state[i]
+            if state is not None:  # svd / dct: the whole P or the indices, on every rank
+                state.copy_(ckpt.read_flat(name, "projection", 0, state.numel()).view(state.shape))
 
 
 def open_checkpoint(path: Path, tag: Optional[str] = None) -> SliceReader:

@@ -42,7 +42,7 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[
         C = max(m, n)  # channels: rows when tall, columns when wide
         moments = {k: torch.empty(C, entry.r) for k in ("exp_avg", "exp_avg_sq")}
         owned = 0
-    limiter = None
+    limiter = projection = None
     for rs in ranks:
         lay = rs.layout["params"].get(idx)
         if lay is None:
@@ -62,6 +62,8 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[
                 if o1 > o0:
                     moments[k][o0:o1] = _local(state[k]).reshape(o1 - o0, entry.r)
             owned += o1 - o0
+            if "projection" in entry.tensor_shapes() and "projection" in state:  # the same on every rank
+                projection = _same_on_ranks(entry, rs.where, projection, state["projection"])
             q = _local(state["limiter_norm"]).reshape(1).clone()
             if limiter is None:
                 limiter = q
@@ -85,9 +87,21 @@ def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[
         tall = entry.shape[0] >= entry.shape[1]
         out.update({k: v if tall else v.t().contiguous() for k, v in moments.items()})
         out["limiter_norm"] = limiter
+        if "projection" in entry.tensor_shapes():
+            if projection is None:
+                raise CheckpointError(f"param {entry.name}: proj={entry.proj!r} but no rank saved its projection")
+            out["projection"] = projection.reshape(entry.tensor_shapes()["projection"])
     else:
         out.update({k: v.view(entry.shape) for k, v in moments.items()})
     return out
+
+
+def _same_on_ranks(entry: ParamEntry, where: str, seen: Any, t: Any) -> torch.Tensor:
+    """A state tensor every rank keeps whole (the projection): the first rank's, checked against the others'."""
+    t = torch.as_tensor(getattr(t, "_local_tensor", t)).detach().cpu().to(entry.dtype("projection"))
+    if seen is not None and not torch.equal(seen, t):
+        raise CheckpointError(f"{where}: param {entry.name}: its projection differs from rank 0's")
+    return t if seen is None else seen
 
 
 def meta_from_state_dicts(
@@ -106,7 +120,10 @@ def meta_from_state_dicts(
             name = names[idx]
             lay = layout["params"][idx]
             st = optim_sd["state"][idx]
-            params.append(ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"), steps.get(idx)))
+            proj = g.get("proj", "random") if "rank" in g else "random"
+            params.append(
+                ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"), steps.get(idx), proj)
+            )
             index_of[name] = idx
     first = optim_sd["param_groups"][0] if optim_sd["param_groups"] else {}
     meta = Meta(

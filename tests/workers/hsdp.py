@@ -27,6 +27,7 @@ from apollo_dist.core import LowRankBucket
 from apollo_dist.runtime import shutdown
 
 DEVICE = torch.device("cpu")  # --device cuda: this rank's GPU (NCCL)
+PROJ = "random"  # --proj: the low-rank group's projection (the oracle runs the same)
 
 
 def ranks_of(group) -> list[int]:
@@ -118,7 +119,7 @@ def run(
     rank, world = dist.get_rank(), dist.get_world_size()
     model, mesh = build(mesh_shape, layers, tp)
     placements = {tuple(map(str, p.placements)) for n, p in model.named_parameters() if "blocks" in n and p.dim() == 2}
-    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+    opt = APOLLO(oracle.groups(model, preset, proj=PROJ), **oracle.HPARAMS)
     # APOLLO's group: HSDP's shard sub-mesh; FSDP2 x TP: every rank (dp and tp flattened)
     group_ranks = list(range(world)) if tp else ranks_of(mesh.get_group("shard"))
     assert ranks_of(opt.process_group) == group_ranks, (ranks_of(opt.process_group), group_ranks)
@@ -205,7 +206,7 @@ def grid_run(grid: tuple[int, int], preset: str, steps: int, start: int = 0, can
     gr, gc = grid
     torch.manual_seed(0)
     model = oracle.TinyNet(layers=2).to(DEVICE)
-    opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+    opt = APOLLO(oracle.groups(model, preset, proj=PROJ), **oracle.HPARAMS)
     order = [p for g in opt.param_groups for p in g["params"]]
     slots, held = [], []
     for idx, p in enumerate(order):
@@ -274,7 +275,7 @@ def oracle_run(preset: str, tp: bool, skip: int, steps: int) -> tuple:
     bytes (all, low-rank params'), [(shape, rank)] of the low-rank params)."""
     torch.manual_seed(0)
     ref = oracle.TinyNet(**(TP_DIMS if tp else {})).to(DEVICE)
-    ref_opt = oracle.oracle_class()(oracle.groups(ref, preset), **oracle.HPARAMS)
+    ref_opt = oracle.oracle_class()(oracle.groups(ref, preset, proj=PROJ), **oracle.HPARAMS)
     for t in range(steps):
         oracle.loss_fn(ref, *batch(t, tp)).backward()
         if t != skip:
@@ -286,7 +287,9 @@ def oracle_run(preset: str, tp: bool, skip: int, steps: int) -> tuple:
         sum(v.numel() * v.element_size() for _, v in moments),
         sum(v.numel() * v.element_size() for q, v in moments if q in lowrank_params),
     )
-    lowrank = [(tuple(q.shape), g["rank"]) for g in oracle.groups(ref, preset) if "rank" in g for q in g["params"]]
+    lowrank = [
+        (tuple(q.shape), g["rank"]) for g in oracle.groups(ref, preset, proj=PROJ) if "rank" in g for q in g["params"]
+    ]
     return ref, ref_bytes, lowrank
 
 
@@ -314,10 +317,12 @@ def main() -> None:
     )
     ap.add_argument("--nan-rank", type=int, default=1)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--proj", default="random", help="random | svd (the oracle has svd too)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    global DEVICE
+    global DEVICE, PROJ
+    PROJ = args.proj
     if args.device == "cuda":
         DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(DEVICE)
