@@ -172,7 +172,7 @@ def test_projections_drawn_on_the_bindings_generator_device(monkeypatch):
     import oracle
     import torch
 
-    import apollo_dist.core as core
+    import apollo_dist.projection as projection
     from apollo_dist import APOLLO
     from apollo_dist.binding import params_binding
 
@@ -182,7 +182,7 @@ def test_projections_drawn_on_the_bindings_generator_device(monkeypatch):
         drawn.append(torch.device(device).type)
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / r**0.5
 
-    monkeypatch.setattr(core, "random_projection", fake)
+    monkeypatch.setattr(projection, "random_projection", fake)
     model = oracle.make_model(0)
     opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
     binding = params_binding([g["params"] for g in opt.param_groups], opt._received)
