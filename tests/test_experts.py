@@ -1,0 +1,66 @@
+"""Fused mixture-of-experts weights (apollo_dist.experts, DESIGN.md §2.9): each expert slice of a 3-D
+[E, out, in] weight is an APOLLO weight of its own, equal to apollo-torch on the same model with one
+nn.Linear per expert (tests/moe.py: fixed routing, an expert that never gets a token, one that sits out
+every third step)."""
+
+from __future__ import annotations
+
+import moe
+import oracle
+import pytest
+import torch
+
+from apollo_dist import APOLLO, param_groups
+
+
+@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+def test_fused_experts_match_oracle_on_unfused_model(preset):
+    """30 steps, gap 7 (refreshes), decay on: fused model under APOLLO = apollo-torch on per-expert Linears."""
+    ref = moe.train(moe.make_model(fused=False), oracle.oracle_class(), preset)
+    ours = moe.train(moe.make_model(), APOLLO, preset)
+    assert moe.max_rel_diff(ours, ref) < 1e-4
+
+
+def test_expert_seeds_and_steps_follow_the_unfused_positions():
+    """Expert e of a fused weight at seed position k has seed k + 1 + e; later params shift by E - 1 per fused
+    weight. The expert no token reached is skipped (step 0, untouched, no decay); the quiet one missed steps."""
+    steps = 6
+    fused, unfused = moe.make_model(), moe.make_model(fused=False)
+    init = moe.fused_state(fused)
+    opts = []
+    for model in (fused, unfused):
+        opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+        for t in range(steps):
+            oracle.loss_fn(model, *moe.batch(t)).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.ensure_bound()  # reads the last step's device decisions (which params were live)
+        opts.append(opt)
+    fo, uo = opts
+    up = {id(p): st for p, st in uo.state.items()}
+    names_u = dict(unfused.named_parameters())
+    for name, p in fused.named_parameters():
+        st = fo.state[p]
+        if p.dim() == 3:
+            for e in range(moe.E):
+                ust = up[id(names_u[f"{name}.{e}.weight"])]
+                assert st["seed"] + e == ust["seed"]
+                assert float(st["step"][e]) == float(ust["step"])
+            assert float(st["step"][moe.NEVER]) == 0 and float(st["step"][moe.QUIET]) == steps - steps // 3
+            assert torch.equal(p[moe.NEVER], init[name][moe.NEVER])
+        elif p in fo.state and "seed" in st:
+            assert st["seed"] == up[id(names_u[name])]["seed"]
+
+
+def test_param_groups_target_fused_experts_by_name():
+    model = moe.make_model()
+    low = param_groups(model, target_modules=["experts"])[1]
+    assert [n.rsplit(".", 1)[1] for n in low["param_names"]] == ["gate_up_proj", "down_proj"] * 2
+    assert all(p.dim() == 3 for p in low["params"])
+
+
+def test_experts_stored_in_out_are_refused():
+    model = moe.make_model()
+    model.blocks[0].mlp.experts.is_transposed = True  # as transformers marks GPT-OSS / Llama4 experts
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.experts\.gate_up_proj .*\[E, in, out\]"):
+        param_groups(model)
