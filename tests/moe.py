@@ -1,5 +1,5 @@
 """A tiny mixture-of-experts model in two forms for the fused-expert tests: experts fused as transformers 5.x
-stores them (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, FF]) and the same model with one ``nn.Linear``
+stores them (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) and the same model with one ``nn.Linear``
 per expert and projection (what apollo-torch can run). Routing is a fixed function of the token ids, so both
 forms route identically whatever their weights: expert 6 never gets a token, expert 7 sits out every third step."""
 
@@ -35,6 +35,9 @@ class FusedExperts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
+    def forward(self, x: torch.Tensor, top: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return run_experts(self, x, top, weight)
+
 
 class UnfusedExperts(nn.Module):
     """One Linear(H, 2I) (gate and up together) and one Linear(FF, H) per expert, listed projection by projection
@@ -53,6 +56,18 @@ class UnfusedExperts(nn.Module):
         gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
         return self.down_proj[e](F.silu(gate) * up)
 
+    def forward(self, x: torch.Tensor, top: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return run_experts(self, x, top, weight)
+
+
+def run_experts(experts: nn.Module, x: torch.Tensor, top: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Only the experts that got tokens run (as Mixtral's loop): (tokens, H) -> (tokens, H)."""
+    out = torch.zeros_like(x)
+    for e in torch.unique(top).tolist():
+        tok, k = torch.where(top == e)
+        out = out.index_add(0, tok, experts.expert(e, x[tok]) * weight[tok, k, None])
+    return out
+
 
 class MoEBlock(nn.Module):
     def __init__(self):
@@ -64,11 +79,7 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, top: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x = x + self.attn["o"](torch.tanh(self.attn["q"](self.norm(x))))
-        flat, out = x.reshape(-1, H), torch.zeros_like(x.reshape(-1, H))
-        top, weight = top.reshape(-1, 2), weight.reshape(-1, 2)
-        for e in torch.unique(top).tolist():  # only the experts that got tokens run (as Mixtral's loop)
-            tok, k = torch.where(top == e)
-            out = out.index_add(0, tok, self.mlp.experts.expert(e, flat[tok]) * weight[tok, k, None])
+        out = self.mlp.experts(x.reshape(-1, H), top.reshape(-1, 2), weight.reshape(-1, 2))
         return x + out.view_as(x)
 
 
