@@ -5,6 +5,8 @@ every third step)."""
 
 from __future__ import annotations
 
+import json
+
 import moe
 import oracle
 import pytest
@@ -85,3 +87,25 @@ def test_fused_experts_under_fsdp2_zero2_zero3_match_oracle(tmp_path, preset):
         assert sum(got["state_bytes"]) >= got["ref_state_bytes"]
     held = r[f"fsdp2/{preset}"]["experts_held"]  # per rank, the experts of the 4 fused weights it holds
     assert [sorted(set(h)) for h in held] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+@pytest.mark.parametrize("preset", ["apollo-mini", pytest.param("apollo", marks=pytest.mark.slow)])
+def test_fused_experts_resume_at_another_world_size(tmp_path, preset):
+    """ZeRO-2 at W = 3 (partitions cut through experts), 12 steps, native checkpoint and its canonical form (one
+    entry per expert slice, own seed and step); resumed at W = 2 under ZeRO-3 (apollo_dist.deepspeed.load_checkpoint
+    of the native one) and FSDP2 (the canonical one) from other initial weights: the remaining 18 steps match
+    apollo-torch's uninterrupted run on the unfused model."""
+    ck = tmp_path / "ck"
+    args = ("--presets", preset, "--ckpt-dir", str(ck))
+    deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r3.json", "--parts", "save", *args)
+    index = json.loads((ck / f"{preset}-canonical" / "index.json").read_text())["params"]
+    name = "blocks.0.mlp.experts.gate_up_proj"
+    assert name not in index and index[f"{name}.{moe.NEVER}"]["shape"] == [2 * moe.FF, moe.H]
+    assert [index[f"{name}.{e}"]["seed"] - index[f"{name}.0"]["seed"] for e in range(moe.E)] == list(range(moe.E))
+    assert index[f"{name}.{moe.NEVER}"]["step"] == 0 and index[f"{name}.0"]["step"] == 12
+    r = deepspeed_workers(
+        "tests/workers/moe_equivalence.py", 2, tmp_path / "r2.json", "--parts", "resume_zero3,resume_fsdp2", *args
+    )
+    for engine in ("zero3", "fsdp2"):
+        got = r[f"resume-{engine}/{preset}"]
+        assert got["max_rel_diff"] < 1e-4 and got["loss_rel_diff"] < 1e-5, (engine, got)

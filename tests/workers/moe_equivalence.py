@@ -56,7 +56,9 @@ def global_loss(loss: torch.Tensor) -> float:
 
 
 def record(report: dict, key: str, weights: dict, losses: list[float], opt: APOLLO, ref: tuple) -> None:
+    """``losses``: of the last len(losses) steps."""
     model, ref_losses, ref_bytes = ref
+    ref_losses = ref_losses[len(ref_losses) - len(losses) :]
     mine = moe.fused_state(model)
     report[key] = {
         "max_rel_diff": max(float((weights[k] - v).abs().max() / v.abs().max()) for k, v in mine.items()),
@@ -105,11 +107,73 @@ def part_zero(report: dict, refs: dict, stage: int) -> None:
         engine.destroy()
 
 
+SAVED_AT = 12  # steps before the checkpoint (past the refreshes at 7: the seeds' chain has advanced)
+
+
+def part_save(ckpt: str, refs: dict) -> None:
+    """ZeRO-2 (partitions cut through experts): SAVED_AT steps, a native checkpoint per preset in ``ckpt``/preset."""
+    for preset in refs:
+        model = moe.make_model()
+        opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+        cfg = plain_config(base_config(2, GLOBAL_BATCH // dist.get_world_size()))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        for t in range(SAVED_AT):
+            engine.backward(oracle.loss_fn(engine, *local_batch(t)))
+            engine.step()
+        engine.save_checkpoint(f"{ckpt}/{preset}", tag="moe")
+        if dist.get_rank() == 0:  # the canonical form: one entry per expert slice
+            from apollo_dist.checkpoint import open_checkpoint, save_canonical
+
+            save_canonical(open_checkpoint(f"{ckpt}/{preset}", tag="moe").source, f"{ckpt}/{preset}-canonical")
+        dist.barrier()
+        engine.destroy()
+
+
+def part_resume(report: dict, ckpt: str, refs: dict, engine_kind: str) -> None:
+    """The ZeRO-2 checkpoint of another W resumed under ZeRO-3 (apollo_dist.deepspeed.load_checkpoint) or
+    FSDP2 (the canonical form, apollo_dist.checkpoint.load_checkpoint); the remaining steps; vs the reference."""
+    import apollo_dist.deepspeed as ads
+    from apollo_dist.checkpoint import load_checkpoint
+
+    for preset, ref in refs.items():
+        model = moe.make_model(seed=1)  # other initial weights: they must come from the checkpoint
+        losses = []
+        if engine_kind == "zero3":
+            opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+            cfg = plain_config(base_config(3, GLOBAL_BATCH // dist.get_world_size()))
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            ads.load_checkpoint(engine, f"{ckpt}/{preset}", tag="moe")
+            for t in range(SAVED_AT, STEPS):
+                loss = oracle.loss_fn(engine, *local_batch(t))
+                engine.backward(loss)
+                engine.step()
+                losses.append(global_loss(loss))
+            weights = full_params(engine, model)
+            engine.destroy()
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.blocks:
+                fully_shard(block)
+            fully_shard(model)
+            opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+            load_checkpoint(f"{ckpt}/{preset}-canonical", opt, model)
+            for t in range(SAVED_AT, STEPS):
+                loss = oracle.loss_fn(model, *local_batch(t))
+                loss.backward()
+                losses.append(global_loss(loss))
+                opt.step()
+                opt.zero_grad()
+            weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+        record(report, f"resume-{engine_kind}/{preset}", weights, losses, opt, ref)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="fsdp2,zero2,zero3")
     ap.add_argument("--presets", default="apollo,apollo-mini")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ckpt-dir", default=None)
     ap.add_argument("--local_rank", type=int, default=0)  # added by the deepspeed launcher
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -120,6 +184,9 @@ def main() -> None:
         "fsdp2": lambda: part_fsdp2(report, refs),
         "zero2": lambda: part_zero(report, refs, 2),
         "zero3": lambda: part_zero(report, refs, 3),
+        "save": lambda: part_save(args.ckpt_dir, refs),
+        "resume_zero3": lambda: part_resume(report, args.ckpt_dir, refs, "zero3"),
+        "resume_fsdp2": lambda: part_resume(report, args.ckpt_dir, refs, "fsdp2"),
     }
     run_parts(report, [(name, parts[name]) for name in args.parts.split(",")], args.out)
 
