@@ -131,7 +131,12 @@ def expert_name(name: str, e: int) -> str:
     return f"{name}.{e}"
 
 
-def moe_transposed(module: Optional[torch.nn.Module]) -> bool:
-    """Whether transformers stores ``module``'s experts as [E, in, out] (``x @ W[e]``: GPT-OSS, Llama4), which
-    the per-slice rule above does not cover (their Linear is the slice's transpose)."""
-    return bool(getattr(module, "is_transposed", False))
+def refuse_transposed(name: str, module: Optional[torch.nn.Module], shape: tuple[int, ...], how: str) -> None:
+    """ValueError when transformers stores ``module``'s experts as [E, in, out] (``is_transposed``, ``x @ W[e]``:
+    GPT-OSS, Llama4): their Linear is the slice's transpose, which the per-slice rule does not cover (the other
+    orientation and the other projection draws). ``how``: the way to leave them out."""
+    if getattr(module, "is_transposed", False):
+        raise ValueError(
+            f"{name} {shape}: fused experts stored [E, in, out] (x @ W[e]) are not supported; leave their module "
+            f"out of {how} (plain Adam)"
+        )

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from .binding import global_shape
-from .experts import moe_transposed
+from .experts import refuse_transposed
 
 # The APOLLO paper's settings (also transformers' optim="apollo_adamw").
 PRESETS: dict[str, dict[str, Any]] = {
@@ -96,10 +96,9 @@ def param_groups(
             continue
         module = name.rsplit(".", 1)[0]
         if len(global_shape(p)) in (2, 3) and any(t in module for t in targets):
-            if len(global_shape(p)) == 3 and moe_transposed(model.get_submodule(module) if "." in name else None):
-                raise ValueError(
-                    f"{name} {global_shape(p)}: fused experts stored [E, in, out] (x @ W[e]) are not supported; "
-                    "leave them out of target_modules (plain Adam)"
+            if len(global_shape(p)) == 3:
+                refuse_transposed(
+                    name, model.get_submodule(module) if "." in name else None, global_shape(p), "target_modules"
                 )
             low.append(p)
             low_names.append(name)

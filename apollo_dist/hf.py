@@ -54,6 +54,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .binding import global_shape
+from .experts import refuse_transposed
 from .groups import LOW_RANK_KEYS
 from .optimizer import APOLLO
 
@@ -118,6 +120,8 @@ def param_groups_from_args(
     if not target_names:
         raise ValueError(f"optim_target_modules={targets!r} match no nn.Linear of the model")
     parsed = parse_optim_args(args.optim_args) if optim_args is None else optim_args
+    if not all_linear and not parsed.get(COMPAT_KEY):  # fused experts of matched modules (apollo_dist.experts)
+        target_names |= fused_expert_names(model, lambda name: check_target_module_exists(targets, name))
     keys = {**HF_DEFAULTS, **{k: v for k, v in parsed.items() if k in LOW_RANK_KEYS}}
     wd = float(args.weight_decay)
     if parsed.get(COMPAT_KEY):
@@ -151,6 +155,20 @@ def param_groups_from_args(
         if ps
     ]
     return groups
+
+
+def fused_expert_names(model: nn.Module, matches: Any) -> set[str]:
+    """The 3-D weights (fused MoE experts [E, out, in]) of the modules whose name ``matches``; experts stored
+    [E, in, out] (transformers' ``is_transposed``: GPT-OSS, Llama4) are a ValueError naming the weight."""
+    out = set()
+    for name, module in model.named_modules():
+        if not name or not matches(name):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if len(global_shape(p)) == 3:
+                refuse_transposed(f"{name}.{pname}", module, global_shape(p), "optim_target_modules")
+                out.add(f"{name}.{pname}")
+    return out
 
 
 def build_optimizer(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> APOLLO:

@@ -6,12 +6,15 @@ every third step)."""
 from __future__ import annotations
 
 import json
+import math
+import sys
+from pathlib import Path
 
 import moe
 import oracle
 import pytest
 import torch
-from spawn import deepspeed_workers
+from spawn import deepspeed_workers, run_checked
 
 from apollo_dist import APOLLO, param_groups
 
@@ -109,3 +112,57 @@ def test_fused_experts_resume_at_another_world_size(tmp_path, preset):
     for engine in ("zero3", "fsdp2"):
         got = r[f"resume-{engine}/{preset}"]
         assert got["max_rel_diff"] < 1e-4 and got["loss_rel_diff"] < 1e-5, (engine, got)
+
+
+MIXTRAL = Path(__file__).parent / "tiny_mixtral.json"  # transformers' Mixtral: experts fused [E, out, in]
+
+
+def _mixtral() -> torch.nn.Module:
+    from launch.model import build_model, llama_config
+
+    return build_model(llama_config(str(MIXTRAL), 259, 32), seed=0)
+
+
+def _fused(opt: APOLLO) -> list[str]:
+    return [n for g in opt.param_groups if "rank" in g for n, p in zip(g["param_names"], g["params"]) if p.dim() == 3]
+
+
+def test_deepspeed_json_and_train_py_target_mixtral_experts():
+    """The DeepSpeed JSON's APOLLO block (target_modules) and train.py's optimizer (default targets attn, mlp:
+    Mixtral's experts sit under mlp) give the fused experts of transformers' Mixtral the low-rank group."""
+    from apollo_dist.deepspeed import _optimizer_from_config
+    from launch import engines, train
+
+    model = _mixtral()
+    opt = _optimizer_from_config({"type": "APOLLO", "params": {"rank": 4, "target_modules": ["experts"]}}, model, None)
+    assert sorted(_fused(opt)) == sorted(n for n, p in model.named_parameters() if p.dim() == 3)
+    assert len(_fused(opt)) == 4  # gate_up_proj and down_proj of 2 layers
+    hp = train.resolve_hparams(args := train.parse_args(["--model", str(MIXTRAL)]), train.defaults_config(args, {}))
+    assert _fused(engines.build_optimizer(model, hp)) == _fused(opt)
+
+
+def test_apollo_trainer_targets_experts_unless_matching_transformers():
+    """APOLLOTrainer's groups from optim_target_modules: fused experts of matched modules are low-rank (each
+    expert slice its own seed, after the other params' positions); match_transformers=true keeps transformers'
+    apollo_adamw groups (nn.Linear only: the experts stay in the plain group)."""
+    from transformers import TrainingArguments
+
+    from apollo_dist.hf import param_groups_from_args
+
+    model = _mixtral()
+    args = TrainingArguments(output_dir="/tmp/unused", optim_target_modules=["attn", "mlp"], report_to=[])
+    low = param_groups_from_args(args, model)[-1]
+    assert sum(p.dim() == 3 for p in low["params"]) == 4 and all(p.dim() in (2, 3) for p in low["params"])
+    args.optim_args = "match_transformers=true"
+    low = param_groups_from_args(args, model)[-1]
+    assert not any(p.dim() == 3 for p in low["params"])
+
+
+def test_train_py_runs_a_tiny_mixtral(tmp_path, corpus):
+    """launch/train.py --model <Mixtral config JSON>: 3 steps (refreshes every 2), APOLLO on the experts."""
+    metrics = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "launch/train.py", "--model", str(MIXTRAL), "--steps", "3", "--global-batch-size", "4"]
+    cmd += ["--micro-batch-size", "2", "--seq-len", "32", "--rank", "8", "--update-proj-gap", "2", "--eval-every", "0"]
+    run_checked([*cmd, "--dtype", "fp32", "--no-progress", "--metrics-file", str(metrics)], timeout=300)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert [r["step"] for r in rows][-1] == 3 and all(math.isfinite(r["loss"]) for r in rows)
