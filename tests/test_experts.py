@@ -166,3 +166,26 @@ def test_train_py_runs_a_tiny_mixtral(tmp_path, corpus):
     run_checked([*cmd, "--dtype", "fp32", "--no-progress", "--metrics-file", str(metrics)], timeout=300)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows][-1] == 3 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_expert_slices_are_projected_in_one_batched_product():
+    """The expert slices of each fused weight (same shape, gradients back to back) are one batched product (one
+    launch per fused weight on cuBLAS, not E); R and ||G_c||^2 as slot by slot."""
+    from apollo_dist.core import LowRankBucket
+
+    model = moe.make_model()
+    opt = APOLLO(oracle.groups(model, "apollo"), **oracle.HPARAMS)
+    oracle.loss_fn(model, *moe.batch(0)).backward()
+    opt.step()
+    b = next(b for b in opt.buckets if isinstance(b, LowRankBucket))
+    b.begin({**opt.param_groups[1], "scale_front": False, "disable_nl": False})
+    b.prepare(opt.param_groups[1])
+    grads = [b._grads[i] for i in b.active]
+    projs = [b.proj[i] for i in b.active]
+    products = b.project._batched(grads, projs)
+    assert sum(G.dim() == 3 and G.shape[0] == moe.E for _, G, _ in products) == 4  # 2 fused weights x 2 layers
+    batched = (b.T_R.clone(), b.T_g.clone())
+    b.project.runs = []  # slot by slot
+    b.prepare(opt.param_groups[1])
+    torch.testing.assert_close(batched, (b.T_R, b.T_g), rtol=1e-6, atol=1e-7)
+    b.discard()
