@@ -332,7 +332,7 @@ class LowRankBucket:
         self.keep = torch.ones(sum(owned), device=device)  # per owned channel: its param is live (scratch)
         # owned channels of each slot are consecutive: per-param sums are segment sums
         self.o_segments = segment_index(owned, device)
-        # expert slices of fused weights: an all-zero slice got no token, it is a param without gradient (§2.9)
+        # expert slices of fused weights: an all-zero slice got no token, it is a param without gradient (§2.7)
         expert = [s.expert is not None for s in slots]
         self.expert_sums = segment_index(touched, device) if any(expert) else None
         self.is_expert = torch.tensor(expert, dtype=torch.bool).to(device)

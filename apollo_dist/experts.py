@@ -1,4 +1,4 @@
-"""Fused mixture-of-experts weights (DESIGN.md §2.9): each expert slice of a 3-D weight is an APOLLO weight.
+"""Fused mixture-of-experts weights (DESIGN.md §2.7): each expert slice of a 3-D weight is an APOLLO weight.
 
 transformers 5.x keeps a MoE layer's experts as one 3-D parameter per projection, ``[E, out, in]``
 (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, Granite-MoE: ``gate_up_proj`` [E, 2I, H], ``down_proj``

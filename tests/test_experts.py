@@ -1,4 +1,4 @@
-"""Fused mixture-of-experts weights (apollo_dist.experts, DESIGN.md §2.9): each expert slice of a 3-D
+"""Fused mixture-of-experts weights (apollo_dist.experts, DESIGN.md §2.7): each expert slice of a 3-D
 [E, out, in] weight is an APOLLO weight of its own, equal to apollo-torch on the same model with one
 nn.Linear per expert (tests/moe.py: fixed routing, an expert that never gets a token, one that sits out
 every third step)."""
@@ -189,3 +189,36 @@ def test_expert_slices_are_projected_in_one_batched_product():
     b.prepare(opt.param_groups[1])
     torch.testing.assert_close(batched, (b.T_R, b.T_g), rtol=1e-6, atol=1e-7)
     b.discard()
+
+
+def test_canonical_round_trip_and_hf_export_of_fused_experts(tmp_path):
+    """One process: the canonical form of a live optimizer (LiveSource) has one entry per expert slice; loaded
+    into a fresh optimizer it continues exactly; the Hugging Face export stacks the slices back into the fused
+    weight (the model's own name and shape)."""
+    from safetensors import safe_open
+
+    from apollo_dist.checkpoint import LiveSource, load_checkpoint, save_canonical
+    from apollo_dist.convert import convert
+
+    def run(model, opt, steps):
+        for t in steps:
+            oracle.loss_fn(model, *moe.batch(t)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model = moe.make_model()
+    opt = APOLLO(param_groups(model, preset="apollo", rank=3, update_proj_gap=2), **oracle.HPARAMS)
+    run(model, opt, range(4))
+    save_canonical(LiveSource(opt, model), tmp_path / "c")
+    saved = {k: v.clone() for k, v in moe.fused_state(model).items()}
+    again = moe.make_model(seed=1)
+    opt2 = APOLLO(param_groups(again, preset="apollo", rank=3, update_proj_gap=2), **oracle.HPARAMS)
+    load_checkpoint(tmp_path / "c", opt2, again)
+    run(model, opt, range(4, 7))
+    run(again, opt2, range(4, 7))
+    assert moe.max_rel_diff(again, model) == 0.0
+    convert(tmp_path / "c", export_hf=tmp_path / "hf", hf_config={"model_type": "test"})
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        name = "blocks.1.mlp.experts.down_proj"
+        assert f"{name}.0" not in f.keys()
+        assert torch.equal(f.get_tensor(name), saved[name])  # [E, H, I], as the model holds it
