@@ -26,10 +26,10 @@ def routes(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FusedExperts(nn.Module):
-    def __init__(self):
+    def __init__(self, experts: int = E):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * FF, H) / H**0.5)
-        self.down_proj = nn.Parameter(torch.randn(E, H, FF) / FF**0.5)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * FF, H) / H**0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, H, FF) / FF**0.5)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -45,10 +45,11 @@ class UnfusedExperts(nn.Module):
 
     def __init__(self, fused: FusedExperts):
         super().__init__()
-        self.gate_up_proj = nn.ModuleList(nn.Linear(H, 2 * FF, bias=False) for _ in range(E))
-        self.down_proj = nn.ModuleList(nn.Linear(FF, H, bias=False) for _ in range(E))
+        experts = fused.gate_up_proj.shape[0]
+        self.gate_up_proj = nn.ModuleList(nn.Linear(H, 2 * FF, bias=False) for _ in range(experts))
+        self.down_proj = nn.ModuleList(nn.Linear(FF, H, bias=False) for _ in range(experts))
         with torch.no_grad():
-            for e in range(E):
+            for e in range(experts):
                 self.gate_up_proj[e].weight.copy_(fused.gate_up_proj[e])
                 self.down_proj[e].weight.copy_(fused.down_proj[e])
 
@@ -108,6 +109,30 @@ class MoENet(nn.Module):
         return twin
 
 
+class FewExpertsNet(nn.Module):
+    """Embedding -> 2 fused experts (every token to both, weights 0.7 / 0.3) -> head: E = 2 < W = 3, so under
+    FSDP2 one rank holds no expert."""
+
+    def __init__(self, fused: bool = True):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, H)
+        self.experts = FusedExperts(experts=2)
+        self.head = nn.Linear(H, VOCAB, bias=False)
+        if not fused:
+            self.experts = UnfusedExperts(self.experts)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens).reshape(-1, H)
+        top = torch.tensor([[0, 1]], device=x.device).expand(x.shape[0], 2)
+        weight = torch.tensor([[0.7, 0.3]], device=x.device).expand(x.shape[0], 2)
+        return self.head(x + self.experts(x, top, weight)).view(*tokens.shape, VOCAB)
+
+
+def make_few(seed: int = 0, fused: bool = True) -> FewExpertsNet:
+    torch.manual_seed(seed)
+    return FewExpertsNet(fused)
+
+
 def make_model(seed: int = 0, fused: bool = True) -> MoENet:
     torch.manual_seed(seed)
     model = MoENet()
@@ -131,14 +156,14 @@ def train(model: MoENet, opt_cls, preset: str, steps: int = 30, **kw) -> MoENet:
     return model
 
 
-def fused_state(model: MoENet) -> dict[str, torch.Tensor]:
+def fused_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights with per-expert Linears stacked back into fused tensors (comparable by name)."""
-    out = {}
+    out: dict = {}
     for name, t in model.state_dict().items():
         parts = name.split(".")
         if "experts" in parts and parts[-1] == "weight":  # ...experts.gate_up_proj.3.weight
             key = ".".join(parts[:-2])
-            out.setdefault(key, [None] * E)[int(parts[-2])] = t
+            out.setdefault(key, []).append(t)  # experts in order
         else:
             out[name] = t
     return {k: torch.stack(v) if isinstance(v, list) else v for k, v in out.items()}

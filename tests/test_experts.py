@@ -19,7 +19,7 @@ from spawn import deepspeed_workers, run_checked
 from apollo_dist import APOLLO, param_groups
 
 
-@pytest.mark.parametrize("preset", ["apollo", "apollo-mini"])
+@pytest.mark.parametrize("preset", ["apollo-mini", pytest.param("apollo", marks=pytest.mark.slow)])
 def test_fused_experts_match_oracle_on_unfused_model(preset):
     """30 steps, gap 7 (refreshes), decay on: fused model under APOLLO = apollo-torch on per-expert Linears."""
     ref = moe.train(moe.make_model(fused=False), oracle.oracle_class(), preset)
@@ -73,12 +73,16 @@ def test_experts_stored_in_out_are_refused():
 
 
 def _engines(tmp_path, preset: str) -> dict:
-    return deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r.json", "--presets", preset)
+    parts = "fsdp2,zero2,zero3,fsdp2_few"
+    return deepspeed_workers(
+        "tests/workers/moe_equivalence.py", 3, tmp_path / "r.json", "--parts", parts, "--presets", preset
+    )
 
 
 @pytest.mark.parametrize("preset", ["apollo-mini", pytest.param("apollo", marks=pytest.mark.slow)])
 def test_fused_experts_under_fsdp2_zero2_zero3_match_oracle(tmp_path, preset):
-    """W = 3, one launch: FSDP2 (Shard(0) over 8 experts: 3, 3, 2 whole experts per rank), plain
+    """W = 3, one launch: FSDP2 (Shard(0) over 8 experts: 3, 3, 2 whole experts per rank; and over 2: one rank
+    holds none), plain
     deepspeed.initialize ZeRO-2 and ZeRO-3 (flat partitions cut through experts, mid-row), 30 steps with
     refreshes, against apollo-torch on the unfused model: weights and losses within 1e-4."""
     r = _engines(tmp_path, preset)
@@ -90,26 +94,34 @@ def test_fused_experts_under_fsdp2_zero2_zero3_match_oracle(tmp_path, preset):
         assert sum(got["state_bytes"]) >= got["ref_state_bytes"]
     held = r[f"fsdp2/{preset}"]["experts_held"]  # per rank, the experts of the 4 fused weights it holds
     assert [sorted(set(h)) for h in held] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    few = r[f"fsdp2_few/{preset}"]  # E = 2 < W = 3: the last rank holds no expert
+    assert few["experts_held"] == [[0, 0], [1, 1], []] and few["max_rel_diff"] < 1e-4, few
 
 
 @pytest.mark.parametrize("preset", ["apollo-mini", pytest.param("apollo", marks=pytest.mark.slow)])
 def test_fused_experts_resume_at_another_world_size(tmp_path, preset):
     """ZeRO-2 at W = 3 (partitions cut through experts), 12 steps, native checkpoint and its canonical form (one
-    entry per expert slice, own seed and step); resumed at W = 2 under ZeRO-3 (apollo_dist.deepspeed.load_checkpoint
-    of the native one) and FSDP2 (the canonical one) from other initial weights: the remaining 18 steps match
-    apollo-torch's uninterrupted run on the unfused model."""
+    entry per expert slice, own seed and step); FSDP2 at W = 3, 12 steps, DCP (get_state_dict: moments (E, C, r)
+    DTensors). Resumed at W = 2 from other initial weights: ZeRO-3 (apollo_dist.deepspeed.load_checkpoint of the
+    native one), FSDP2 (the canonical one; the DCP one through DCP's own set_state_dict, and through the loader):
+    the remaining 18 steps match apollo-torch's uninterrupted run on the unfused model."""
     ck = tmp_path / "ck"
     args = ("--presets", preset, "--ckpt-dir", str(ck))
-    deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r3.json", "--parts", "save", *args)
+    deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r3.json", "--parts", "save,dcp_save", *args)
     index = json.loads((ck / f"{preset}-canonical" / "index.json").read_text())["params"]
     name = "blocks.0.mlp.experts.gate_up_proj"
     assert name not in index and index[f"{name}.{moe.NEVER}"]["shape"] == [2 * moe.FF, moe.H]
     assert [index[f"{name}.{e}"]["seed"] - index[f"{name}.0"]["seed"] for e in range(moe.E)] == list(range(moe.E))
     assert index[f"{name}.{moe.NEVER}"]["step"] == 0 and index[f"{name}.0"]["step"] == 12
     r = deepspeed_workers(
-        "tests/workers/moe_equivalence.py", 2, tmp_path / "r2.json", "--parts", "resume_zero3,resume_fsdp2", *args
+        "tests/workers/moe_equivalence.py",
+        2,
+        tmp_path / "r2.json",
+        "--parts",
+        "resume_zero3,resume_fsdp2,resume_dcp",
+        *args,
     )
-    for engine in ("zero3", "fsdp2"):
+    for engine in ("zero3", "fsdp2", "dcp", "loader"):
         got = r[f"resume-{engine}/{preset}"]
         assert got["max_rel_diff"] < 1e-4 and got["loss_rel_diff"] < 1e-5, (engine, got)
 
@@ -158,6 +170,7 @@ def test_apollo_trainer_targets_experts_unless_matching_transformers():
     assert not any(p.dim() == 3 for p in low["params"])
 
 
+@pytest.mark.slow  # CI: test_deepspeed_json_and_train_py_target_mixtral_experts builds train.py's optimizer on it
 def test_train_py_runs_a_tiny_mixtral(tmp_path, corpus):
     """launch/train.py --model <Mixtral config JSON>: 3 steps (refreshes every 2), APOLLO on the experts."""
     metrics = tmp_path / "m.jsonl"

@@ -168,6 +168,96 @@ def part_resume(report: dict, ckpt: str, refs: dict, engine_kind: str) -> None:
         record(report, f"resume-{engine_kind}/{preset}", weights, losses, opt, ref)
 
 
+def few_groups(model: torch.nn.Module, preset: str) -> list[dict]:
+    from apollo_dist import param_groups
+
+    rank = 5 if preset == "apollo" else 1
+    groups = param_groups(model, target_modules=["experts"], preset=preset, rank=rank, update_proj_gap=7)
+    return [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+
+
+def part_fsdp2_few(report: dict, presets: list[str]) -> None:
+    """E = 2 < W = 3 under FSDP2: rank 2 holds no expert (empty expert slots, no moments), vs the oracle."""
+    from torch.distributed.fsdp import fully_shard
+
+    for preset in presets:
+        ref = moe.make_few(fused=False)
+        ref_opt = oracle.oracle_class()(few_groups(ref, preset), **oracle.HPARAMS)
+        model = fully_shard(moe.make_few())
+        opt = APOLLO(few_groups(model, preset), **oracle.HPARAMS)
+        for t in range(STEPS):
+            oracle.loss_fn(ref, *moe.batch(t)).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+            oracle.loss_fn(model, *local_batch(t)).backward()
+            opt.step()
+            opt.zero_grad()
+        weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+        mine = moe.fused_state(ref)
+        report[f"fsdp2_few/{preset}"] = {
+            "max_rel_diff": max(float((weights[k] - v).abs().max() / v.abs().max()) for k, v in mine.items()),
+            "experts_held": gather_list(
+                [s.expert for b in opt.buckets for s in b.slots if s.expert is not None and s.numel]
+            ),
+            "state_bytes": gather_list(state_bytes(opt)),
+        }
+
+
+def fsdp2_model(seed: int = 0) -> moe.MoENet:
+    from torch.distributed.fsdp import fully_shard
+
+    model = moe.make_model(seed=seed)
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def part_dcp_save(ckpt: str, refs: dict) -> None:
+    """FSDP2 (experts sharded over W): SAVED_AT steps, then DCP's get_state_dict saved with dcp.save."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    for preset in refs:
+        model = fsdp2_model()
+        opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+        for t in range(SAVED_AT):
+            oracle.loss_fn(model, *local_batch(t)).backward()
+            opt.step()
+            opt.zero_grad()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{ckpt}/{preset}-dcp")
+
+
+def part_resume_dcp(report: dict, ckpt: str, refs: dict) -> None:
+    """The DCP checkpoint of another W: through DCP itself (set_state_dict: DCP reshards the (E, C, r) moments) and
+    through apollo_dist.checkpoint.load_checkpoint (the DCP reader, one expert slice at a time); the rest; vs ref."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from apollo_dist.checkpoint import load_checkpoint
+
+    for preset, ref in refs.items():
+        for how in ("dcp", "loader"):
+            model = fsdp2_model(seed=1)
+            opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+            if how == "dcp":
+                msd, osd = get_state_dict(model, opt)
+                state = {"model": msd, "optim": osd}
+                dcp.load(state, checkpoint_id=f"{ckpt}/{preset}-dcp")
+                set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            else:
+                load_checkpoint(f"{ckpt}/{preset}-dcp", opt, model)
+            losses = []
+            for t in range(SAVED_AT, STEPS):
+                loss = oracle.loss_fn(model, *local_batch(t))
+                loss.backward()
+                losses.append(global_loss(loss))
+                opt.step()
+                opt.zero_grad()
+            weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+            record(report, f"resume-{how}/{preset}", weights, losses, opt, ref)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="fsdp2,zero2,zero3")
@@ -184,6 +274,9 @@ def main() -> None:
         "fsdp2": lambda: part_fsdp2(report, refs),
         "zero2": lambda: part_zero(report, refs, 2),
         "zero3": lambda: part_zero(report, refs, 3),
+        "fsdp2_few": lambda: part_fsdp2_few(report, list(refs)),
+        "dcp_save": lambda: part_dcp_save(args.ckpt_dir, refs),
+        "resume_dcp": lambda: part_resume_dcp(report, args.ckpt_dir, refs),
         "save": lambda: part_save(args.ckpt_dir, refs),
         "resume_zero3": lambda: part_resume(report, args.ckpt_dir, refs, "zero3"),
         "resume_fsdp2": lambda: part_resume(report, args.ckpt_dir, refs, "fsdp2"),
