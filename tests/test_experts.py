@@ -102,12 +102,15 @@ def test_fused_experts_under_fsdp2_zero2_zero3_match_oracle(tmp_path, preset):
 def test_fused_experts_resume_at_another_world_size(tmp_path, preset):
     """ZeRO-2 at W = 3 (partitions cut through experts), 12 steps, native checkpoint and its canonical form (one
     entry per expert slice, own seed and step); FSDP2 at W = 3, 12 steps, DCP (get_state_dict: moments (E, C, r)
-    DTensors). Resumed at W = 2 from other initial weights: ZeRO-3 (apollo_dist.deepspeed.load_checkpoint of the
+    DTensors). Resumed at W = 3 by DeepSpeed's own load (same W, same stage), and at W = 2 from other initial weights: ZeRO-3 (apollo_dist.deepspeed.load_checkpoint of the
     native one), FSDP2 (the canonical one; the DCP one through DCP's own set_state_dict, and through the loader):
     the remaining 18 steps match apollo-torch's uninterrupted run on the unfused model."""
     ck = tmp_path / "ck"
     args = ("--presets", preset, "--ckpt-dir", str(ck))
-    deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r3.json", "--parts", "save,dcp_save", *args)
+    parts = "save,dcp_save,resume_zero2"
+    same = deepspeed_workers("tests/workers/moe_equivalence.py", 3, tmp_path / "r3.json", "--parts", parts, *args)
+    got = same[f"resume-zero2/{preset}"]  # the same W and stage: DeepSpeed's own load_checkpoint
+    assert got["max_rel_diff"] < 1e-4 and got["loss_rel_diff"] < 1e-5, got
     index = json.loads((ck / f"{preset}-canonical" / "index.json").read_text())["params"]
     name = "blocks.0.mlp.experts.gate_up_proj"
     assert name not in index and index[f"{name}.{moe.NEVER}"]["shape"] == [2 * moe.FF, moe.H]

@@ -130,17 +130,18 @@ def part_save(ckpt: str, refs: dict) -> None:
 
 
 def part_resume(report: dict, ckpt: str, refs: dict, engine_kind: str) -> None:
-    """The ZeRO-2 checkpoint of another W resumed under ZeRO-3 (apollo_dist.deepspeed.load_checkpoint) or
-    FSDP2 (the canonical form, apollo_dist.checkpoint.load_checkpoint); the remaining steps; vs the reference."""
+    """The ZeRO-2 checkpoint resumed under ZeRO-2 or ZeRO-3 (apollo_dist.deepspeed.load_checkpoint: at the same W
+    and stage DeepSpeed's own load, else the any-W loader) or FSDP2 (the canonical form,
+    apollo_dist.checkpoint.load_checkpoint); the remaining steps; vs the reference."""
     import apollo_dist.deepspeed as ads
     from apollo_dist.checkpoint import load_checkpoint
 
     for preset, ref in refs.items():
         model = moe.make_model(seed=1)  # other initial weights: they must come from the checkpoint
         losses = []
-        if engine_kind == "zero3":
+        if engine_kind in ("zero2", "zero3"):
             opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
-            cfg = plain_config(base_config(3, GLOBAL_BATCH // dist.get_world_size()))
+            cfg = plain_config(base_config(int(engine_kind[-1]), GLOBAL_BATCH // dist.get_world_size()))
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
             ads.load_checkpoint(engine, f"{ckpt}/{preset}", tag="moe")
             for t in range(SAVED_AT, STEPS):
@@ -278,6 +279,7 @@ def main() -> None:
         "dcp_save": lambda: part_dcp_save(args.ckpt_dir, refs),
         "resume_dcp": lambda: part_resume_dcp(report, args.ckpt_dir, refs),
         "save": lambda: part_save(args.ckpt_dir, refs),
+        "resume_zero2": lambda: part_resume(report, args.ckpt_dir, refs, "zero2"),
         "resume_zero3": lambda: part_resume(report, args.ckpt_dir, refs, "zero3"),
         "resume_fsdp2": lambda: part_resume(report, args.ckpt_dir, refs, "fsdp2"),
     }
