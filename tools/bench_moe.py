@@ -33,7 +33,7 @@ def weights(
     return out
 
 
-def optimizer(name: str, params: list[torch.nn.Parameter], rank: int) -> torch.optim.Optimizer:
+def optimizer(name: str, params: list[torch.nn.Parameter], rank: int, cuda_graph: bool = True) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, fused=params[0].is_cuda)
     from apollo_dist import APOLLO, preset
@@ -41,7 +41,7 @@ def optimizer(name: str, params: list[torch.nn.Parameter], rank: int) -> torch.o
     keys = preset(name)
     if name == "apollo":
         keys["rank"] = rank
-    return APOLLO([{"params": params, **keys}], lr=1e-4)
+    return APOLLO([{"params": params, **keys}], lr=1e-4, cuda_graph=cuda_graph)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -53,10 +53,15 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def launches(opt: torch.optim.Optimizer) -> int:
-    """CUDA kernels of one step (torch.profiler)."""
+def launches(name: str, params: list[torch.nn.Parameter], rank: int) -> int:
+    """CUDA kernels and copies of one eager step (torch.profiler; APOLLO with cuda_graph=False, so the graph does
+    not hide them), after two warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
 
+    opt = optimizer(name, params, rank, cuda_graph=False)
+    for _ in range(2):
+        opt.step()
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         opt.step()
         torch.cuda.synchronize()
@@ -83,9 +88,10 @@ def bench(name: str, params: list[torch.nn.Parameter], rank: int, steps: int) ->
             times.append((time.perf_counter() - t0) * 1e3)
     row = {"step_ms": round(statistics.median(times), 3), "state_bytes": state_bytes(opt)}
     if cuda:
-        row["kernels_per_step"] = launches(opt)
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     del opt
+    if cuda:
+        row["cuda_ops_per_eager_step"] = launches(name, params, rank)
     return row
 
 
