@@ -91,6 +91,30 @@ def part_fsdp2(report: dict, refs: dict) -> None:
         record(report, f"fsdp2/{preset}", weights, losses, opt, ref)
 
 
+def part_hsdp(report: dict, refs: dict) -> None:
+    """HSDP on a (2, W / 2) (replicate, shard) mesh: (Replicate(), Shard(0)) experts, state sharded over the shard
+    dim and identical on the replicas."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+    for preset, ref in refs.items():
+        model = moe.make_model()
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
+        losses = []
+        for t in range(STEPS):
+            loss = oracle.loss_fn(model, *local_batch(t))
+            loss.backward()
+            losses.append(global_loss(loss))
+            opt.step()
+            opt.zero_grad()
+        weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+        record(report, f"hsdp/{preset}", weights, losses, opt, ref)
+
+
 def part_zero(report: dict, refs: dict, stage: int) -> None:
     for preset, ref in refs.items():
         model = moe.make_model()
@@ -276,6 +300,7 @@ def main() -> None:
         "zero2": lambda: part_zero(report, refs, 2),
         "zero3": lambda: part_zero(report, refs, 3),
         "fsdp2_few": lambda: part_fsdp2_few(report, list(refs)),
+        "hsdp": lambda: part_hsdp(report, refs),
         "dcp_save": lambda: part_dcp_save(args.ckpt_dir, refs),
         "resume_dcp": lambda: part_resume_dcp(report, args.ckpt_dir, refs),
         "save": lambda: part_save(args.ckpt_dir, refs),
