@@ -15,7 +15,9 @@ loader). The Trainer's own state (global step, scheduler.pt, data position) resu
 global batch (per_device_train_batch_size x W x gradient_accumulation_steps) the same.
 
 The optimizer is built by `build_optimizer` from TrainingArguments: ``optim_target_modules`` (list,
-regex or "all-linear"; the weights of ``nn.Linear`` modules) and ``optim_args`` ("rank=..,proj=..,
+regex or "all-linear"; the weights of ``nn.Linear`` modules, and the fused 3-D expert weights of the modules a
+list or regex matches: each expert slice an APOLLO weight, apollo_dist.experts; positions then differ from
+transformers', which leaves experts on Adam) and ``optim_args`` ("rank=..,proj=..,
 proj_type=..,scale_type=..,scale=..,update_proj_gap=..", transformers' defaults: rank 128, channel,
 scale 1, gap 200) are read as transformers' own ``optim="apollo_adamw"`` reads them, so the param
 positions, hence the projections, are those of a run with transformers' single-GPU APOLLO.
@@ -104,7 +106,7 @@ def param_groups_from_args(
 ) -> list[dict[str, Any]]:
     """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
     first (split into weight-decay and no-decay groups: the targeted weights keep their positions), then
-    the targeted ``nn.Linear`` weights with the low-rank keys. ``decay_names``: params that get weight
+    the targeted ``nn.Linear`` weights (and fused expert weights, `fused_expert_names`) with the low-rank keys. ``decay_names``: params that get weight
     decay (default: all); ``optim_args``: `parse_optim_args` of ``args.optim_args`` when the caller has it
     already. With ``match_transformers`` in it: transformers' two groups and hyperparameters exactly (the
     module docstring), each group carrying its own betas, eps and weight decay."""
