@@ -270,3 +270,9 @@ def test_fused_experts_under_hsdp_match_oracle(tmp_path):
         got = r[f"hsdp/{preset}"]
         assert got["max_rel_diff"] < 1e-4 and got["loss_rel_diff"] < 1e-5, got
         assert [sorted(set(h)) for h in got["experts_held"]] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+
+
+def test_layerwise_with_fused_experts_is_refused():
+    model = moe.make_model()
+    with pytest.raises(NotImplementedError, match="layer-wise APOLLO with fused expert weights"):
+        APOLLO(oracle.groups(model, "apollo"), layerwise=True, nonfinite="raise")
