@@ -347,7 +347,12 @@ class LowRankBucket:
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
         self.project = MultiProjection(
-            [(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device
+            [(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active],
+            r,
+            device,
+            [
+                id(slots[i].param) if slots[i].expert is not None else None for i in self.active
+            ],  # batched per fused weight
         )
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
         self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]

@@ -17,7 +17,7 @@ with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how th
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -245,14 +245,23 @@ if triton is not None:
         tl.store(T_g + out, sq, mask=c < n_ch)
 
 
-def _same_shape_runs(slots: Sequence[tuple[int, int, bool, int]]) -> list[tuple[int, int]]:
-    """(first, count) of each run of >= 2 consecutive slots (rows, n, tall, out) of one shape writing consecutive
-    rows of T_R: what a batched product may compute at once (if their gradients are back to back)."""
+def _same_shape_runs(slots: Sequence[tuple[int, int, bool, int]], keys: Sequence[Any]) -> list[tuple[int, int]]:
+    """(first, count) of each run of >= 2 consecutive slots (rows, n, tall, out) of one shape and one non-None key
+    (the expert slices of one fused weight) writing consecutive rows of T_R: what a batched product may compute at
+    once (if their gradients are back to back). Only within a fused weight, so whether a product is batched never
+    depends on where the allocator put independent gradients (a batched product may round differently)."""
     runs, k0 = [], 0
     for k in range(1, len(slots) + 1):
         rows, n, tall, out = slots[k - 1]
         nxt = slots[k] if k < len(slots) else None
-        if nxt is None or nxt[:3] != (rows, n, tall) or nxt[3] != out + (rows if tall else n) or rows == 0:
+        if (
+            nxt is None
+            or keys[k - 1] is None
+            or keys[k] != keys[k - 1]
+            or nxt[:3] != (rows, n, tall)
+            or nxt[3] != out + (rows if tall else n)
+            or rows == 0
+        ):
             if k - k0 >= 2:
                 runs.append((k0, k - k0))
             k0 = k
@@ -263,12 +272,19 @@ class MultiProjection:
     """R and ||G_c||^2 of every slot of a bucket into the bucket's touched-channel buffers, one launch.
 
     ``slots``: per slot (rows, n, tall, out), the held whole rows of G (rows x n), its orientation and the
-    first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``).
+    first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``). ``batch_keys``: per slot, the fused
+    weight it is an expert slice of (None: none); the slices of one fused weight may be one batched product.
     """
 
     NORM_BLOCK_C = 64  # channels per program when the launch computes only ||G_c||^2
 
-    def __init__(self, slots: Sequence[tuple[int, int, bool, int]], r: int, device: torch.device):
+    def __init__(
+        self,
+        slots: Sequence[tuple[int, int, bool, int]],
+        r: int,
+        device: torch.device,
+        batch_keys: Optional[Sequence[Any]] = None,
+    ):
         self.slots, self.r = list(slots), r
         self.r_pad = 1 if r == 1 else max(16, _pow2(r))
         # Tiles measured best on an H100 for LLaMA-1b's gradients (BENCHMARKS.md §1): r = 1, 64 x 32, 1.8 ms;
@@ -285,7 +301,7 @@ class MultiProjection:
         self.k_max = max(
             (n if tall else rows for rows, n, tall, _ in self.slots), default=0
         )  # interpreter's loop bound
-        self.runs = _same_shape_runs(self.slots)
+        self.runs = _same_shape_runs(self.slots, batch_keys or [None] * len(self.slots))
 
     def __call__(
         self,
