@@ -3,7 +3,8 @@ under plain ``deepspeed.initialize`` ZeRO-2 / ZeRO-3 vs apollo-torch on the unfu
 expert), 30 steps, both presets.
 
 Parts (``--parts``): fsdp2 (fully_shard per block: Shard(0) over the 8 experts, W = 3 holds 3, 3, 2 whole
-experts), zero2, zero3 (tiny buckets: flat partitions cut through experts, mid-row). Per part and preset: the
+experts), zero1, zero2, zero3 (tiny buckets: flat partitions cut through experts, mid-row); fsdp2_few (E = 2 < W),
+hsdp; save / dcp_save and resume_* (checkpoints at another W). Per part and preset: the
 max relative difference of the weights and of the per-step losses, the state bytes per rank against the
 reference's. Rank 0 writes the report to ``--out``.
 """
@@ -297,6 +298,7 @@ def main() -> None:
     report: dict = {"world": dist.get_world_size()}
     parts = {
         "fsdp2": lambda: part_fsdp2(report, refs),
+        "zero1": lambda: part_zero(report, refs, 1),
         "zero2": lambda: part_zero(report, refs, 2),
         "zero3": lambda: part_zero(report, refs, 3),
         "fsdp2_few": lambda: part_fsdp2_few(report, list(refs)),
