@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .core import Slot
+from .experts import expert_count
 from .quant import int8_module, int8_slot
 
 SUPPORTED = (
@@ -81,22 +82,29 @@ def is_dtensor(p: torch.Tensor) -> bool:
 
 @dataclass
 class Received:
-    """One param as the optimizer received it: its position (initial seed = position + 1), shape,
-    whether it trains, and a weak reference (DeepSpeed's links live on it; FSDP2 may orphan it)."""
+    """One param as the optimizer received it: its position, shape, whether it trains, and a weak reference
+    (DeepSpeed's links live on it; FSDP2 may orphan it); its initial seed (the reference's position + 1, where
+    each expert slice of a fused expert weight counts as one param, apollo_dist.experts; of expert 0 for one)
+    and its number of experts (0: not a fused expert weight)."""
 
     position: int
     shape: tuple[int, ...]
     trainable: bool
     ref: Any  # weakref.ref to the tensor
+    seed: int = 0
+    experts: int = 0
 
     @staticmethod
     def of(groups: list[dict]) -> list[list["Received"]]:
-        out, position = [], 0
+        out, position, seed = [], 0, 1
         for g in groups:
             row = []
             for p in g["params"]:
-                row.append(Received(position, global_shape(p), bool(p.requires_grad), weakref.ref(p)))
+                shape = global_shape(p)
+                experts = expert_count(shape, "rank" in g)
+                row.append(Received(position, shape, bool(p.requires_grad), weakref.ref(p), seed, experts))
                 position += 1
+                seed += max(experts, 1)
             out.append(row)
         return out
 
@@ -319,7 +327,7 @@ def _dtensor_group(slots: list[Slot], lowrank: list[bool]) -> tuple[Any, Optiona
     low-rank params (the mesh dims every one of them is split over, flattened: FSDP's dim, HSDP's shard
     dim, FSDP2 x TP's dp and tp dims); replicate dims need none (their gradients were all-reduced, the
     step is deterministic). Without low-rank params, the dims splitting any param of the largest mesh."""
-    picked = [s for s, low in zip(slots, lowrank) if low and len(s.shape) == 2] or slots
+    picked = [s for s, low in zip(slots, lowrank) if low and len(s.shape) in (2, 3)] or slots
     if not picked:
         return None, None
     mesh = max((s.param.device_mesh for s in picked), key=lambda m: m.ndim)

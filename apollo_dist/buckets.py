@@ -12,8 +12,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .binding import Binding, moment_placements
+from .binding import Binding, global_shape, moment_placements
 from .core import AdamBucket, Collectives, LowRankBucket, Slot
+from .experts import stacked_state
 from .layout import ParamLayout, chunk_owners, matrix_dims, position_owners
 
 Bucket = Union[AdamBucket, LowRankBucket]
@@ -109,8 +110,12 @@ def exposed_state(buckets: list[Bucket], mesh: Any) -> defaultdict:
     state: defaultdict = defaultdict(dict)
     for b in buckets:
         for i, s in enumerate(b.slots):
+            if s.expert is not None:  # a fused expert weight: its experts' state stacked (apollo_dist.experts)
+                if s.expert == 0:
+                    state[s.param] = stacked_state(b, i, global_shape(s.param)[0], mesh)
+                continue
             st = state[s.param]
-            st["seed"] = b.seeds[i].seeds[0] if isinstance(b, LowRankBucket) else s.index + 1
+            st["seed"] = b.seeds[i].seeds[0] if isinstance(b, LowRankBucket) else s.initial_seed
             st["step"] = b.step_count[i]  # a 0-dim view: loads write into the bucket's counts
             if isinstance(b, LowRankBucket):
                 rows = b.owned_rows(i)

@@ -48,13 +48,32 @@ class HFExport:
         shard_bytes: int = HF_SHARD_BYTES,
     ):
         self.out, self.config, self.dtype = Path(out), config, dtype
-        items = [(e.name, [(e.name, dtype, e.shape)]) for e in params]
+        # expert slices (apollo_dist.experts: "<fused name>.<e>", consecutive) go back into their fused weight
+        self.fused: dict[str, int] = {}  # fused name -> E
+        for e in params:
+            if (base := fused_name(e)) is not None:
+                self.fused[base] = self.fused.get(base, 0) + 1
+        self._slices: list[torch.Tensor] = []
+        items = [
+            (e.name, [(e.name, dtype, e.shape)])
+            if (base := fused_name(e)) is None
+            else (base, [(base, dtype, (self.fused[base], *e.shape))])
+            for e in params
+            if fused_name(e) is None or e.name.endswith(".0")
+        ]
         one_file = sum(nbytes(entries) for _, entries in items) <= shard_bytes
         pattern = "model.safetensors" if one_file else "model-{:05d}-of-{:05d}.safetensors"
         self.writer = ShardedWriter(self.out, items, pattern, shard_bytes, metadata={"format": "pt"})
 
     def put(self, entry: ParamEntry, tensors: dict[str, torch.Tensor]) -> None:
-        self.writer.put({entry.name: tensors["weight"].to(self.dtype)})
+        base = fused_name(entry)
+        if base is None:
+            self.writer.put({entry.name: tensors["weight"].to(self.dtype)})
+            return
+        self._slices.append(tensors["weight"].to(self.dtype))  # one fused weight held until its last slice
+        if len(self._slices) == self.fused[base]:
+            self.writer.put({base: torch.stack(self._slices)})
+            self._slices = []
 
     def close(self) -> None:
         self.writer.close()
@@ -65,6 +84,13 @@ class HFExport:
         config = {**self.config, "torch_dtype": str(self.dtype).removeprefix("torch.")}
         with open(self.out / "config.json", "w") as f:
             json.dump(config, f, indent=1)
+
+
+def fused_name(entry: ParamEntry) -> Optional[str]:
+    """The fused weight whose expert slice ``entry`` is (a low-rank ``<fused name>.<e>``, apollo_dist.experts), else
+    None (Hugging Face param names end in a word, e.g. ``weight``, never in a number)."""
+    base, _, last = entry.name.rpartition(".")
+    return base if entry.lowrank and last.isdigit() and base else None
 
 
 def convert(

@@ -82,6 +82,12 @@ class Slot:
     model_copy: Optional[Callable[[], torch.Tensor]] = None  # where the engine keeps the model's own copy
     # of the held elements apart from ``data`` (ZeRO-3: the param's partition), flat; None: it keeps none,
     # or the whole param on every rank (ZeRO-1/2) — what a checkpoint load must update besides ``data``
+    seed: Optional[int] = None  # initial seed; None: index + 1 (positions count fused experts, apollo_dist.experts)
+    expert: Optional[int] = None  # which expert slice of a fused 3-D weight this is (``shape`` is the slice's)
+
+    @property
+    def initial_seed(self) -> int:
+        return self.seed if self.seed is not None else self.index + 1
 
     @property
     def numel(self) -> int:
@@ -314,7 +320,7 @@ class LowRankBucket:
         self.generator_device = device  # where P is drawn (build_buckets pins it: ZeRO-Offload draws on the GPU)
         self.r = r = int(group["rank"])
         self.plan = build_comm_plan(layouts, comm.rank, comm.world, device)
-        self.seeds = [SeedChain(s.index + 1) for s in slots]
+        self.seeds = [SeedChain(s.initial_seed) for s in slots]
         self.proj: list[Optional[torch.Tensor]] = [None] * len(slots)
         self.proj_epoch = [-1] * len(slots)  # per param: its own step count sets its projection's epoch
         # random / svd / dct (projection.Projector); svd and dct keep state per param (saved as "projection")
@@ -342,6 +348,10 @@ class LowRankBucket:
         self.keep = torch.ones(sum(owned), device=device)  # per owned channel: its param is live (scratch)
         # owned channels of each slot are consecutive: per-param sums are segment sums
         self.o_segments = segment_index(owned, device)
+        # expert slices of fused weights: an all-zero slice got no token, it is a param without gradient (§2.9)
+        expert = [s.expert is not None for s in slots]
+        self.expert_sums = segment_index(touched, device) if any(expert) else None
+        self.is_expert = torch.tensor(expert, dtype=torch.bool).to(device)
         self.T_R = torch.zeros(sum(touched), r, device=device)  # partial R of touched channels (scratch)
         self.T_g = torch.zeros(sum(touched), device=device)  # partial ||G_c||^2 of touched channels (scratch)
         self.exp_avg = torch.zeros(sum(owned), r, device=device)  # moments of owned channels (state)
@@ -353,7 +363,12 @@ class LowRankBucket:
         # Slots holding any row: their R and ||G_c||^2 come from one multi-tensor projection.
         self.active = [i for i, g in enumerate(self.geom) if g.rows > 0]
         self.project = MultiProjection(
-            [(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active], r, device
+            [(self.geom[i].rows, self.geom[i].width, self.geom[i].tall, self.t_off[i]) for i in self.active],
+            r,
+            device,
+            [
+                id(slots[i].param) if slots[i].expert is not None else None for i in self.active
+            ],  # batched per fused weight
         )
         # Row-aligned blocks (the usual case) are updated by one fused launch; the rest one by one.
         self.aligned = [i for i, g in enumerate(self.geom) if g.aligned and g.rows > 0]
@@ -507,6 +522,9 @@ class LowRankBucket:
             self.T_g,
             tf32=group.get("projection_tf32", False),
         )
+        if self.expert_sums is not None:  # this rank's ||G||^2 of each slice; the optimizer's flags sum over ranks
+            g_sq = segment_sums(self.T_g.unsqueeze(0), self.expert_sums)[0]
+            self.scalars.live_t.mul_(torch.where(self.is_expert, (g_sq > 0).float(), 1.0))
 
     def nonfinite(self) -> torch.Tensor:
         """1.0 (a 0-dim tensor) if this rank's gradient has an inf/NaN (then some ||G_c||^2 has), else 0.0."""

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import torch
 
 from .binding import global_shape
+from .experts import refuse_transposed
 
 # The APOLLO paper's settings (also transformers' optim="apollo_adamw").
 PRESETS: dict[str, dict[str, Any]] = {
@@ -75,7 +76,10 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Two param groups for ``APOLLO``: the 2-D weights of modules whose name contains one of
     ``target_modules`` get the low-rank ``preset`` (keys overridable, e.g. ``rank=128``); every other
-    trainable parameter gets plain Adam. Groups carry ``param_names``.
+    trainable parameter gets plain Adam. Groups carry ``param_names``. A 3-D weight of a matched module is a
+    fused mixture-of-experts weight [E, out, in] (transformers 5.x's ``experts.gate_up_proj`` / ``down_proj``,
+    under ``mlp``: the defaults match them): each expert slice is an APOLLO weight of its own
+    (apollo_dist.experts); experts stored [E, in, out] (GPT-OSS, Llama4) are a ValueError.
 
     Raises ValueError when no parameter matches ``target_modules``. Warns once when ``rank`` exceeds
     the smaller dimension of a matched weight (the reference then keeps r-wide moments anyway).
@@ -91,7 +95,11 @@ def param_groups(
         if not p.requires_grad:
             continue
         module = name.rsplit(".", 1)[0]
-        if len(global_shape(p)) == 2 and any(t in module for t in targets):
+        if len(global_shape(p)) in (2, 3) and any(t in module for t in targets):
+            if len(global_shape(p)) == 3:
+                refuse_transposed(
+                    name, model.get_submodule(module) if "." in name else None, global_shape(p), "target_modules"
+                )
             low.append(p)
             low_names.append(name)
         else:
@@ -99,7 +107,7 @@ def param_groups(
             rest_names.append(name)
     if not low:
         raise ValueError(f"target_modules {list(targets)} match no 2-D weight of the model")
-    small = [(n, global_shape(p)) for n, p in zip(low_names, low) if keys["rank"] > min(global_shape(p))]
+    small = [(n, global_shape(p)) for n, p in zip(low_names, low) if keys["rank"] > min(global_shape(p)[-2:])]
     if small:
         warnings.warn(
             f"APOLLO rank {keys['rank']} exceeds the smaller dimension of {len(small)} weight(s), e.g. "

@@ -15,7 +15,9 @@ loader). The Trainer's own state (global step, scheduler.pt, data position) resu
 global batch (per_device_train_batch_size x W x gradient_accumulation_steps) the same.
 
 The optimizer is built by `build_optimizer` from TrainingArguments: ``optim_target_modules`` (list,
-regex or "all-linear"; the weights of ``nn.Linear`` modules) and ``optim_args`` ("rank=..,proj=..,
+regex or "all-linear"; the weights of ``nn.Linear`` modules, and the fused 3-D expert weights of the modules a
+list or regex matches: each expert slice an APOLLO weight, apollo_dist.experts; positions then differ from
+transformers', which leaves experts on Adam) and ``optim_args`` ("rank=..,proj=..,
 proj_type=..,scale_type=..,scale=..,update_proj_gap=..", transformers' defaults: rank 128, channel,
 scale 1, gap 200) are read as transformers' own ``optim="apollo_adamw"`` reads them, so the param
 positions, hence the projections, are those of a run with transformers' single-GPU APOLLO.
@@ -55,6 +57,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .binding import global_shape
+from .experts import refuse_transposed
 from .groups import LOW_RANK_KEYS
 from .optimizer import APOLLO
 
@@ -103,7 +107,7 @@ def param_groups_from_args(
 ) -> list[dict[str, Any]]:
     """APOLLO param groups as transformers' ``apollo_adamw`` lays them out: every param not targeted
     first (split into weight-decay and no-decay groups: the targeted weights keep their positions), then
-    the targeted ``nn.Linear`` weights with the low-rank keys. ``decay_names``: params that get weight
+    the targeted ``nn.Linear`` weights (and fused expert weights, `fused_expert_names`) with the low-rank keys. ``decay_names``: params that get weight
     decay (default: all); ``optim_args``: `parse_optim_args` of ``args.optim_args`` when the caller has it
     already. With ``match_transformers`` in it: transformers' two groups and hyperparameters exactly (the
     module docstring), each group carrying its own betas, eps and weight decay."""
@@ -119,6 +123,8 @@ def param_groups_from_args(
     if not target_names:
         raise ValueError(f"optim_target_modules={targets!r} match no nn.Linear of the model")
     parsed = parse_optim_args(args.optim_args) if optim_args is None else optim_args
+    if not all_linear and not parsed.get(COMPAT_KEY):  # fused experts of matched modules (apollo_dist.experts)
+        target_names |= fused_expert_names(model, lambda name: check_target_module_exists(targets, name))
     keys = {**HF_DEFAULTS, **{k: v for k, v in parsed.items() if k in LOW_RANK_KEYS}}
     wd = float(args.weight_decay)
     if parsed.get(COMPAT_KEY):
@@ -152,6 +158,20 @@ def param_groups_from_args(
         if ps
     ]
     return groups
+
+
+def fused_expert_names(model: nn.Module, matches: Any) -> set[str]:
+    """The 3-D weights (fused MoE experts [E, out, in]) of the modules whose name ``matches``; experts stored
+    [E, in, out] (transformers' ``is_transposed``: GPT-OSS, Llama4) are a ValueError naming the weight."""
+    out = set()
+    for name, module in model.named_modules():
+        if not name or not matches(name):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if len(global_shape(p)) == 3:
+                refuse_transposed(f"{name}.{pname}", module, global_shape(p), "optim_target_modules")
+                out.add(f"{name}.{pname}")
+    return out
 
 
 def build_optimizer(args: Any, model: nn.Module, decay_names: Optional[set[str]] = None) -> APOLLO:

@@ -17,7 +17,7 @@ with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how th
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -180,11 +180,12 @@ def project_eager(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Ten
     """One (rows x n) gradient: R_out = G P^T (tall, P: r x n) or G^T P (wide, P: rows x r); g_out = ||G_c||^2
     (in fp32 whatever G's dtype)."""
     G = G.float()  # a no-op for fp32 G; a bf16 G is read as fp32 one weight at a time
+    # also a batch (k x rows x n) of them with P stacked (k x ...), R_out and g_out their rows one after another
     if tall:
-        torch.matmul(G, P.t(), out=R_out)
+        torch.matmul(G, P.transpose(-1, -2), out=R_out.view(*G.shape[:-1], -1))
     else:
-        torch.matmul(G.t(), P, out=R_out)
-    torch.linalg.vector_norm(G, dim=1 if tall else 0, out=g_out)
+        torch.matmul(G.transpose(-1, -2), P, out=R_out.view(*G.shape[:-2], G.shape[-1], -1))
+    torch.linalg.vector_norm(G, dim=-1 if tall else -2, out=g_out.view(*G.shape[:-2], -1))
     g_out.square_()
 
 
@@ -255,16 +256,46 @@ if triton is not None:
         tl.store(T_g + out, sq, mask=c < n_ch)
 
 
+def _same_shape_runs(slots: Sequence[tuple[int, int, bool, int]], keys: Sequence[Any]) -> list[tuple[int, int]]:
+    """(first, count) of each run of >= 2 consecutive slots (rows, n, tall, out) of one shape and one non-None key
+    (the expert slices of one fused weight) writing consecutive rows of T_R: what a batched product may compute at
+    once (if their gradients are back to back). Only within a fused weight, so whether a product is batched never
+    depends on where the allocator put independent gradients (a batched product may round differently)."""
+    runs, k0 = [], 0
+    for k in range(1, len(slots) + 1):
+        rows, n, tall, out = slots[k - 1]
+        nxt = slots[k] if k < len(slots) else None
+        if (
+            nxt is None
+            or keys[k - 1] is None
+            or keys[k] != keys[k - 1]
+            or nxt[:3] != (rows, n, tall)
+            or nxt[3] != out + (rows if tall else n)
+            or rows == 0
+        ):
+            if k - k0 >= 2:
+                runs.append((k0, k - k0))
+            k0 = k
+    return runs
+
+
 class MultiProjection:
     """R and ||G_c||^2 of every slot of a bucket into the bucket's touched-channel buffers, one launch.
 
     ``slots``: per slot (rows, n, tall, out), the held whole rows of G (rows x n), its orientation and the
-    first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``).
+    first row of T_R / T_g it writes (tall: ``rows`` channels; wide: ``n``). ``batch_keys``: per slot, the fused
+    weight it is an expert slice of (None: none); the slices of one fused weight may be one batched product.
     """
 
     NORM_BLOCK_C = 64  # channels per program when the launch computes only ||G_c||^2
 
-    def __init__(self, slots: Sequence[tuple[int, int, bool, int]], r: int, device: torch.device):
+    def __init__(
+        self,
+        slots: Sequence[tuple[int, int, bool, int]],
+        r: int,
+        device: torch.device,
+        batch_keys: Optional[Sequence[Any]] = None,
+    ):
         self.slots, self.r = list(slots), r
         self.r_pad = 1 if r == 1 else max(16, _pow2(r))
         # Tiles measured best on an H100 for LLaMA-1b's gradients (BENCHMARKS.md §1): r = 1, 64 x 32, 1.8 ms;
@@ -281,6 +312,7 @@ class MultiProjection:
         self.k_max = max(
             (n if tall else rows for rows, n, tall, _ in self.slots), default=0
         )  # interpreter's loop bound
+        self.runs = _same_shape_runs(self.slots, batch_keys or [None] * len(self.slots))
 
     def __call__(
         self,
@@ -296,23 +328,45 @@ class MultiProjection:
             return
         if not fused(T_R, T_g, *grads, *projs):
             with _matmul_precision(tf32):
-                for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
-                    k = rows if tall else n
+                for (rows, n, tall, out), G, P in self._batched(grads, projs):
+                    k = (G.shape[0] if G.dim() == 3 else 1) * (rows if tall else n)
                     project_eager(G, P, tall, T_R[out : out + k], T_g[out : out + k])
             return
         if self.r_pad > 1 and not tf32:
             # Exact fp32 products with r > 1 on cuBLAS: Triton's fp32 FMA dot is 2x slower than SGEMM, and its
             # 3xTF32 dot ("tf32x3") 3x slower (H200, LLaMA-1b: 42.6 ms against ~14 ms). The norms: one launch.
+            # Expert slices of a fused weight (consecutive in memory, same shape): one batched product.
             with _matmul_precision(False):
-                for (rows, n, tall, out), G, P in zip(self.slots, grads, projs):
-                    k = rows if tall else n
+                for (rows, n, tall, out), G, P in self._batched(grads, projs):
+                    k = (G.shape[0] if G.dim() == 3 else 1) * (rows if tall else n)
                     if tall:
-                        torch.matmul(G, P.t(), out=T_R[out : out + k])
+                        torch.matmul(G, P.transpose(-1, -2), out=T_R[out : out + k].view(*G.shape[:-1], -1))
                     else:
-                        torch.matmul(G.t(), P, out=T_R[out : out + k])
+                        torch.matmul(G.transpose(-1, -2), P, out=T_R[out : out + k].view(*P.shape[:-2], n, -1))
             self._launch(grads, None, T_R, T_g, self.norm_jobs, self.NORM_BLOCK_C, r_pad=1, with_r=False)
             return
         self._launch(grads, projs, T_R, T_g, self.jobs, self.block_c, r_pad=self.r_pad, with_r=True)
+
+    def _batched(self, grads: list[torch.Tensor], projs: list[torch.Tensor]) -> list:
+        """(slot, G, P) per product: a run of same-shape slots whose fp32 gradients lie back to back in memory (the
+        expert slices of a fused weight, whole) as one (k x rows x n) G with its k projections stacked; else one
+        slot's G and P. ``project_eager`` and the cuBLAS path take either."""
+        out, done = [], 0
+        for k0, k in self.runs:
+            out.extend((self.slots[i], grads[i], projs[i]) for i in range(done, k0))
+            G = grads[k0]
+            step = G.numel() * G.element_size()
+            if G.dtype == torch.float32 and all(
+                g.dtype == G.dtype and g.is_contiguous() and g.data_ptr() == G.data_ptr() + j * step
+                for j, g in enumerate(grads[k0 : k0 + k])
+            ):
+                G3 = G.as_strided((k, *G.shape), (G.numel(), *G.stride()))
+                out.append((self.slots[k0], G3, torch.stack(projs[k0 : k0 + k])))
+            else:
+                out.extend((self.slots[i], grads[i], projs[i]) for i in range(k0, k0 + k))
+            done = k0 + k
+        out.extend((self.slots[i], grads[i], projs[i]) for i in range(done, len(self.slots)))
+        return out
 
     def reads_grads_directly(self, tf32: bool) -> bool:
         """Whether a step bakes the gradients' addresses in (cuBLAS per weight) rather than reading them

@@ -27,6 +27,7 @@ import torch
 from .checkpoint.canonical import CanonicalCheckpoint
 from .checkpoint.format import CheckpointError, Meta, ParamEntry, group_hyperparameters, jsonable
 from .checkpoint.state_dicts import RankState, assemble_param, meta_from_state_dicts
+from .experts import expert_count, expert_name
 
 # What a training script may leave in a native checkpoint's step directory for the conversion to carry
 # over (launch/train.py writes it): a JSON object with "step" (the data position), "scheduler" (the lr
@@ -291,14 +292,23 @@ class DCPSource:
             )
         self.model = models.pop()
         params, meta_groups = [], []
+        self._experts: dict[str, tuple[str, int]] = {}  # expert slice entry -> (fused weight, expert)
         for gi, g in enumerate(self.groups):
             # per param: a param without gradient in a step is skipped, so a group's params may differ
-            steps = {n: int(torch.as_tensor(state[n]["step"])) for n in g["params"]}
-            meta_groups.append({**group_hyperparameters(g), "step": max(steps.values(), default=0)})
+            steps = {n: torch.as_tensor(state[n]["step"]).reshape(-1) for n in g["params"]}
+            meta_groups.append(
+                {**group_hyperparameters(g), "step": max((int(s.max()) for s in steps.values()), default=0)}
+            )
             for n in g["params"]:
                 shape = tuple(self.md.state_dict_metadata[f"{self.model}.{n}"].size)
-                proj = g.get("proj", "random") if "rank" in g else "random"
-                params.append(ParamEntry(n, gi, shape, int(state[n]["seed"]), g.get("rank"), steps[n], proj))
+                seed, proj = int(state[n]["seed"]), g.get("proj", "random") if "rank" in g else "random"
+                for e in range(expert_count(shape, g.get("rank") is not None)):  # fused experts: one entry per slice
+                    self._experts[expert_name(n, e)] = (n, e)
+                    params.append(
+                        ParamEntry(expert_name(n, e), gi, shape[1:], seed + e, g.get("rank"), int(steps[n][e]), proj)
+                    )
+                if not expert_count(shape, g.get("rank") is not None):
+                    params.append(ParamEntry(n, gi, shape, seed, g.get("rank"), int(steps[n][0]), proj))
         run = _trainer_json(self.dir)
         first = self.groups[0] if self.groups else {}
         world = len({int(m.group(1)) for f in self._files() if (m := re.match(r"__(\d+)_\d+\.distcp$", f))})
@@ -366,14 +376,16 @@ class DCPSource:
         return t
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
-        st = f"{self.optim}.state.{entry.name}"
-        out = {"weight": self._tensor(f"{self.model}.{entry.name}").float()}
+        name, e = self._experts.get(entry.name, (entry.name, None))
+        pick = (lambda t: t) if e is None else (lambda t: t[e])  # noqa: E731 (an expert slice of a fused weight)
+        st = f"{self.optim}.state.{name}"
+        out = {"weight": pick(self._tensor(f"{self.model}.{name}").float())}
         for k in ("exp_avg", "exp_avg_sq"):
-            t = self._tensor(f"{st}.{k}").float()
+            t = pick(self._tensor(f"{st}.{k}").float())
             # DTensor state is channel-major (C x r): wide params go back to the reference's r x n.
             out[k] = t.t().contiguous() if entry.lowrank and entry.shape[0] < entry.shape[1] else t
         if entry.lowrank:
-            out["limiter_norm"] = self._tensor(f"{st}.limiter_norm").float().reshape(1)
+            out["limiter_norm"] = pick(self._tensor(f"{st}.limiter_norm").float().reshape(-1)).reshape(1)
             if "projection" in entry.tensor_shapes():  # svd / dct: the same plain tensor on every rank
                 out["projection"] = self._tensor(f"{st}.projection").to(entry.dtype("projection"))
         return out

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from .binding import Binding, Received, Unit, detect, global_shape, is_dtensor
 from .buckets import Bucket, build_buckets, exposed_state
 from .core import Collectives, LowRankBucket, Slot
+from .experts import expand_experts, fused_layout
 from .groups import RUN_KEYS, TUNABLE_LOW_RANK_KEYS, warn_run_changes
 from .layerwise import LayerwiseUpdates, layer_of, per_param_binding
 from .projection import PROJECTIONS
@@ -62,8 +63,15 @@ def _check_group(i: int, group: dict) -> None:
         raise ValueError(f"{where}: invalid update_proj_gap={group['update_proj_gap']!r}: must be an integer >= 1")
     for j, p in enumerate(group["params"]):
         shape = global_shape(p)
-        if len(shape) != 2:
-            raise ValueError(f"{where}: a group with 'rank' holds only 2-D weights, but param {j} has shape {shape}")
+        if len(shape) not in (2, 3):  # 3-D: fused experts [E, out, in], one APOLLO weight per slice (experts.py)
+            raise ValueError(
+                f"{where}: a group with 'rank' holds only 2-D weights and 3-D fused expert weights, but param {j} has shape {shape}"
+            )
+        if len(shape) == 3 and group["proj"] != "random":  # svd / dct state is kept per param, not per slice
+            raise NotImplementedError(
+                f"{where}: proj={group['proj']!r} with a fused expert weight (param {j}, shape {shape}) is not "
+                "supported: use proj='random' for the group holding fused experts"
+            )
 
 
 def _nonfinite_policy(nonfinite: Optional[str], layerwise: bool) -> str:
@@ -168,6 +176,7 @@ class APOLLO(torch.optim.Optimizer):
         self._buckets: list[Bucket] = []
         self._clear_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the engine's gradient store zeroed
         self._comm = Collectives(None)
+        self._device_live = False  # which params are live is decided on the device even at W = 1 (fused experts)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
         self._generator_device = self._device  # where projections are drawn (ZeRO-Offload: the GPU, not the state's)
         if any(is_dtensor(p) for g in self._groups for p in g["params"]):
@@ -176,7 +185,7 @@ class APOLLO(torch.optim.Optimizer):
             for g, row in zip(self._groups, self._received):
                 for p, r in zip(g["params"], row):
                     if r.trainable:
-                        self.state[p]["seed"] = r.position + 1
+                        self.state[p]["seed"] = r.seed
             if layerwise:  # the hooks must be on the params before the first backward: bind now
                 self.ensure_bound()
 
@@ -260,7 +269,10 @@ class APOLLO(torch.optim.Optimizer):
                 "Shard or wrap the model (fully_shard, deepspeed.initialize, accelerator.prepare) before the first "
                 "step and before loading optimizer state"
             )
+        binding = expand_experts(binding, self._received)
         if self._layerwise is not None:  # one bucket per param or per layer, stepped at its last param's hook
+            if any(r.experts for row in self._received for r in row):
+                raise NotImplementedError("layer-wise APOLLO with fused expert weights (3-D) is not supported")
             binding = per_param_binding(binding, self._layer_key())
         else:
             refuse_int8((s for u in binding.units for s in u.slots), "APOLLO(layerwise=False)")
@@ -273,6 +285,8 @@ class APOLLO(torch.optim.Optimizer):
         self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
         self._world, self._rank, self._device = comm.world, comm.rank, device
         self._generator_device = binding.generator_device or device
+        # an expert's gradient slice that is all zero means no token reached it: decided on the device (core)
+        self._device_live = any(s.expert is not None for b in buckets for s in b.slots)
         self.state = exposed_state(buckets, binding.mesh)  # for the params bound now; others' entries dropped
         if self._layerwise is not None:
             self._layerwise.attach(buckets)
@@ -477,13 +491,14 @@ class APOLLO(torch.optim.Optimizer):
         bad = self._bad_buffer()
         if check:
             bad.copy_(sum((b.nonfinite().to(self._device) for b in buckets), torch.zeros((), device=self._device)))
-        elif self._comm.world > 1:  # "ignore": the all-reduce below still decides which params have a gradient
+        elif self._comm.world > 1 or self._device_live:  # "ignore": the flags below still decide which params are live
             bad.zero_()
-        if self._comm.world > 1:
+        if self._comm.world > 1 or self._device_live:
             # Over APOLLO's group only (HSDP: the shard sub-mesh). Replicas agree without asking: FSDP2
             # all-reduced their gradients (bitwise-identical results; an inf/NaN anywhere reaches all).
             self._flags = torch.cat([bad.reshape(1)] + [b.scalars.live_t for b in buckets])
-            self._comm.all_reduce(self._flags)
+            if self._comm.world > 1:
+                self._comm.all_reduce(self._flags)
             bad.copy_(self._flags[0])
             k = 1
             for b in buckets:
@@ -505,7 +520,7 @@ class APOLLO(torch.optim.Optimizer):
         """Count the step taken now by each param that has a gradient (at W > 1 by every param: the all-reduce
         decided on the device which have one); where the host has not seen the device's decisions (the skip
         flag of a device-gated step, W > 1's live params), read them at the next call (`_settle`)."""
-        here = self._comm.world == 1  # the host knows which params have a gradient
+        here = self._comm.world == 1 and not self._device_live  # the host knows which params have a gradient
         applied, live_at, k = [], [], 1
         for b in buckets:
             inc = torch.tensor(b.scalars.live(), dtype=torch.float32) if here else torch.ones(len(b.slots))
@@ -641,6 +656,10 @@ class APOLLO(torch.optim.Optimizer):
         params: dict[int, dict[str, Any]] = {}
         for b in self.buckets:
             for i, s in enumerate(b.slots):
+                if s.expert is not None:  # a fused expert weight: one entry, per expert its range and channels
+                    if s.expert == 0:
+                        params[s.index] = fused_layout(b, i, global_shape(s.param)[0], self._rank)
+                    continue
                 entry = {"group": b.group_index, "shape": list(s.shape), "start": s.start, "end": s.end}
                 if s.block is not None:
                     entry["block"] = list(s.block)
@@ -678,7 +697,7 @@ class APOLLO(torch.optim.Optimizer):
             _load_param_state(pid, live, saved_state, write=False)
         # A state that took no step drew no projection (accelerate moves a fresh one from CPU to the GPU this way)
         if state_dict["param_groups"] and any(
-            float(_local(st.get("step", 0))) > 0 for st in state_dict["state"].values()
+            float(torch.as_tensor(_local(st.get("step", 0))).max()) > 0 for st in state_dict["state"].values()
         ):
             warn_run_changes("optimizer state", state_dict["param_groups"][0], self.run_settings())
         _take_hyperparameters_into(self._groups, state_dict["param_groups"])

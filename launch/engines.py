@@ -608,10 +608,9 @@ class DeepSpeedEngine(Engine):
         if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3:
             # Each rank allocates only its partitions: construction under zero.Init, then each partition filled.
             import deepspeed
-            from transformers import LlamaForCausalLM
 
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
-                model = LlamaForCausalLM(model.config)
+                model = type(model)(model.config)
             fill_zero3(model, run.seed, pretrained(run))
         else:  # ZeRO-1/2 keep a replica of the (low-precision) weights on every rank anyway
             model = materialize(model, run.seed, d.device, pretrained(run))

@@ -59,9 +59,12 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
             tie_word_embeddings=False,
             use_cache=False,
         )
-    cfg = LlamaConfig.from_json_file(model)  # also a checkpoint's config.json: GQA, tied embeddings, rope scaling
-    if getattr(cfg, "model_type", "llama") != "llama" or json.load(open(model)).get("model_type", "llama") != "llama":
-        raise ValueError(f"--model {model}: model_type is not 'llama'")
+    kind = json.load(open(model)).get("model_type", "llama")
+    if kind not in CAUSAL_LM:
+        raise ValueError(f"--model {model}: model_type is not one of {sorted(CAUSAL_LM)}")
+    cfg = _config_class(kind).from_json_file(model)  # also a checkpoint's config.json: GQA, tied embeddings, rope
+    if getattr(cfg, "model_type", "llama") != kind:
+        raise ValueError(f"--model {model}: model_type is not {kind!r}")
     if cfg.vocab_size < vocab_size:
         raise ValueError(f"--model {model}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if cfg.max_position_embeddings < seq_len:
@@ -72,13 +75,29 @@ def llama_config(model: str, vocab_size: int, seq_len: int):
     return cfg
 
 
-def meta_model(config) -> torch.nn.Module:
-    """``LlamaForCausalLM`` on the meta device: shapes only, no memory, no random draws."""
-    from transformers import LlamaForCausalLM
+# model_type -> the causal LM class: LLaMA, and Mixtral for mixture-of-experts runs (fused experts, apollo_dist.experts)
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 
+
+def _config_class(kind: str):
+    import transformers
+
+    return getattr(transformers, CAUSAL_LM[kind].replace("ForCausalLM", "Config"))
+
+
+def causal_lm_class(config):
+    """The transformers class of ``config`` (`CAUSAL_LM`)."""
+    import transformers
+
+    return getattr(transformers, CAUSAL_LM[getattr(config, "model_type", "llama")])
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The causal LM (``LlamaForCausalLM``, ``MixtralForCausalLM``) on the meta device: shapes only, no memory,
+    no random draws."""
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        return causal_lm_class(config)(config)
 
 
 def param_init(name: str, shape: tuple[int, ...], seed: int, std: float, device: torch.device) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import AdamBucket, LowRankBucket, Slot
+from ..experts import expert_name
 from ..groups import LOW_RANK_KEYS, warn_run_changes
 from ..optimizer import APOLLO
 from ..projection import SeedChain
@@ -102,6 +103,8 @@ def _sync_model_param(slot: Slot, ckpt: SliceReader, name: str) -> None:
             slot.model_copy().copy_(slot.data)
         elif p.numel() == math.prod(slot.shape):
             p.data.view(-1).copy_(ckpt.read_flat(name, "weight", 0, p.numel()))
+        elif slot.expert is not None and p.numel() == math.prod(slot.shape) * p.shape[0]:  # an expert's slice
+            p.data[slot.expert].view(-1).copy_(ckpt.read_flat(name, "weight", 0, math.prod(slot.shape)))
         else:  # e.g. a ZeRO-3 placeholder bound without its partition: the model would keep stale weights
             raise CheckpointError(
                 f"{name}: the model's tensor holds {p.numel()} of the param's {math.prod(slot.shape)} elements and "
@@ -184,11 +187,14 @@ def load_checkpoint(
         saved = saved_groups[b.group_index]
         for i, s in enumerate(b.slots):
             name = names.get(id(s.param))
+            if name is not None and s.expert is not None:  # a fused weight's expert slice: an entry of its own
+                name = expert_name(name, s.expert)
             rec = _param_record(ckpt, name, s, b.group_index)
             live_names.add(name)
             b.step_count[i] = float(rec.get("step", saved["step"]))  # per param (older checkpoints: the group's)
             _load_slot(ckpt, b, i, name, int(rec["seed"]))
-            optimizer.state[s.param]["seed"] = int(rec["seed"])
+            if s.expert in (None, 0):
+                optimizer.state[s.param]["seed"] = int(rec["seed"])
         if isinstance(b, LowRankBucket):
             b.reset_projections()  # regenerate P from the loaded seeds at the next step
         for k, v in saved.items():  # lr, betas, ... as they were (the scheduler's state comes with them)
@@ -252,7 +258,8 @@ class LiveSource:
         names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(ordered)]
         slots = {s.index: s for s in optimizer.slots()}
         self.meta, self._index = meta_from_state_dicts(sd, names, dict(trainer or {}), {"engine": "live"})
-        master = lambda idx, entry, a, b: slots[idx].data.detach().float().cpu()[: b - a]  # noqa: E731
+        held = lambda s: s.data if s.expert is None else s.param.reshape(-1)  # noqa: E731 (fused experts: all of it)
+        master = lambda idx, entry, a, b: held(slots[idx]).detach().float().cpu()[: b - a]  # noqa: E731
         self._rank = RankState("live optimizer", sd["apollo_layout"], sd["state"], master)
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..experts import expert_name
 from .format import CheckpointError, Meta, ParamEntry, group_hyperparameters
 
 
@@ -30,9 +31,46 @@ def _local(t: Any) -> torch.Tensor:
     return torch.as_tensor(t).detach().float().cpu()
 
 
-def assemble_param(entry: ParamEntry, idx: int, ranks: list[RankState]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class ExpertOf:
+    """Where a checkpoint entry of expert slice ``e`` comes from: the fused weight ``fused`` at state-dict index
+    ``idx`` (apollo_dist.experts: its layout lists each expert's held range and owned channels, its state the
+    experts' owned rows one after another)."""
+
+    idx: int
+    e: int
+    fused: ParamEntry
+
+
+def _expert_rank(rs: RankState, ref: ExpertOf) -> RankState:
+    """Rank ``rs`` as if expert slice ``ref.e`` were a param of its own: its layout entry, state and master weights."""
+    lay = rs.layout["params"].get(ref.idx)
+    if lay is None or "experts" not in lay:
+        raise CheckpointError(f"{rs.where}: no fused-expert layout for param {ref.fused.name}")
+    start, end, o0, o1 = lay["experts"][ref.e]
+    row0 = sum(b - a for _, _, a, b in lay["experts"][: ref.e])  # its owned rows in the stacked state
+    size = math.prod(ref.fused.shape[1:])
+    st = rs.state.get(ref.idx, {})
+    state = {}
+    if st:
+        state = {k: _local(st[k]).reshape(-1, ref.fused.r)[row0 : row0 + o1 - o0] for k in ("exp_avg", "exp_avg_sq")}
+        state["limiter_norm"] = _local(st["limiter_norm"]).reshape(-1)[ref.e]
+    held = lay["start"]
+
+    def master(idx: int, entry: ParamEntry, a: int, b: int) -> torch.Tensor:
+        a, b = ref.e * size + a, ref.e * size + b
+        return rs.master(ref.idx, ref.fused, held, lay["end"])[a - held : b - held]
+
+    layout = {"params": {ref.idx: {"start": start, "end": end, "owned": [o0, o1]}}}
+    return RankState(rs.where, layout, {ref.idx: state}, master)
+
+
+def assemble_param(entry: ParamEntry, idx: "int | ExpertOf", ranks: list[RankState]) -> dict[str, torch.Tensor]:
     """One param's canonical tensors from every rank's piece (each rank: its APOLLO state dict's
-    layout and state, and its master weights): pieces must tile the param and its channels."""
+    layout and state, and its master weights): pieces must tile the param and its channels. ``idx``: the
+    param's state-dict index, or an expert slice of a fused weight (`ExpertOf`)."""
+    if isinstance(idx, ExpertOf):
+        ranks, idx = [_expert_rank(rs, idx) for rs in ranks], idx.idx
     numel = math.prod(entry.shape)
     weight = torch.empty(numel)
     covered = 0
@@ -106,23 +144,42 @@ def _same_on_ranks(entry: ParamEntry, where: str, seen: Any, t: Any) -> torch.Te
 
 def meta_from_state_dicts(
     optim_sd: dict[str, Any], names: list[str], trainer: dict[str, Any], source: dict[str, Any]
-) -> tuple[Meta, dict[str, int]]:
-    """Meta of an APOLLO state dict (``names``: the param names in state-dict index order), and name -> index."""
+) -> tuple[Meta, dict[str, "int | ExpertOf"]]:
+    """Meta of an APOLLO state dict (``names``: the param names in state-dict index order), and name -> index
+    (a fused expert weight is one entry per expert slice, `experts.expert_name`, mapped to an `ExpertOf`)."""
     layout = optim_sd["apollo_layout"]
     params, groups, index_of = [], [], {}
     for gi, g in enumerate(optim_sd["param_groups"]):
         # per param: a param without gradient in a step is skipped, so a group's params may differ
-        steps = {idx: int(_local(optim_sd["state"][idx]["step"])) for idx in g["params"] if idx in optim_sd["state"]}
-        groups.append({**group_hyperparameters(g), "step": max(steps.values(), default=0)})
+        steps = {
+            idx: _local(optim_sd["state"][idx]["step"]).reshape(-1) for idx in g["params"] if idx in optim_sd["state"]
+        }
+        groups.append({**group_hyperparameters(g), "step": max((int(s.max()) for s in steps.values()), default=0)})
         for idx in g["params"]:
             if idx not in layout["params"]:
                 continue  # frozen: not optimized
             name = names[idx]
             lay = layout["params"][idx]
             st = optim_sd["state"][idx]
+            step = steps.get(idx)
             proj = g.get("proj", "random") if "rank" in g else "random"
+            if "experts" in lay:
+                fused = ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"))
+                for e in range(len(lay["experts"])):
+                    ename = expert_name(name, e)
+                    params.append(ParamEntry(ename, gi, fused.shape[1:], fused.seed + e, fused.r, int(step[e]), proj))
+                    index_of[ename] = ExpertOf(idx, e, fused)
+                continue
             params.append(
-                ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"), steps.get(idx), proj)
+                ParamEntry(
+                    name,
+                    gi,
+                    tuple(lay["shape"]),
+                    int(st["seed"]),
+                    g.get("rank"),
+                    None if step is None else int(step),
+                    proj,
+                )
             )
             index_of[name] = idx
     first = optim_sd["param_groups"][0] if optim_sd["param_groups"] else {}
