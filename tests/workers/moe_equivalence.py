@@ -73,32 +73,22 @@ def record(report: dict, key: str, weights: dict, losses: list[float], opt: APOL
 
 
 def part_fsdp2(report: dict, refs: dict) -> None:
-    from torch.distributed.fsdp import fully_shard
-
-    for preset, ref in refs.items():
-        model = moe.make_model()
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
-        losses = []
-        for t in range(STEPS):
-            loss = oracle.loss_fn(model, *local_batch(t))
-            loss.backward()
-            losses.append(global_loss(loss))
-            opt.step()
-            opt.zero_grad()
-        weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        record(report, f"fsdp2/{preset}", weights, losses, opt, ref)
+    _train_fully_sharded(report, refs, "fsdp2", mesh=None)
 
 
 def part_hsdp(report: dict, refs: dict) -> None:
     """HSDP on a (2, W / 2) (replicate, shard) mesh: (Replicate(), Shard(0)) experts, state sharded over the shard
     dim and identical on the replicas."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard"))
+    _train_fully_sharded(report, refs, "hsdp", mesh=mesh)
+
+
+def _train_fully_sharded(report: dict, refs: dict, name: str, mesh) -> None:
+    """STEPS steps of the model with each block and the root under fully_shard (``mesh``: HSDP's 2-D mesh)."""
+    from torch.distributed.fsdp import fully_shard
+
     for preset, ref in refs.items():
         model = moe.make_model()
         for block in model.blocks:
@@ -113,7 +103,7 @@ def part_hsdp(report: dict, refs: dict) -> None:
             opt.step()
             opt.zero_grad()
         weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        record(report, f"hsdp/{preset}", weights, losses, opt, ref)
+        record(report, f"{name}/{preset}", weights, losses, opt, ref)
 
 
 def part_zero(report: dict, refs: dict, stage: int) -> None:
