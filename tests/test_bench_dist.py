@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+import pytest
 from spawn import run_checked
 
 from tools import bench_dist
@@ -78,6 +79,7 @@ def test_max_batch_ladder_in_one_launch(monkeypatch):
     assert mb == 4 and [r["micro_batch"] for r in run["rows"]] == [4, 4] and run["all_rows"][0]["micro_batch"] == 1
 
 
+@pytest.mark.slow  # the search is asserted in CI on a stubbed job (above); this one launches the real job
 def test_max_batch_search_runs_the_job_once(tmp_path, corpus):
     """--max-batch under ZeRO-3 (the deepspeed launcher), W = 1: one launch of launch/train.py
     --probe-micro-batches tries 1, 2 (the limit) in turn; the row is size 2's, timed from its second step,

@@ -230,6 +230,7 @@ def test_single_checkpoint_resumes_only_under_single(runs):
     ), proc.stderr[-800:]
 
 
+@pytest.mark.slow  # a logging sink; the metrics rows it mirrors are asserted in CI
 def test_tensorboard_scalars_are_the_metrics(tmp_path):
     """--tensorboard DIR, read back with the tensorboard package's own EventAccumulator: train/loss,
     train/lr and val/loss at each row's step are metrics.jsonl's values (as float32). The run is resumed
