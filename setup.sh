@@ -7,6 +7,8 @@ if [ ! -x .venv/bin/python ] || [ requirements.txt -nt .venv/.done ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   # Test oracle only (CC-BY-NC); --no-deps because it pulls bitsandbytes, which tests stub.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps apollo-torch==1.0.3
+  # Read-only cross-check of the DCT projection (tests/test_projections.py); pure Python, its needs unused there.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps ista-daslab-optimizers==1.1.15
   touch .venv/.done
 fi
 # The repo itself, editable: the packages apollo_dist, launch and tools (pyproject.toml) import from any
