@@ -423,7 +423,8 @@ class LowRankBucket:
                     self._set_projection(i, self.proj_epoch[i])  # the state it has (P of zeros before any)
             due = [i for i, has in zip(due, live.tolist()) if has]
             self._refreshed = due
-            refresh_states(self.projector, [self._refresh_item(i) for i in due], self.r, self.comm)
+            items = [self._refresh_item(i) for i in due]
+            refresh_states(self.projector, items, self.r, self.comm, compute=self.generator_device)
         for i in due:
             self._set_projection(i, epochs[i])
 

@@ -610,11 +610,13 @@ class APOLLO(torch.optim.Optimizer):
 
     def _graphable(self, buckets: list) -> bool:
         """A CUDA graph may capture the step: one GPU, no collective, every bucket stepped in this call, every
-        write in a fused kernel, every gradient present."""
+        write in a fused kernel, every gradient present. Not with fused experts: their live flags are a fresh
+        tensor per step (`_device_step`), which a replayed graph would not write."""
         return (
             self._graph is not None
             and self._device.type == "cuda"
             and self._comm.world == 1
+            and not self._device_live
             and len(buckets) == len(self._buckets)
             and all(b.fused() and b.complete() for b in buckets)
         )

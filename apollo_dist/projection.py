@@ -222,6 +222,10 @@ def _whole(it: RefreshItem) -> torch.Tensor:
     return G
 
 
+def _on(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    return t if device is None else t.to(device)
+
+
 def decision_ranks(items: list[RefreshItem], world: int) -> list[int]:
     """Which rank decides each item: largest first (cost m n min(m, n)) to the least loaded rank, ties to the
     rank nearest after the item's position (a bucket of one param, layer-wise, goes to position % W). The
@@ -236,9 +240,13 @@ def decision_ranks(items: list[RefreshItem], world: int) -> list[int]:
     return out
 
 
-def refresh_states(proj: Projector, items: list[RefreshItem], r: int, comm: Any) -> None:
+def refresh_states(
+    proj: Projector, items: list[RefreshItem], r: int, comm: Any, compute: Optional[torch.device] = None
+) -> None:
     """Compute the projection state of every item into its ``out`` on every rank of ``comm`` (a collective:
-    every rank calls it with the same items, in the same order).
+    every rank calls it with the same items, in the same order). ``compute``: where the scores and SVDs run
+    (the generator device: under ZeRO-Offload the GPU, as without offload, so both decide alike), else where
+    the gradient is.
 
     W = 1: from the gradient directly. W > 1: where row-shard partial scores add up (DCT, tall, whole rows
     on every rank), each rank scores its rows and one all-reduce of the concatenated score vectors gives
@@ -247,12 +255,14 @@ def refresh_states(proj: Projector, items: list[RefreshItem], r: int, comm: Any)
     zeros elsewhere: the sum is exact), each decides its own, one all-gather hands the results to all."""
     if comm.world == 1:
         for it in items:
-            it.out.copy_(proj.decide(_whole(it), r))
+            it.out.copy_(proj.decide(_on(_whole(it), compute), r))
         return
     local = [it for it in items if it.whole_rows and proj.scores_rows(it.m, it.n)]
     if local:
         parts = [
-            dct_scores(it.rows.float(), True) if it.rows is not None else torch.zeros(it.n, device=it.out.device)
+            dct_scores(_on(it.rows.float(), compute), True)
+            if it.rows is not None
+            else torch.zeros(it.n, device=compute or it.out.device)
             for it in local
         ]
         scores = comm.all_reduce(torch.cat(parts))
@@ -280,7 +290,7 @@ def refresh_states(proj: Projector, items: list[RefreshItem], r: int, comm: Any)
         size = max(it.out.numel() for it in pick if it is not None)
         result = torch.zeros(size, dtype=rest[0].out.dtype, device=device)
         if mine is not None:
-            decided = proj.decide(G[: mine.m * mine.n].view(mine.m, mine.n), r)
+            decided = proj.decide(_on(G[: mine.m * mine.n].view(mine.m, mine.n), compute), r)
             result[: decided.numel()] = decided.reshape(-1)
         every = comm.all_gather(result).view(world, size)
         for w, it in enumerate(pick):

@@ -284,3 +284,21 @@ def test_gradient_projections_with_fused_experts_are_refused(proj):
 
     with pytest.raises(NotImplementedError, match=rf"proj='{proj}' with a fused expert weight"):
         APOLLO(param_groups(moe.make_model(), proj=proj), lr=1e-3)
+
+
+def test_fused_experts_never_step_as_a_cuda_graph(monkeypatch):
+    """An expert's live flag is decided per step into a fresh tensor that a replayed CUDA graph would not write
+    (step counts and skips would come from the captured step): with fused experts the step is never captured.
+    The rule alone decides here: every other condition of `_graphable` is made true (nothing runs on a GPU)."""
+    graphable = {}
+    for fused in (True, False):
+        model = moe.make_model(fused=fused)
+        opt = APOLLO(oracle.groups(model, "apollo-mini"), **oracle.HPARAMS)
+        oracle.loss_fn(model, *moe.batch(0)).backward()
+        opt.step()
+        for b in opt.buckets:
+            monkeypatch.setattr(b, "fused", lambda: True)
+            monkeypatch.setattr(b, "complete", lambda: True)
+        monkeypatch.setattr(opt, "_device", torch.device("cuda"))
+        graphable[fused] = opt._graph is not None and opt._graphable(opt.buckets)
+    assert graphable == {True: False, False: True}
