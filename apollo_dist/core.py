@@ -327,6 +327,7 @@ class LowRankBucket:
         self.projector = make_projector(group.get("proj", "random"))
         self.proj_state = [self.projector.state_like(lay.m, lay.n, r, device) for lay in layouts]
         self._refreshed: list[int] = []  # params whose data-dependent projection the last ``begin`` refreshed
+        self._before: list[torch.Tensor] = []  # their states before it (a step not taken restores them)
         self._restore = False  # the next ``begin`` rebuilds P from loaded projection state
         self.fetched: list[Optional[torch.Tensor]] = []  # this step's gradients as the slots return them (flat)
         self._grads: Optional[list[Optional[torch.Tensor]]] = None
@@ -396,7 +397,8 @@ class LowRankBucket:
     def undo_refresh(self) -> None:
         """The last ``begin``'s step was not taken (non-finite gradient): its data-dependent refreshes happen
         again at the next step (same step count), from that step's gradient."""
-        for i in self._refreshed:
+        for i, old in zip(self._refreshed, self._before):  # the state a checkpoint saves stays the last taken one
+            self.proj_state[i].copy_(old)
             self.proj_epoch[i] = -1
         self._refreshed = []
 
@@ -422,7 +424,7 @@ class LowRankBucket:
                 if not has:
                     self._set_projection(i, self.proj_epoch[i])  # the state it has (P of zeros before any)
             due = [i for i, has in zip(due, live.tolist()) if has]
-            self._refreshed = due
+            self._refreshed, self._before = due, [self.proj_state[i].clone() for i in due]
             items = [self._refresh_item(i) for i in due]
             refresh_states(self.projector, items, self.r, self.comm, compute=self.generator_device)
         for i in due:

@@ -109,6 +109,24 @@ def test_nonfinite_refresh_step_is_skipped_and_refreshes_again(proj):
     assert oracle.max_rel_diff(got, model) == 0.0
 
 
+@pytest.mark.parametrize("proj", ["svd", "dct"])
+def test_skipped_refresh_leaves_the_saved_projection_as_it_was(proj):
+    """The state a checkpoint saves after a skipped refresh step (NaN at step 7) is the last taken step's
+    projection, not one decided from the NaN gradient."""
+    before = {}
+
+    def nan_at_7(t, model, opt):
+        if t == 7:
+            before.update({id(p): st["projection"].clone() for p, st in opt.state.items() if "projection" in st})
+            model.blocks[0].mlp["up"].weight.grad.view(-1)[0] = float("nan")
+
+    _, opt = train(APOLLO, "apollo", proj, steps=8, hook=nan_at_7)
+    assert opt.skipped_steps == 1 and before
+    for p, st in opt.state.items():
+        if id(p) in before:
+            assert torch.equal(st["projection"], before[id(p)])
+
+
 def _paper_rule(G: torch.Tensor, r: int) -> list[int]:
     """The DCT selection written out on one matrix: the orthonormal DCT-II basis from its definition, the
     gradient's rows (tall) or columns (wide) projected on every basis vector, the r largest L2 norms."""
