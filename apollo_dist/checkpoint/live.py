@@ -240,6 +240,14 @@ resume_canonical = resume_checkpoint  # the name from before any checkpoint load
 
 
 # -- a live single-process optimizer as a source ---------------------------------------------------
+def _held(slots: list) -> torch.Tensor:
+    """The elements the optimizer updates (the engine's fp32 master where it keeps one, not the model's copy):
+    a fused expert weight's are its expert slots' back to back."""
+    if len(slots) == 1:
+        return slots[0].data
+    return torch.cat([s.data.reshape(-1) for s in sorted(slots, key=lambda s: s.expert)])
+
+
 class LiveSource:
     """A single-process APOLLO (world size 1) as a `Source`: save it canonically without a native
     checkpoint in between. Sharded runs save natively and convert (tools/convert_checkpoint.py)."""
@@ -256,10 +264,11 @@ class LiveSource:
         by_id = _param_names(optimizer, model)
         ordered = [p for g in optimizer.param_groups for p in g["params"]]
         names = [by_id.get(id(p), f"param{i}") for i, p in enumerate(ordered)]
-        slots = {s.index: s for s in optimizer.slots()}
+        slots: dict[int, list] = {}  # by param index: its slots (a fused expert weight: one per expert, in order)
+        for s in optimizer.slots():
+            slots.setdefault(s.index, []).append(s)
         self.meta, self._index = meta_from_state_dicts(sd, names, dict(trainer or {}), {"engine": "live"})
-        held = lambda s: s.data if s.expert is None else s.param.reshape(-1)  # noqa: E731 (fused experts: all of it)
-        master = lambda idx, entry, a, b: held(slots[idx]).detach().float().cpu()[: b - a]  # noqa: E731
+        master = lambda idx, entry, a, b: _held(slots[idx]).detach().float().cpu()[: b - a]  # noqa: E731
         self._rank = RankState("live optimizer", sd["apollo_layout"], sd["state"], master)
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
