@@ -67,6 +67,7 @@ def test_initial_weights_are_the_same_for_every_engine_and_world_size(tmp_path, 
     assert not different, f"{engine} W={world}: initial weights differ in {different[:4]}"
 
 
+@pytest.mark.slow  # ~2 min in CI (a 314M-param model at W=2 under two engines): suite time
 def test_host_memory_grows_by_the_rank_share_not_the_model(tmp_path):
     """A 314 M-parameter config (1.26 GB fp32; 24 layers, vocabulary 8000) at W = 2 under FSDP2 and ZeRO-3
     (zero.Init): the peak RSS a rank gains while its part of the model is built is its share (half) plus
