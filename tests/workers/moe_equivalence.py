@@ -85,6 +85,18 @@ def part_hsdp(report: dict, refs: dict) -> None:
     _train_fully_sharded(report, refs, "hsdp", mesh=mesh)
 
 
+def _steps(model: torch.nn.Module, opt, start: int, stop: int) -> list[float]:
+    """Steps ``start`` .. ``stop`` - 1 on this rank's share of each batch; the global losses."""
+    losses = []
+    for t in range(start, stop):
+        loss = oracle.loss_fn(model, *local_batch(t))
+        loss.backward()
+        losses.append(global_loss(loss))
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 def _train_fully_sharded(report: dict, refs: dict, name: str, mesh) -> None:
     """STEPS steps of the model with each block and the root under fully_shard (``mesh``: HSDP's 2-D mesh)."""
     from torch.distributed.fsdp import fully_shard
@@ -95,13 +107,7 @@ def _train_fully_sharded(report: dict, refs: dict, name: str, mesh) -> None:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
-        losses = []
-        for t in range(STEPS):
-            loss = oracle.loss_fn(model, *local_batch(t))
-            loss.backward()
-            losses.append(global_loss(loss))
-            opt.step()
-            opt.zero_grad()
+        losses = _steps(model, opt, 0, STEPS)
         weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         record(report, f"{name}/{preset}", weights, losses, opt, ref)
 
@@ -174,12 +180,7 @@ def part_resume(report: dict, ckpt: str, refs: dict, engine_kind: str) -> None:
             fully_shard(model)
             opt = APOLLO(oracle.groups(model, preset), **oracle.HPARAMS)
             load_checkpoint(f"{ckpt}/{preset}-canonical", opt, model)
-            for t in range(SAVED_AT, STEPS):
-                loss = oracle.loss_fn(model, *local_batch(t))
-                loss.backward()
-                losses.append(global_loss(loss))
-                opt.step()
-                opt.zero_grad()
+            losses += _steps(model, opt, SAVED_AT, STEPS)
             weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         record(report, f"resume-{engine_kind}/{preset}", weights, losses, opt, ref)
 
@@ -263,13 +264,7 @@ def part_resume_dcp(report: dict, ckpt: str, refs: dict) -> None:
                 set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
             else:
                 load_checkpoint(f"{ckpt}/{preset}-dcp", opt, model)
-            losses = []
-            for t in range(SAVED_AT, STEPS):
-                loss = oracle.loss_fn(model, *local_batch(t))
-                loss.backward()
-                losses.append(global_loss(loss))
-                opt.step()
-                opt.zero_grad()
+            losses = _steps(model, opt, SAVED_AT, STEPS)
             weights = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
             record(report, f"resume-{how}/{preset}", weights, losses, opt, ref)
 
