@@ -40,17 +40,37 @@ M60=(--model 60m --seq-len 256 --global-batch-size 32 --micro-batch-size 32)
 M1B=(--model 1b --seq-len 512 --global-batch-size 4 --micro-batch-size 4 --param-dtype bf16 --dtype bf16)
 M7B=(--model 7b --seq-len 256 --global-batch-size 1 --micro-batch-size 1 --param-dtype bf16 --dtype bf16)
 echo "## tokens/s (mean over steps 2-6) and peak max_memory_allocated" >> "$RES"
-for m in ${MODELS:-60m 1b 7b}; do  # MODELS="60m 1b": a shorter run
+for m in ${MODELS-60m 1b 7b}; do  # MODELS="60m 1b": a shorter run; MODELS="": none
   case $m in 60m) F=("${M60[@]}"); L=60; B=32;; 1b) F=("${M1B[@]}"); L=90; B=4;; 7b) F=("${M7B[@]}"); L=150; B=1;; esac
   run "$m-ordinary" $L $B "${F[@]}"
   run "$m-layerwise" $L $B "${F[@]}" --layerwise
   run "$m-layerwise-int8" $L $B "${F[@]}" --layerwise --weight-quant int8
 done
-echo "## 60m with bf16 parameters (the eager path, as 1b and 7b)" >> "$RES"
-run "60m-bf16-ordinary" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16
-run "60m-bf16-layerwise" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16 --layerwise
-echo "## profiler: layer-wise 1b, steps 4 and 5 (host API calls and syncs per step)" >> "$RES"
-timeout 120 python3 docs/results/gpu_s6/layerwise_profile.py "$RES" --engine single --optimizer apollo-mini \
-  --probe-micro-batches 4 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof.jsonl \
-  "${M1B[@]}" --layerwise > /tmp/lw_prof.log 2>&1 || echo "profile FAILED: $(tail -5 /tmp/lw_prof.log)" >> "$RES"
+if [ -n "${MODELS-60m}" ]; then
+  echo "## 60m with bf16 parameters (the eager path, as 1b and 7b)" >> "$RES"
+  run "60m-bf16-ordinary" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16
+  run "60m-bf16-layerwise" 60 32 "${M60[@]}" --param-dtype bf16 --dtype bf16 --layerwise
+fi
+if [ "${MAXB:-1}" = 1 ]; then  # issue 30: 7B layer-wise at the largest micro-batch under 12 GiB (activation checkpointing)
+  echo "## 7b seq 256, activation checkpointing: peak max_memory_allocated and tokens/s per micro-batch (2 steps each)" >> "$RES"
+  for v in layerwise layerwise-int8; do
+    q=(); [ $v = layerwise-int8 ] && q=(--weight-quant int8)
+    timeout 150 python3 launch/train.py --engine single --optimizer apollo-mini --probe-micro-batches 1,2,4,6,8,12,16,24,32 \
+      --steps 2 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_maxb_$v.jsonl "${M7B[@]}" --activation-checkpointing \
+      --layerwise "${q[@]}" > /tmp/lw_maxb_$v.log 2>&1
+    python3 -c "
+import json, sys
+rows = [r for r in map(json.loads, filter(str.strip, open(sys.argv[1]))) if 'micro_batch' in r]
+for mb in sorted({r['micro_batch'] for r in rows}):
+    rs = [r for r in rows if r['micro_batch'] == mb]
+    print(f'{sys.argv[2]:16s} micro-batch {mb:3d}: {rs[-1][\"tokens_per_s\"]:8.0f} tokens/s (last step)  peak {max(r[\"peak_mem_gib\"] for r in rs):6.2f} GiB')
+" /tmp/lw_maxb_$v.jsonl "7b-$v" >> "$RES" 2>&1 || echo "7b-$v max-batch FAILED: $(tail -3 /tmp/lw_maxb_$v.log | tr '\n' ' ')" >> "$RES"
+  done
+fi
+if [ "${PROFILE:-1}" = 1 ]; then  # PROFILE=0: leave out the profiler run
+  echo "## profiler: layer-wise 1b, steps 4 and 5 (host API calls and syncs per step)" >> "$RES"
+  timeout 120 python3 docs/results/gpu_s6/layerwise_profile.py "$RES" --engine single --optimizer apollo-mini \
+    --probe-micro-batches 4 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof.jsonl \
+    "${M1B[@]}" --layerwise > /tmp/lw_prof.log 2>&1 || echo "profile FAILED: $(tail -5 /tmp/lw_prof.log)" >> "$RES"
+fi
 cat "$RES"
