@@ -48,7 +48,7 @@ class HFExport:
         shard_bytes: int = HF_SHARD_BYTES,
     ):
         self.out, self.config, self.dtype = Path(out), config, dtype
-        # expert slices (apollo_dist.experts: "<fused name>.<e>", consecutive) go back into their fused weight
+        # expert slices (`ParamEntry.expert`, consecutive) go back into their fused weight
         self.fused: dict[str, int] = {}  # fused name -> E
         for e in params:
             if (base := fused_name(e)) is not None:
@@ -59,7 +59,7 @@ class HFExport:
             if (base := fused_name(e)) is None
             else (base, [(base, dtype, (self.fused[base], *e.shape))])
             for e in params
-            if fused_name(e) is None or e.name.endswith(".0")
+            if e.expert is None or e.expert[1] == 0
         ]
         one_file = sum(nbytes(entries) for _, entries in items) <= shard_bytes
         pattern = "model.safetensors" if one_file else "model-{:05d}-of-{:05d}.safetensors"
@@ -87,10 +87,8 @@ class HFExport:
 
 
 def fused_name(entry: ParamEntry) -> Optional[str]:
-    """The fused weight whose expert slice ``entry`` is (a low-rank ``<fused name>.<e>``, apollo_dist.experts), else
-    None (Hugging Face param names end in a word, e.g. ``weight``, never in a number)."""
-    base, _, last = entry.name.rpartition(".")
-    return base if entry.lowrank and last.isdigit() and base else None
+    """The fused weight whose expert slice ``entry`` is (every source records it: `ParamEntry.expert`), else None."""
+    return entry.expert[0] if entry.expert is not None else None
 
 
 def convert(

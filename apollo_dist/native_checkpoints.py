@@ -305,7 +305,9 @@ class DCPSource:
                 for e in range(expert_count(shape, g.get("rank") is not None)):  # fused experts: one entry per slice
                     self._experts[expert_name(n, e)] = (n, e)
                     params.append(
-                        ParamEntry(expert_name(n, e), gi, shape[1:], seed + e, g.get("rank"), int(steps[n][e]), proj)
+                        ParamEntry(
+                            expert_name(n, e), gi, shape[1:], seed + e, g.get("rank"), int(steps[n][e]), proj, (n, e)
+                        )
                     )
                 if not expert_count(shape, g.get("rank") is not None):
                     params.append(ParamEntry(n, gi, shape, seed, g.get("rank"), int(steps[n][0]), proj))

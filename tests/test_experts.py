@@ -238,6 +238,50 @@ def test_canonical_round_trip_and_hf_export_of_fused_experts(tmp_path):
         name = "blocks.1.mlp.experts.down_proj"
         assert f"{name}.0" not in f.keys()
         assert torch.equal(f.get_tensor(name), saved[name])  # [E, H, I], as the model holds it
+    ix = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert ix["params"][f"{name}.2"]["expert"] == [name, 2]
+
+
+def test_hf_export_knows_expert_slices_from_the_index_not_the_name(tmp_path):
+    """The index records which entries are expert slices (format 3): low-rank 2-D weights named by number (an
+    nn.ParameterList) export as themselves; a format-2 index (slices known by their name then) still stacks."""
+    from safetensors import safe_open
+
+    from apollo_dist.checkpoint import LiveSource, save_canonical
+    from apollo_dist.convert import convert
+
+    class Numbered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(6, 4)) for _ in range(3)])
+
+    torch.manual_seed(0)
+    model = Numbered()
+    opt = APOLLO(param_groups(model, preset="apollo", rank=2), **oracle.HPARAMS)
+    sum((w**2).sum() for w in model.mlp).backward()
+    opt.step()
+    save_canonical(LiveSource(opt, model), tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "index.json").read_text())["params"]["mlp.1"]["rank"] == 2  # low-rank
+    convert(tmp_path / "c", export_hf=tmp_path / "hf", hf_config={"model_type": "test"})
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["mlp.0", "mlp.1", "mlp.2"] and f.get_tensor("mlp.1").shape == (6, 4)
+
+    model = moe.make_model()
+    opt = APOLLO(param_groups(model, preset="apollo", rank=3), **oracle.HPARAMS)
+    oracle.loss_fn(model, *moe.batch(0)).backward()
+    opt.step()
+    save_canonical(LiveSource(opt, model), tmp_path / "v2")
+    path = tmp_path / "v2" / "index.json"  # as apollo_dist wrote it before format 3
+    ix = json.loads(path.read_text())
+    ix["format_version"] = 2
+    for rec in ix["params"].values():
+        rec.pop("expert", None)
+    path.write_text(json.dumps(ix))
+    convert(tmp_path / "v2", export_hf=tmp_path / "hf2", hf_config={"model_type": "test"}, verify=False)
+    with safe_open(str(tmp_path / "hf2" / "model.safetensors"), "pt") as f:
+        name = "blocks.1.mlp.experts.down_proj"
+        assert f"{name}.0" not in f.keys()
+        assert torch.equal(f.get_tensor(name), moe.fused_state(model)[name])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,6 +9,8 @@ A canonical checkpoint is a directory::
                              (version 2; version 1: the group's), projection rank r (key "rank"), the
                              projection's record ({"kind": "random", "tensors": []}: the state a projection
                              keeps besides the seed: none for random, ["projection"] for svd / dct; version 2),
+                             "expert": [fused name, e] for expert slice e of a fused 3-D weight (version 3;
+                             version 2 knew slices by their name "<fused name>.<e>"),
                              file, tensor shapes and dtypes; per file: size and SHA-256
     state-00001.safetensors  per param, in index order:
     ...                        <name>/weight        fp32 master weights, the param's shape

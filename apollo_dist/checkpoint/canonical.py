@@ -89,6 +89,7 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
                 "seed": e.seed,
                 "step": e.step if e.step is not None else int(meta.groups[e.group]["step"]),
                 "rank": e.r,
+                **({"expert": list(e.expert)} if e.expert is not None else {}),
                 **(
                     {"projection": {"kind": e.proj, "tensors": [k for k in e.tensor_shapes() if k == "projection"]}}
                     if e.lowrank
@@ -203,6 +204,7 @@ class CanonicalCheckpoint(SliceReader):
                 p.get("rank"),
                 p.get("step"),
                 (p.get("projection") or {}).get("kind", "random"),
+                _expert_of(name, p, ix["format_version"]),
             )
             for name, p in ix["params"].items()
         ]
@@ -293,3 +295,15 @@ class SourceSlices(SliceReader):
 
     def close(self) -> None:
         self._tensors, self._name = {}, None
+
+
+def _expert_of(name: str, record: dict[str, Any], version: int) -> Optional[tuple[str, int]]:
+    """(fused weight, e) of an expert slice: the index records it (format 3); format 2 named slices
+    ``<fused name>.<e>`` (a low-rank entry ending in a number) and recorded nothing else."""
+    if "expert" in record:
+        fused, e = record["expert"]
+        return str(fused), int(e)
+    base, _, last = name.rpartition(".")
+    if version < 3 and record.get("rank") is not None and last.isdigit() and base:
+        return base, int(last)
+    return None

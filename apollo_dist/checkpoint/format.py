@@ -13,7 +13,8 @@ import torch
 from ..groups import LOW_RANK_KEYS, RUN_KEYS
 
 FORMAT = "apollo_dist.canonical"
-FORMAT_VERSION = 2  # 2: per-param "step" and "projection" records (1: steps per group only)
+FORMAT_VERSION = 3  # 3: expert slices recorded ("expert"); 2: per-param "step" and "projection" records;
+# 1: steps per group only
 INDEX_FILE = "index.json"
 SHARD_BYTES = 2 * 2**30  # safetensors files of at most ~2 GiB (a bigger single tensor gets its own file)
 
@@ -34,6 +35,7 @@ class ParamEntry:
     step: Optional[int] = None  # the optimizer steps that updated it (a param without gradient in a step is
     # skipped, so params of a group can differ); None: its group's "step" (checkpoints before per-param steps)
     proj: str = "random"  # the group's projection; "svd" and "dct" keep a "projection" tensor
+    expert: Optional[tuple[str, int]] = None  # (fused weight's name, e): expert slice e of a fused 3-D weight
 
     @property
     def lowrank(self) -> bool:

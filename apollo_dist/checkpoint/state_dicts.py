@@ -167,7 +167,9 @@ def meta_from_state_dicts(
                 fused = ParamEntry(name, gi, tuple(lay["shape"]), int(st["seed"]), g.get("rank"))
                 for e in range(len(lay["experts"])):
                     ename = expert_name(name, e)
-                    params.append(ParamEntry(ename, gi, fused.shape[1:], fused.seed + e, fused.r, int(step[e]), proj))
+                    params.append(
+                        ParamEntry(ename, gi, fused.shape[1:], fused.seed + e, fused.r, int(step[e]), proj, (name, e))
+                    )
                     index_of[ename] = ExpertOf(idx, e, fused)
                 continue
             params.append(
