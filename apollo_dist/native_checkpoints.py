@@ -292,7 +292,6 @@ class DCPSource:
             )
         self.model = models.pop()
         params, meta_groups = [], []
-        self._experts: dict[str, tuple[str, int]] = {}  # expert slice entry -> (fused weight, expert)
         for gi, g in enumerate(self.groups):
             # per param: a param without gradient in a step is skipped, so a group's params may differ
             steps = {n: torch.as_tensor(state[n]["step"]).reshape(-1) for n in g["params"]}
@@ -303,7 +302,6 @@ class DCPSource:
                 shape = tuple(self.md.state_dict_metadata[f"{self.model}.{n}"].size)
                 seed, proj = int(state[n]["seed"]), g.get("proj", "random") if "rank" in g else "random"
                 for e in range(expert_count(shape, g.get("rank") is not None)):  # fused experts: one entry per slice
-                    self._experts[expert_name(n, e)] = (n, e)
                     params.append(
                         ParamEntry(
                             expert_name(n, e), gi, shape[1:], seed + e, g.get("rank"), int(steps[n][e]), proj, (n, e)
@@ -378,7 +376,7 @@ class DCPSource:
         return t
 
     def read(self, entry: ParamEntry) -> dict[str, torch.Tensor]:
-        name, e = self._experts.get(entry.name, (entry.name, None))
+        name, e = entry.expert or (entry.name, None)
         pick = (lambda t: t) if e is None else (lambda t: t[e])  # noqa: E731 (an expert slice of a fused weight)
         st = f"{self.optim}.state.{name}"
         out = {"weight": pick(self._tensor(f"{self.model}.{name}").float())}
