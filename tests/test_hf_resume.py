@@ -36,3 +36,18 @@ def test_trainer_deepspeed_resumes_at_another_world_size(tmp_path, stage):
     for step in range(6, 11):
         a, b = full["losses"][str(step)], resumed["losses"][str(step)]
         assert abs(a - b) <= REL * abs(a), (step, a, b)
+
+
+def test_trainer_mixtral_experts_resume_at_another_world_size(tmp_path):
+    """Issue 29 through the Trainer: a tiny transformers Mixtral (experts fused [E, 2I, H] / [E, H, I]), ZeRO-2,
+    optim_target_modules ["attn", "mlp"]: APOLLOTrainer gives every expert slice low-rank state (4 fused weights x
+    4 experts = 16 slots); saved at step 5 at W=2, resumed at W=3, steps 6-10 continue the uninterrupted losses."""
+    full = _run(tmp_path, "w2", 2, "--stage", "2", "--save-steps", "5", "--mixtral")
+    assert full["global_step"] == 10 and full["steps_taken"] == 10
+    assert full["expert_slots"] == 16, full  # low-rank slots of expert slices
+    resumed = _run(tmp_path, "w3", 3, "--stage", "2", "--resume", str(tmp_path / "w2" / "checkpoint-5"), "--mixtral")
+    assert resumed["world"] == 3 and resumed["load_checkpoint"] == "apollo_dist.deepspeed.load_checkpoint"
+    assert resumed["global_step"] == 10 and resumed["steps_taken"] == 10
+    for step in range(6, 11):
+        a, b = full["losses"][str(step)], resumed["losses"][str(step)]
+        assert abs(a - b) <= REL * abs(a), (step, a, b)

@@ -31,10 +31,11 @@ SEQ = 16
 OPTIM_ARGS = "rank=4,update_proj_gap=5"  # projection refreshes at steps 5, 10, 15
 
 
-def make_model() -> LlamaForCausalLM:
-    """2 layers, GQA (4 heads, 2 KV heads), an MLP of 44 (tall and wide weights not divisible by 3)."""
+def make_model(mixtral: bool = False) -> torch.nn.Module:
+    """2 layers, GQA (4 heads, 2 KV heads), an MLP of 44 (tall and wide weights not divisible by 3); ``mixtral``:
+    the same as transformers' Mixtral with 4 experts (top 2), fused as [E, 2 x 44, 32] and [E, 32, 44]."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    shape = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=44,
@@ -44,7 +45,11 @@ def make_model() -> LlamaForCausalLM:
         max_position_embeddings=SEQ,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(cfg)
+    if mixtral:
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        return MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
+    return LlamaForCausalLM(LlamaConfig(**shape))
 
 
 def dataset(steps: int, global_batch: int = GLOBAL) -> list[dict[str, torch.Tensor]]:
@@ -74,6 +79,7 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=GLOBAL, help="rows per optimizer step (all ranks)")
     ap.add_argument("--optim-args", default=OPTIM_ARGS, help="APOLLO optim_args")
     ap.add_argument("--offload", action="store_true", help="DeepSpeed offload_optimizer cpu (and offload_param at 3)")
+    ap.add_argument("--mixtral", action="store_true", help="a tiny Mixtral (fused 3-D expert weights)")
     ap.add_argument("--dir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -145,7 +151,7 @@ def main() -> None:
     else:
         from apollo_dist.hf import APOLLOTrainer as base
     trainer = type("SequentialTrainer", (Sequential, base), {})(
-        model=make_model(), args=args, train_dataset=dataset(a.steps, a.global_batch)
+        model=make_model(a.mixtral), args=args, train_dataset=dataset(a.steps, a.global_batch)
     )
     trainer.train(resume_from_checkpoint=a.resume)
     losses = {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
@@ -168,6 +174,8 @@ def main() -> None:
                         or getattr(getattr(opt, "optimizer", None), "offload_optimizer", False)
                     ),
                     "steps_taken": getattr(inner, "steps_taken", None),
+                    # fused expert weights with low-rank state: each expert slice a slot of its own
+                    "expert_slots": sum(s.expert is not None for b in getattr(inner, "buckets", []) for s in b.slots),
                     "hparams": [  # per param, in position order (the order the projections' seeds follow)
                         [list(g["betas"]), g["eps"], g["weight_decay"], g.get("rank")]
                         for g in inner.param_groups
