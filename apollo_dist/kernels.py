@@ -21,6 +21,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import cpu_kernels
+
 try:  # Triton comes with CUDA builds of PyTorch; CPU runs use the eager path.
     import triton
     import triton.language as tl
@@ -181,12 +183,32 @@ def project_eager(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Ten
     (in fp32 whatever G's dtype)."""
     G = G.float()  # a no-op for fp32 G; a bf16 G is read as fp32 one weight at a time
     # also a batch (k x rows x n) of them with P stacked (k x ...), R_out and g_out their rows one after another
+    if G.device.type == "cpu" and _project_cpu(G, P, tall, R_out, g_out):
+        return
     if tall:
         torch.matmul(G, P.transpose(-1, -2), out=R_out.view(*G.shape[:-1], -1))
     else:
         torch.matmul(G.transpose(-1, -2), P, out=R_out.view(*G.shape[:-2], G.shape[-1], -1))
     torch.linalg.vector_norm(G, dim=-1 if tall else -2, out=g_out.view(*G.shape[:-2], -1))
     g_out.square_()
+
+
+def _project_cpu(G: torch.Tensor, P: torch.Tensor, tall: bool, R_out: torch.Tensor, g_out: torch.Tensor) -> bool:
+    """project_eager on the CPU with the one-pass C++ kernel (cpu_kernels): R and the norms in one read of G for
+    rank 1; for r > 1 the norms, R by BLAS. False when the kernel does not take these tensors."""
+    Gs = G if G.dim() == 3 else G[None]
+    Ps = P if P.dim() == 3 else P[None]
+    c = Gs.shape[1] if tall else Gs.shape[2]  # channels per matrix
+    r = Ps.shape[1] if tall else Ps.shape[2]
+    for j, (Gj, Pj) in enumerate(zip(Gs, Ps)):
+        R_j, g_j = R_out[j * c : (j + 1) * c], g_out[j * c : (j + 1) * c]
+        if not cpu_kernels.project_norm(Gj, Pj if r == 1 else None, tall, R_j.view(-1) if r == 1 else None, g_j):
+            if j == 0:
+                return False
+            raise RuntimeError("apollo_dist: the CPU projection kernel took one slice of a batch but not the next")
+        if r > 1:
+            torch.matmul(Gj, Pj.t(), out=R_j) if tall else torch.matmul(Gj.t(), Pj, out=R_j)
+    return True
 
 
 if triton is not None:

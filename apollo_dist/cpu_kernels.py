@@ -1,0 +1,134 @@
+"""The CPU step's one-pass projection (DESIGN.md §2.7): R and ||G_c||^2 of a gradient in one read of G.
+
+On the CPU (ZeRO-Offload, CPU runs) the eager twin of ``kernels.MultiProjection`` reads G twice per weight: a
+BLAS product for R (for rank 1 a matrix-vector product, which MKL runs on one core at about a third of the
+memory bandwidth) and a norm pass. This C++ kernel computes both in one pass over G, rows split over the
+intra-op threads (``at::parallel_for``); for r > 1 it computes the norms only (R stays a BLAS product, a real
+GEMM). It is built on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and ninja,
+as DeepSpeedCPUAdam needs; cached under ~/.cache/torch_extensions); when it cannot be built the eager ops run
+(one warning). ``APOLLO_DIST_CPU_KERNELS=0`` switches it off.
+
+Arithmetic: fp32 sums, each channel's reduction by one thread in a fixed order (vector lanes, then rows), so
+results do not depend on the thread count. They differ from the BLAS / norm ops in the last bits (other
+summation order); NaN and inf propagate as in any sum (the non-finite check relies on it: no fast-math).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Optional
+
+import torch
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+// G: rows x n fp32, unit column stride, row stride ld. tall: channel = row, R[i] = sum_j G[i,j] P[j] (P: n),
+// g[i] = sum_j G[i,j]^2. wide: channel = column, R[c] = sum_i G[i,c] P[i] (P: rows), g[c] = sum_i G[i,c]^2.
+// with_r false: g only (P unused).
+void project_norm(torch::Tensor G, torch::Tensor P, torch::Tensor R, torch::Tensor g, bool tall, bool with_r) {
+  const int64_t rows = G.size(0), n = G.size(1), ld = G.stride(0);
+  const float* gp = G.data_ptr<float>();
+  const float* pp = with_r ? P.data_ptr<float>() : nullptr;
+  float* rp = with_r ? R.data_ptr<float>() : nullptr;
+  float* op = g.data_ptr<float>();
+  if (tall) {
+    at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+      const float* __restrict__ pv = pp;
+      for (int64_t i = lo; i < hi; ++i) {
+        const float* __restrict__ row = gp + i * ld;
+        float a = 0.f, b = 0.f;
+        if (with_r) {
+#pragma omp simd reduction(+ : a, b)
+          for (int64_t j = 0; j < n; ++j) { a += row[j] * pv[j]; b += row[j] * row[j]; }
+          rp[i] = a;
+        } else {
+#pragma omp simd reduction(+ : b)
+          for (int64_t j = 0; j < n; ++j) b += row[j] * row[j];
+        }
+        op[i] = b;
+      }
+    });
+  } else {
+    constexpr int64_t C = 256;  // columns per task: accumulators stay in L1 while the rows stream by
+    at::parallel_for(0, (n + C - 1) / C, 1, [&](int64_t lo, int64_t hi) {
+      float ra[C], ga[C];
+      for (int64_t blk = lo; blk < hi; ++blk) {
+        const int64_t c0 = blk * C, w = std::min(C, n - c0);
+        for (int64_t c = 0; c < w; ++c) { ra[c] = 0.f; ga[c] = 0.f; }
+        float* __restrict__ rv = ra;
+        float* __restrict__ gv = ga;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* __restrict__ row = gp + i * ld + c0;
+          const float s = with_r ? pp[i] : 0.f;
+#pragma omp simd
+          for (int64_t c = 0; c < w; ++c) { rv[c] += s * row[c]; gv[c] += row[c] * row[c]; }
+        }
+        for (int64_t c = 0; c < w; ++c) { op[c0 + c] = ga[c]; if (with_r) rp[c0 + c] = ra[c]; }
+      }
+    });
+  }
+}
+"""
+
+_lib: Optional[Any] = None
+_tried = False
+
+
+def _load() -> Optional[Any]:
+    """The compiled module, built once per process (None: switched off or not buildable here)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("APOLLO_DIST_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        _lib = load_inline(
+            "apollo_dist_cpu",
+            cpp_sources=_SOURCE,
+            functions=["project_norm"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - no compiler / ninja: the eager ops are exact too, only slower
+        warnings.warn(
+            f"apollo_dist: the CPU projection kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
+            "the CPU step uses PyTorch ops (correct, about 2x slower on the CPU; APOLLO_DIST_CPU_KERNELS=0 "
+            "silences this)",
+            stacklevel=3,
+        )
+        _lib = None
+    return _lib
+
+
+def project_norm(
+    G: torch.Tensor, P: Optional[torch.Tensor], tall: bool, R_out: Optional[torch.Tensor], g_out: torch.Tensor
+) -> bool:
+    """g_out = ||G_c||^2 of each channel of G (rows x n, fp32 on the CPU, unit column stride; channels: rows
+    when ``tall``, else columns) and, when P is given (rank 1: 1 x n tall, rows x 1 wide), R_out = G P^T (tall) or
+    G^T P (wide), in one pass over G. False, nothing written, when the kernel is unavailable or the tensors are
+    not of that kind: the caller runs the eager ops."""
+    if not (
+        G.device.type == "cpu"
+        and G.dtype == torch.float32
+        and G.dim() == 2
+        and G.stride(1) == 1
+        and G.numel() > 0
+        and g_out.is_contiguous()
+        and g_out.dtype == torch.float32
+        and (R_out is None or (R_out.is_contiguous() and R_out.dtype == torch.float32))
+    ):
+        return False
+    lib = _load()
+    if lib is None:
+        return False
+    with_r = P is not None
+    p = P.reshape(-1).contiguous().float() if with_r else g_out  # (unused without R)
+    lib.project_norm(G, p, R_out if with_r else g_out, g_out, tall, with_r)
+    return True
