@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,8 +116,9 @@ class Unit:
     group: int
     slots: list[Slot]
     handle: Optional[torch.Tensor] = None  # the flat partition the engine puts in the group's list for it
-    clear_grads: Optional[Callable[[], None]] = None  # after a step: zero the engine's gradient store of the
-    # unit where it would otherwise hand a param that got no gradient its last one again (ZeRO-3)
+    clear_grads: Optional[Callable[..., None]] = None  # after a step: zero the engine's gradient store of the
+    # unit where it would otherwise hand a param that got no gradient its last one again (ZeRO-3, ZeRO-Offload);
+    # takes the (address, numel) ranges the update already zeroed (zero_except)
 
 
 @dataclass
@@ -462,15 +463,29 @@ def _compute_device(received: list[list[Received]]) -> Optional[torch.device]:
     return None
 
 
+def zero_except(buf: torch.Tensor, done: Sequence[tuple[int, int]]) -> None:
+    """Zero the contiguous 1-D ``buf`` except the element ranges ``done`` (address, numel) already zeroed (the CPU
+    update zeroes the gradients it reads, DESIGN §2.7); ranges outside ``buf`` are ignored."""
+    base, size, end = buf.data_ptr(), buf.element_size(), buf.numel()
+    spans = sorted(((p - base) // size, n) for p, n in done if base <= p < base + end * size)
+    pos = 0
+    for a, n in spans:
+        if a > pos:
+            buf.narrow(0, pos, a - pos).zero_()
+        pos = max(pos, min(a + n, end))
+    if pos < end:
+        buf.narrow(0, pos, end - pos).zero_()
+
+
 def _grad_clearer(flat: torch.Tensor) -> Callable[[], None]:
     """Zero ``flat.grad`` after a step. Under ZeRO-Offload DeepSpeed copies each param's reduced gradient into
     its slice of that persistent CPU buffer only when the param's gradient hook fires, and never clears it: a
     param without gradient in a step would get its last gradient again (as ZeRO-3's store, `_zero3_grad_clearers`).
     Zeroed, it steps as a zero gradient, the rule of ZeRO-1/2 without offload."""
 
-    def clear() -> None:
+    def clear(done: Sequence[tuple[int, int]] = ()) -> None:
         if flat.grad is not None:
-            flat.grad.zero_()
+            zero_except(flat.grad, done)
 
     return clear
 
@@ -564,6 +579,6 @@ def _zero3_grad_clearers(zero: Any) -> list[Callable[[], None]]:
         )
     out, off = [], 0
     for n in sizes:
-        out.append(lambda buf=buf, a=off, n=n: buf.narrow(0, a, n).zero_())
+        out.append(lambda done=(), buf=buf, a=off, n=n: zero_except(buf.narrow(0, a, n), done))
         off += n
     return out

@@ -380,6 +380,10 @@ class LowRankBucket:
             [self.t_off[i] for i in self.aligned],
         )
         self.aligned_t = torch.tensor(self.aligned, dtype=torch.int64).to(device)
+        # Set by the optimizer where the engine's gradient store is zeroed after each step (ZeRO-3, ZeRO-Offload):
+        # the CPU update zeroes the gradients it reads, and ``zeroed`` (address, numel) tells the clearer what is done.
+        self.zero_grads = False
+        self.zeroed: list[tuple[int, int]] = []
         self.aligned_live = torch.ones(len(self.aligned), device=device)  # scratch: live of the aligned slots
 
     # -- state --------------------------------------------------------------------------------
@@ -484,6 +488,7 @@ class LowRankBucket:
         one here: a rank holding none of a param's elements says no, and the optimizer's all-reduce decides)."""
         t = self.step_count.tolist()  # per param, 0 before its first update
         self.fetched = [s.grad() if g.rows else None for s, g in zip(self.slots, self.geom)]
+        self.zeroed = []
         gap = int(group["update_proj_gap"])
         self._refresh_projections([int(x) // gap for x in t], gap)
         sizes = param_step_sizes(group, t, math.sqrt(group["scale"]))
@@ -631,7 +636,14 @@ class LowRankBucket:
         if self.aligned:
             torch.index_select(self.scalars.live_t, 0, self.aligned_t, out=self.aligned_live)
             on_host = lambda: [self.scalars.live()[i] for i in self.aligned]  # noqa: E731 (read only by the eager path)
-            self.update([grads[i] for i in self.aligned], coef, self.scalars, skip, (self.aligned_live, on_host))
+            self.zeroed = self.update(
+                [grads[i] for i in self.aligned],
+                coef,
+                self.scalars,
+                skip,
+                (self.aligned_live, on_host),
+                zero_grads=self.zero_grads,
+            )
         if self.unaligned and skipped(skip):
             return
         decay = self.scalars.decay

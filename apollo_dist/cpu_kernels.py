@@ -1,4 +1,5 @@
-"""The CPU step's one-pass projection (DESIGN.md §2.7): R and ||G_c||^2 of a gradient in one read of G.
+"""The CPU step's one-pass kernels (DESIGN.md §2.7): R and ||G_c||^2 of a gradient in one read of G, and the
+scaled update that zeroes the gradient store in the same pass.
 
 On the CPU (ZeRO-Offload, CPU runs) the eager twin of ``kernels.MultiProjection`` reads G twice per weight: a
 BLAS product for R (for rank 1 a matrix-vector product, which MKL runs on one core at about a third of the
@@ -24,6 +25,7 @@ import torch
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <cmath>
 
 // G: rows x n fp32, unit column stride, row stride ld. tall: channel = row, R[i] = sum_j G[i,j] P[j] (P: n),
 // g[i] = sum_j G[i,j]^2. wide: channel = column, R[c] = sum_i G[i,c] P[i] (P: rows), g[c] = sum_i G[i,c]^2.
@@ -71,6 +73,35 @@ void project_norm(torch::Tensor G, torch::Tensor P, torch::Tensor R, torch::Tens
     });
   }
 }
+
+// p -= g * c with c per row (per_row) or per column: p.addcmul_(g, c, value=-1)'s rounding on the CPU (one
+// rounding: a fused multiply-add; nothing else is contracted, -ffp-contract=off); zero_g: g = 0 in the same pass (the engine's gradient
+// store, which must be zero for the next step anyway: one pass instead of a second one zeroing it).
+void scaled_update(torch::Tensor p, torch::Tensor g, torch::Tensor c, bool per_row, bool zero_g) {
+  const int64_t rows = p.size(0), n = p.size(1), ldp = p.stride(0), ldg = g.stride(0);
+  float* pp = p.data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
+    const float* __restrict__ cv = cp;
+    for (int64_t i = lo; i < hi; ++i) {
+      float* __restrict__ pr = pp + i * ldp;
+      float* __restrict__ gr = gp + i * ldg;
+      if (per_row) {
+        const float ci = cv[i];
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) pr[j] = std::fma(-gr[j], ci, pr[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) pr[j] = std::fma(-gr[j], cv[j], pr[j]);
+      }
+      if (zero_g) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) gr[j] = 0.f;
+      }
+    }
+  });
+}
 """
 
 _lib: Optional[Any] = None
@@ -91,8 +122,8 @@ def _load() -> Optional[Any]:
         _lib = load_inline(
             "apollo_dist_cpu",
             cpp_sources=_SOURCE,
-            functions=["project_norm"],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            functions=["project_norm", "scaled_update"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -131,4 +162,26 @@ def project_norm(
     with_r = P is not None
     p = P.reshape(-1).contiguous().float() if with_r else g_out  # (unused without R)
     lib.project_norm(G, p, R_out if with_r else g_out, g_out, tall, with_r)
+    return True
+
+
+def scaled_update_(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, per_row: bool, zero_g: bool) -> bool:
+    """p -= g * coef (coef: one value per row when ``per_row``, else per column; the rounding of
+    ``p.addcmul_(g, coef, value=-1)``) and, when ``zero_g``, g = 0 in the same pass. p, g: rows x n fp32 on the CPU
+    with unit column stride. False, nothing written, when the kernel is unavailable or the tensors are not of
+    that kind."""
+    if not (
+        p.device.type == "cpu"
+        and p.dtype == g.dtype == coef.dtype == torch.float32
+        and p.dim() == g.dim() == 2
+        and p.shape == g.shape
+        and p.stride(1) == g.stride(1) == 1
+        and coef.is_contiguous()
+        and coef.numel() == (p.shape[0] if per_row else p.shape[1])
+    ):
+        return False
+    lib = _load()
+    if lib is None:
+        return False
+    lib.scaled_update(p, g, coef, per_row, zero_g)
     return True

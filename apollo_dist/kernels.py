@@ -581,12 +581,16 @@ class MultiUpdate:
         scalars: StepScalars,
         skip: Optional[torch.Tensor] = None,
         live: Optional[tuple[torch.Tensor, list[bool]]] = None,
-    ) -> None:
+        zero_grads: bool = False,
+    ) -> list[tuple[int, int]]:
         """p <- (p - G * coef) (1 + scalars.decay); nothing when ``skip`` (0-dim) is > 0. ``live``: per param,
         on the device (the kernel reads it) and a reader of it on the host (the eager path), where the params
-        without gradient are left untouched; None: all live."""
+        without gradient are left untouched; None: all live. ``zero_grads``: the caller's gradient store is to be
+        zeroed after the step; on the CPU the update zeroes each gradient it reads in the same pass
+        (cpu_kernels.scaled_update_). Returns the (address, numel) of the contiguous gradients it zeroed."""
+        zeroed: list[tuple[int, int]] = []
         if not self.params:
-            return
+            return zeroed
         if not (self.on_gpu and fused(*grads)):
             if skip is not None and scalars.gate_on_device:  # no host sync: each result written where it goes ahead
                 for j, (p, g, row, off) in enumerate(zip(self.params, grads, self.per_row, self.coef_offsets)):
@@ -595,14 +599,21 @@ class MultiUpdate:
                         new, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay
                     )
                     torch.where(_go(skip, live[0][j] if live is not None else None), new, p, out=p)
-                return
+                return zeroed
             if skipped(skip):
-                return
+                return zeroed
             on = live[1]() if live is not None else [True] * len(self.params)
             for p, g, row, off, here in zip(self.params, grads, self.per_row, self.coef_offsets, on):
-                if here:
-                    scaled_update_eager(p, g, coef[off : off + (p.shape[0] if row else p.shape[1])], row, scalars.decay)
-            return
+                if not here:
+                    continue
+                c = coef[off : off + (p.shape[0] if row else p.shape[1])]
+                if zero_grads and g.is_contiguous() and cpu_kernels.scaled_update_(p, g, c, row, zero_g=True):
+                    if scalars.decay != 0.0:
+                        p.add_(p, alpha=scalars.decay)
+                    zeroed.append((g.data_ptr(), g.numel()))
+                else:
+                    scaled_update_eager(p, g, c, row, scalars.decay)
+            return zeroed
         _multi_update_kernel[(len(self.blk_param),)](
             self.p_ptrs,
             self.g_ptrs(grads),
@@ -619,6 +630,7 @@ class MultiUpdate:
             BLOCK=BLOCK,
             I32=self.i32,
         )
+        return zeroed
 
 
 # --- 4. plain Adam on the other parameters --------------------------------------------------------

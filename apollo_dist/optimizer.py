@@ -174,7 +174,7 @@ class APOLLO(torch.optim.Optimizer):
         self._received: list[list[Received]] = Received.of(self._groups)
         self._binding: Optional[Binding] = None
         self._buckets: list[Bucket] = []
-        self._clear_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the engine's gradient store zeroed
+        self._clear_grads: dict[int, Callable[..., None]] = {}  # by id(bucket): the engine's gradient store zeroed
         self._comm = Collectives(None)
         self._device_live = False  # which params are live is decided on the device even at W = 1 (fused experts)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
@@ -283,6 +283,9 @@ class APOLLO(torch.optim.Optimizer):
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
         self._updated, self._update_flags = [], None
         self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
+        for b in buckets:  # the CPU update zeroes what it reads of a store about to be zeroed (one pass, not two)
+            if id(b) in self._clear_grads and hasattr(b, "zero_grads"):
+                b.zero_grads = True
         self._world, self._rank, self._device = comm.world, comm.rank, device
         self._generator_device = binding.generator_device or device
         # an expert's gradient slice that is all zero means no token reached it: decided on the device (core)
@@ -477,7 +480,7 @@ class APOLLO(torch.optim.Optimizer):
             for b in buckets:
                 b.discard()
                 if id(b) in self._clear_grads:  # ZeRO-3: a param without gradient next step must not get this one
-                    self._clear_grads[id(b)]()
+                    self._clear_grads[id(b)](getattr(b, "zeroed", ()))  # what the update zeroed is skipped
 
     def _device_step(self, buckets: list, hparams: list[dict], check: bool, gated: bool) -> torch.Tensor:
         """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph

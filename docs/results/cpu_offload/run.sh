@@ -14,7 +14,7 @@ cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": 
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 PY
 echo "$(date -u +%F) $(nproc) CPUs, torch $(python -c 'import torch; print(torch.__version__)'), LLaMA-$M" > "$OUT/cpu_offload.txt"
-for run in adamw apollo-mini apollo-mini-torch-ops apollo; do
+for run in ${RUNS:-adamw apollo-mini apollo-mini-torch-ops apollo}; do
   opt=${run%-torch-ops}; env=(); [ "$run" = apollo-mini-torch-ops ] && env=(APOLLO_DIST_CPU_KERNELS=0)
   env "${env[@]}" deepspeed --num_gpus 1 launch/train.py --deepspeed "$OUT/z3.json" --optimizer "$opt" --model "$M" \
     --seq-len 128 --global-batch-size 2 --micro-batch-size 2 --steps "$STEPS" --lr 1e-4 --warmup-steps 1 --dtype bf16 \
