@@ -101,3 +101,39 @@ def test_optimizer_with_and_without_the_kernel(lib, monkeypatch, preset):
 
     for a, b in zip(train(True), train(False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_except_leaves_only_the_ranges_already_zeroed():
+    """The gradient store's clearer skips what the CPU update zeroed in its pass (address, numel ranges, any
+    order, some outside the buffer) and zeroes every other element."""
+    from apollo_dist.binding import zero_except
+
+    buf = torch.ones(30)
+    buf[3:7], buf[12:20] = 5.0, 5.0  # "already zero": left as they are, so 5 shows they were not written
+    elsewhere = torch.ones(4)
+    zero_except(buf, [(buf[12:20].data_ptr(), 8), (elsewhere.data_ptr(), 4), (buf[3:7].data_ptr(), 4)])
+    assert buf.tolist() == [0.0] * 3 + [5.0] * 4 + [0.0] * 5 + [5.0] * 8 + [0.0] * 10
+    assert elsewhere.tolist() == [1.0] * 4
+
+
+def test_the_update_zeroes_the_gradients_it_reads_when_asked(lib):
+    """kernels.MultiUpdate with zero_grads: the same weights as addcmul_ (bit for bit: one rounding, as PyTorch's
+    CPU addcmul_), weight decay after, the gradients zeroed and reported; a param without gradient untouched."""
+    from apollo_dist.kernels import MultiUpdate, StepScalars
+
+    torch.manual_seed(3)
+    ps = [torch.randn(6, 4), torch.randn(3, 8), torch.randn(5, 5)]
+    gs = [torch.randn_like(p) for p in ps]
+    coef = torch.rand(6 + 8 + 5)
+    want = [p.clone() for p in ps]
+    for p, g, c, row in zip(want[:2], gs[:2], (coef[:6], coef[6:14]), (True, False)):
+        p.addcmul_(g, c[:, None] if row else c[None, :], value=-1.0)
+        p.add_(p, alpha=-0.01)
+    scalars = StepScalars(torch.device("cpu"), 3)
+    scalars.set([1.0] * 3, -0.01, [True, True, False])
+    upd = MultiUpdate(ps, [True, False, True], [0, 6, 14])
+    grads = [g.clone() for g in gs]
+    zeroed = upd(grads, coef, scalars, None, (torch.tensor([1.0, 1.0, 0.0]), lambda: [True, True, False]), True)
+    assert torch.equal(ps[0], want[0]) and torch.equal(ps[1], want[1]) and torch.equal(ps[2], want[2])
+    assert sorted(zeroed) == sorted((g.data_ptr(), g.numel()) for g in grads[:2])
+    assert not grads[0].any() and not grads[1].any() and torch.equal(grads[2], gs[2])
