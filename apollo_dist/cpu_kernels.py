@@ -108,6 +108,21 @@ _lib: Optional[Any] = None
 _tried = False
 
 
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: the build uses -march=native, and a home directory
+    (torch's extension cache) shared by nodes of different CPUs must not hand one a binary built for another."""
+    import hashlib
+    import platform
+
+    flags = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _load() -> Optional[Any]:
     """The compiled module, built once per process (None: switched off or not buildable here)."""
     global _lib, _tried
@@ -120,7 +135,7 @@ def _load() -> Optional[Any]:
         from torch.utils.cpp_extension import load_inline
 
         _lib = load_inline(
-            "apollo_dist_cpu",
+            f"apollo_dist_cpu_{_cpu_tag()}",
             cpp_sources=_SOURCE,
             functions=["project_norm", "scaled_update"],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
