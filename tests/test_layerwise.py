@@ -365,3 +365,17 @@ def test_clipping_layerwise_params_is_refused():
     other(torch.ones(2, 3)).sum().backward()
     assert float(torch.nn.utils.clip_grad_norm_(other.parameters(), 1e-3)) > 1e-3
     assert float(torch.linalg.vector_norm(other.weight.grad)) <= 1e-3 * 1.01
+
+
+def test_layerwise_fsdp2_resumes_at_another_world_size(tmp_path):
+    """Layer-wise APOLLO under FSDP2 at W=2, DCP checkpoint at step 5 (get_state_dict), loaded at W=3 into a
+    layer-wise optimizer by apollo_dist's any-W loader (other initial weights), steps 6-12 with a projection
+    refresh at 7: the uninterrupted W=2 run's weights, both presets, and every param at step 12."""
+    args = ("--dir", str(tmp_path), "--out", str(tmp_path / "r.json"))
+    torchrun("tests/workers/layerwise_resume.py", 2, "--part", "save", *args)
+    torchrun("tests/workers/layerwise_resume.py", 3, "--part", "load", *args)
+    r = report(tmp_path / "r.json")
+    assert r["world"] == 3
+    for preset in ("apollo", "apollo-mini"):
+        assert r[preset]["steps"] == [12], r
+        assert r[preset]["max_rel_diff"] < 1e-5, (preset, r[preset])
