@@ -168,7 +168,18 @@ def project_norm(
         and G.numel() > 0
         and g_out.is_contiguous()
         and g_out.dtype == torch.float32
-        and (R_out is None or (R_out.is_contiguous() and R_out.dtype == torch.float32))
+        and g_out.numel() == (G.shape[0] if tall else G.shape[1])
+        and (
+            P is None
+            or (
+                P.device.type == "cpu"
+                and P.numel() == (G.shape[1] if tall else G.shape[0])
+                and R_out is not None
+                and R_out.is_contiguous()
+                and R_out.dtype == torch.float32
+                and R_out.numel() == g_out.numel()
+            )
+        )
     ):
         return False
     lib = _load()
@@ -192,6 +203,7 @@ def scaled_update_(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, per_row
         and p.shape == g.shape
         and p.stride(1) == g.stride(1) == 1
         and coef.is_contiguous()
+        and coef.device.type == "cpu"
         and coef.numel() == (p.shape[0] if per_row else p.shape[1])
     ):
         return False

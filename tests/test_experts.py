@@ -240,6 +240,7 @@ def test_canonical_round_trip_and_hf_export_of_fused_experts(tmp_path):
         assert torch.equal(f.get_tensor(name), saved[name])  # [E, H, I], as the model holds it
     ix = json.loads((tmp_path / "c" / "index.json").read_text())
     assert ix["params"][f"{name}.2"]["expert"] == [name, 2]
+    assert ix["format_version"] == 2  # version 2's name rule reads these slices right: older readers still can
 
 
 def test_hf_export_knows_expert_slices_from_the_index_not_the_name(tmp_path):
@@ -261,7 +262,8 @@ def test_hf_export_knows_expert_slices_from_the_index_not_the_name(tmp_path):
     sum((w**2).sum() for w in model.mlp).backward()
     opt.step()
     save_canonical(LiveSource(opt, model), tmp_path / "c")
-    assert json.loads((tmp_path / "c" / "index.json").read_text())["params"]["mlp.1"]["rank"] == 2  # low-rank
+    ix = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert ix["params"]["mlp.1"]["rank"] == 2 and ix["format_version"] == 3  # low-rank, named like a slice
     convert(tmp_path / "c", export_hf=tmp_path / "hf", hf_config={"model_type": "test"})
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["mlp.0", "mlp.1", "mlp.2"] and f.get_tensor("mlp.1").shape == (6, 4)

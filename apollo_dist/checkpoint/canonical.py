@@ -73,7 +73,7 @@ def canonical_index(meta: Meta, where: dict[str, str], files: dict[str, dict[str
     """The index.json of ``meta`` (``where``: param name -> file; ``files``: file -> {"bytes", "sha256"})."""
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": _version_needed(meta),
         "generator_device": meta.generator_device,
         "optimizer": jsonable(meta.optimizer),
         "trainer": jsonable(meta.trainer),
@@ -307,3 +307,11 @@ def _expert_of(name: str, record: dict[str, Any], version: int) -> Optional[tupl
     if version < 3 and record.get("rank") is not None and last.isdigit() and base:
         return base, int(last)
     return None
+
+
+def _version_needed(meta: Meta) -> int:
+    """The lowest format version that reads ``meta`` right: 2 (which older apollo_dist reads) unless some param
+    is an expert slice or would be taken for one by version 2's name rule (a low-rank name ending in a number)."""
+    if all(_expert_of(e.name, {"rank": e.r}, 2) == e.expert for e in meta.params):
+        return 2
+    return FORMAT_VERSION
