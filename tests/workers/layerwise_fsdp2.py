@@ -24,10 +24,10 @@ from apollo_dist import APOLLO
 from apollo_dist.runtime import shutdown
 
 
-def sharded_model() -> torch.nn.Module:
+def sharded_model(seed: int = 0) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = oracle.make_model(0)
+    model = oracle.make_model(seed)
     for block in model.blocks:
         fully_shard(block)
     return fully_shard(model)

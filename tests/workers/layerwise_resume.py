@@ -15,20 +15,12 @@ import json
 import oracle
 import torch
 import torch.distributed as dist
+from layerwise_fsdp2 import sharded_model
 
 from apollo_dist import APOLLO
 from apollo_dist.runtime import shutdown
 
 STEPS, SAVED_AT = 12, 5
-
-
-def sharded_model(seed: int) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = oracle.make_model(seed)
-    for block in model.blocks:
-        fully_shard(block)
-    return fully_shard(model)
 
 
 def steps(model, opt, first: int, last: int, rank: int, world: int) -> None:
