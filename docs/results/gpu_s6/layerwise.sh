@@ -73,4 +73,13 @@ if [ "${PROFILE:-1}" = 1 ]; then  # PROFILE=0: leave out the profiler run
     --probe-micro-batches 4 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof.jsonl \
     "${M1B[@]}" --layerwise > /tmp/lw_prof.log 2>&1 || echo "profile FAILED: $(tail -5 /tmp/lw_prof.log)" >> "$RES"
 fi
+if [ "${PROFILE_60M:-0}" = 1 ]; then  # the 60m gap (host-bound per-layer launches?): ordinary and layer-wise
+  for v in ordinary layerwise; do
+    lw=(); [ $v = layerwise ] && lw=(--layerwise)
+    echo "## profiler: $v 60m, steps 4 and 5" >> "$RES"
+    timeout 90 python3 docs/results/gpu_s6/layerwise_profile.py "$RES" --engine single --optimizer apollo-mini \
+      --probe-micro-batches 32 --steps 6 --no-progress "${DATA[@]}" --metrics-file /tmp/lw_prof60.jsonl \
+      "${M60[@]}" "${lw[@]}" > /tmp/lw_prof60.log 2>&1 || echo "profile FAILED: $(tail -5 /tmp/lw_prof60.log)" >> "$RES"
+  done
+fi
 cat "$RES"

@@ -13,4 +13,4 @@ if [ -d .before ]; then
     --model 1b --seq-len 512 --global-batch-size 4 --micro-batch-size 4 --param-dtype bf16 --dtype bf16 --layerwise \
     > "$OUT/layerwise_before.log" 2>&1) || echo "before profile FAILED: $(tail -3 "$OUT/layerwise_before.log")" >> "$B"
 fi
-timeout $((590 - SECONDS)) env OUT="$OUT" bash docs/results/gpu_s6/layerwise.sh
+timeout $((590 - SECONDS)) env OUT="$OUT" MODELS="${MODELS-7b}" PROFILE_60M="${PROFILE_60M-1}" bash docs/results/gpu_s6/layerwise.sh
