@@ -80,21 +80,41 @@ def dct_basis(size: int, device: torch.device) -> torch.Tensor:
     return _DCT_CACHE[key]
 
 
-_TWIDDLE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_DCT_FFT_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def dct_rows(X: torch.Tensor) -> torch.Tensor:
-    """The orthonormal DCT-II of each row of X (rows x N, fp32): X @ dct_basis(N).T, computed with one FFT
-    of length N per row (Makhoul's reordering): O(N log N) per row instead of the product's O(N^2)."""
-    N = X.shape[-1]
-    key = (int(N), str(X.device))
-    if key not in _TWIDDLE_CACHE:  # exp(-i pi k / 2N) times the orthonormal scale, from float64 on the CPU
+def _dct_fft_constants(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Makhoul's reordering (even samples, then odd ones reversed) and the twiddle exp(-i pi k / 2N) times
+    the orthonormal scale, as (order, cos part, sin part); from float64 on the CPU, cached per (N, device)."""
+    key = (int(N), str(device))
+    if key not in _DCT_FFT_CACHE:
+        order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)])
         k = torch.arange(N, dtype=torch.float64)
         scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
         scale[0] = math.sqrt(1.0 / N)
-        _TWIDDLE_CACHE[key] = (torch.exp(-1j * math.pi * k / (2 * N)) * scale).to(X.device, torch.complex64)
-    v = torch.cat([X[..., ::2], X[..., 1::2].flip(-1)], dim=-1)
-    return (torch.fft.fft(v, dim=-1) * _TWIDDLE_CACHE[key]).real
+        angle = -math.pi * k / (2 * N)
+        _DCT_FFT_CACHE[key] = (
+            order.to(device),
+            (torch.cos(angle) * scale).to(device, torch.float32),
+            (torch.sin(angle) * scale).to(device, torch.float32),
+        )
+    return _DCT_FFT_CACHE[key]
+
+
+def dct_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The orthonormal DCT-II of each row of X (rows x N, fp32), X @ dct_basis(N).T, as its two halves
+    (coefficients 0 .. N // 2, then the rest: concatenated, the whole), computed with one real FFT of length N
+    per row (Makhoul: DCT_k = Re(V_k w_k), V the FFT of the reordered row, w the twiddle; V_k for k > N / 2 is
+    conj(V_(N-k)), so `torch.fft.rfft`'s half spectrum is enough): O(N log N) per row instead of the product's
+    O(N^2), and no complex array of the full size."""
+    N = X.shape[-1]
+    order, c, d = _dct_fft_constants(N, X.device)
+    R = torch.fft.rfft(X.index_select(-1, order), dim=-1)  # rows x h, h = N // 2 + 1
+    a, b, h = R.real, R.imag, N // 2 + 1
+    low = a * c[:h] - b * d[:h]
+    # k = h .. N - 1: Re(conj(R_(N-k)) w_k), R_(N-k) for N - k = N - h .. 1 (reversed)
+    high = a[..., 1 : N - h + 1].flip(-1) * c[h:] + b[..., 1 : N - h + 1].flip(-1) * d[h:]
+    return low, high
 
 
 def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
@@ -102,8 +122,8 @@ def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     tall: ||G c_k||^2 for the n vectors of the n-point basis (a sum over rows: partial sums of row shards add
     up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole). The projections on the
     whole basis come from `dct_rows` (an FFT), not a product with it."""
-    S = dct_rows(G) if tall else dct_rows(G.T)
-    return S.square().sum(dim=0)
+    low, high = dct_rows(G if tall else G.T)
+    return torch.cat([low.square().sum(dim=0), high.square().sum(dim=0)])
 
 
 def dct_pick(scores: torch.Tensor, r: int) -> torch.Tensor:
@@ -178,9 +198,8 @@ class DCTProjector(Projector):
     def matrix(self, m, n, r, device, seed, state):
         tall = m >= n
         basis = dct_basis(n if tall else m, device)
-        valid = state >= 0
-        rows = basis.new_zeros(r, basis.shape[1])
-        rows[valid] = basis[state[valid]]
+        # -1 (r beyond the basis size) gives a row of zeros; no boolean indexing, so no host sync per param
+        rows = torch.where((state >= 0).unsqueeze(1), basis.index_select(0, state.clamp(min=0)), 0.0)
         return rows if tall else rows.T.contiguous()
 
     def decide(self, G, r):

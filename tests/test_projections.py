@@ -13,7 +13,7 @@ import torch
 from spawn import deepspeed_workers
 
 from apollo_dist import APOLLO
-from apollo_dist.projection import dct_basis, dct_pick, dct_scores
+from apollo_dist.projection import DCTProjector, dct_basis, dct_pick, dct_rows, dct_scores
 
 
 def proj_groups(model, preset: str, proj: str, gap: int = 7) -> list[dict]:
@@ -189,6 +189,22 @@ def _ista_projector():
     from ista_daslab_optimizers.utils.dct import dct3_matrix
 
     return FFTLowRankProjector, dct3_matrix
+
+
+def test_dct_scores_are_the_basis_products_and_matrix_pads_with_zero_rows():
+    """The FFT route (`dct_rows`' two halves, odd, even and tiny lengths) is the product with the basis to fp32
+    rounding; `DCTProjector.matrix` gives the basis rows of the indices and zero rows for -1, either side."""
+    for rows, n in ((5, 1), (9, 2), (13, 7), (6, 16), (3, 201)):
+        G = torch.randn(rows, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        exact = G @ dct_basis(n, torch.device("cpu")).double().T
+        torch.testing.assert_close(torch.cat(dct_rows(G.float()), -1).double(), exact, atol=2e-6, rtol=0)
+        torch.testing.assert_close(dct_scores(G.float(), True).double(), exact.square().sum(0), atol=0, rtol=1e-5)
+        torch.testing.assert_close(dct_scores(G.T.float(), False).double(), exact.square().sum(0), atol=0, rtol=1e-5)
+    proj, C = DCTProjector(), dct_basis(4, torch.device("cpu"))
+    idx = torch.tensor([3, 0, -1])
+    tall = proj.matrix(9, 4, 3, torch.device("cpu"), 0, idx)
+    assert torch.equal(tall, torch.stack([C[3], C[0], torch.zeros(4)]))
+    assert torch.equal(proj.matrix(4, 9, 3, torch.device("cpu"), 0, idx), tall.T)
 
 
 @pytest.mark.parametrize("shape", [(23, 11), (11, 23), (16, 16)])
