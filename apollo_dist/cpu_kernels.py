@@ -1,5 +1,6 @@
-"""The CPU step's one-pass kernels (DESIGN.md §2.7): R and ||G_c||^2 of a gradient in one read of G, and the
-scaled update that zeroes the gradient store in the same pass.
+"""The CPU step's one-pass kernels (DESIGN.md §2.7): R and ||G_c||^2 of a gradient in one read of G, the
+scaled update that zeroes the gradient store in the same pass, and the plain-Adam step of the other params
+(embeddings, head, norms) in one pass instead of the eager ops' five.
 
 On the CPU (ZeRO-Offload, CPU runs) the eager twin of ``kernels.MultiProjection`` reads G twice per weight: a
 BLAS product for R (for rank 1 a matrix-vector product, which MKL runs on one core at about a third of the
@@ -102,6 +103,37 @@ void scaled_update(torch::Tensor p, torch::Tensor g, torch::Tensor c, bool per_r
     }
   });
 }
+
+// The reference's Adam on flat fp32 tensors, one pass (the eager step's five): m = b1 m + (1 - b1) g,
+// v = b2 v + (1 - b2) g^2, p += -step m / (sqrt(v) + eps), then p += decay p. Each operation rounds as the
+// eager CPU op does (torch's add / addcmul with a scalar: one fused multiply-add; addcdiv: (value m) / d), except
+// the square root, correctly rounded here (torch's vectorized CPU sqrt can be an ulp or two off).
+void adam(torch::Tensor p, torch::Tensor m, torch::Tensor v, torch::Tensor g, double b1, double b2, double eps,
+          double step, double decay) {
+  const int64_t n = p.numel();
+  float* pp = p.data_ptr<float>();
+  float* mp = m.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  const float fb1 = b1, fa1 = 1.0 - b1, fb2 = b2, fa2 = 1.0 - b2, fe = eps, fs = -step, fd = decay;
+  at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
+    float* __restrict__ pr = pp;
+    float* __restrict__ mr = mp;
+    float* __restrict__ vr = vp;
+    const float* __restrict__ gr = gp;
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) {
+      const float gj = gr[j];
+      const float mj = std::fma(gj, fa1, mr[j] * fb1);
+      const float vj = std::fma(gj * fa2, gj, vr[j] * fb2);
+      float pj = pr[j] + (fs * mj) / (std::sqrt(vj) + fe);
+      if (fd != 0.f) pj = std::fma(pj, fd, pj);
+      mr[j] = mj;
+      vr[j] = vj;
+      pr[j] = pj;
+    }
+  });
+}
 """
 
 _lib: Optional[Any] = None
@@ -137,7 +169,7 @@ def _load() -> Optional[Any]:
         _lib = load_inline(
             f"apollo_dist_cpu_{_cpu_tag()}",
             cpp_sources=_SOURCE,
-            functions=["project_norm", "scaled_update"],
+            functions=["project_norm", "scaled_update", "adam"],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -211,4 +243,31 @@ def scaled_update_(p: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, per_row
     if lib is None:
         return False
     lib.scaled_update(p, g, coef, per_row, zero_g)
+    return True
+
+
+def adam_(
+    p: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b1: float,
+    b2: float,
+    eps: float,
+    step_size: float,
+    decay: float,
+) -> bool:
+    """The reference's Adam step on one param in one pass: m, v updated, p -= step_size m / (sqrt(v) + eps), then
+    p += decay p (``decay`` = -lr * weight_decay; 0: none). p, m, v, g: contiguous fp32 on the CPU, same numel.
+    The eager ops' rounding but for the square root (correctly rounded here). False, nothing written, when the
+    kernel is unavailable or the tensors are not of that kind."""
+    if not (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (p, m, v, g))
+        and p.numel() == m.numel() == v.numel() == g.numel()
+    ):
+        return False
+    lib = _load()
+    if lib is None:
+        return False
+    lib.adam(p, m, v, g, b1, b2, eps, step_size, decay)
     return True

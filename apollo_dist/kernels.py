@@ -748,6 +748,14 @@ class MultiAdam:
             on = scalars.live() if per_param else [True] * len(self.params)
             sizes = scalars.step_sizes if per_param else scalars.step_sizes[:1] * len(self.params)
             pick = [i for i, here in enumerate(on) if here]
+            if not self.on_gpu:  # the CPU (ZeRO-Offload, CPU runs): one pass per param where the kernel runs
+                pick = [
+                    i
+                    for i in pick
+                    if not cpu_kernels.adam_(
+                        self.params[i], self.m[i], self.v[i], grads[i], b1, b2, eps, sizes[i], scalars.decay
+                    )
+                ]
             ps, ms, vs, gs = ([xs[i] for i in pick] for xs in (self.params, self.m, self.v, grads))
             if not ps:
                 return

@@ -137,3 +137,31 @@ def test_the_update_zeroes_the_gradients_it_reads_when_asked(lib):
     assert torch.equal(ps[0], want[0]) and torch.equal(ps[1], want[1]) and torch.equal(ps[2], want[2])
     assert sorted(zeroed) == sorted((g.data_ptr(), g.numel()) for g in grads[:2])
     assert not grads[0].any() and not grads[1].any() and torch.equal(grads[2], gs[2])
+
+
+def test_adam_is_the_eager_step_in_one_pass(lib):
+    """The plain-Adam kernel (embeddings, head, norms on the CPU): moments bitwise the eager ops', the weight
+    within an ulp or two (the square root is correctly rounded here, torch's vectorized one not always), with and
+    without decay; non-contiguous or non-fp32 tensors are refused (False, nothing written)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 100_003  # several threads' chunks and a vector tail
+    p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-2
+    m0, v0 = torch.randn(n, generator=gen) * 1e-3, torch.rand(n, generator=gen) * 1e-5
+    b1, b2, eps, step = 0.9, 0.999, 1e-6, 1e-3 / 0.1
+    for decay in (0.0, -1e-5):
+        p, m, v = p0.clone(), m0.clone(), v0.clone()
+        assert cpu_kernels.adam_(p, m, v, g, b1, b2, eps, step, decay)
+        me = m0.clone().mul_(b1).add_(g, alpha=1 - b1)
+        ve = v0.clone().mul_(b2).addcmul_(g, g, value=1 - b2)
+        pe = p0.clone().addcdiv_(me, ve.sqrt().add_(eps), value=-step)
+        if decay:
+            pe.add_(pe, alpha=decay)
+        assert torch.equal(m, me) and torch.equal(v, ve)
+        torch.testing.assert_close(p, pe, rtol=2e-7, atol=1e-8)  # an ulp of the update where p nearly cancels
+        exact = p0.double() - step * me.double() / (ve.double().sqrt() + eps)
+        exact = exact + decay * exact
+        torch.testing.assert_close(p.double(), exact, rtol=1e-6, atol=1e-8)
+    strided = torch.zeros(2 * n)[::2]
+    assert not cpu_kernels.adam_(strided, m, v, g, b1, b2, eps, step, 0.0)
+    assert not cpu_kernels.adam_(p.double(), m.double(), v.double(), g.double(), b1, b2, eps, step, 0.0)
+    assert torch.equal(strided, torch.zeros(n))
