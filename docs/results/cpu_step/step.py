@@ -1,6 +1,6 @@
 """CPU micro-benchmark of APOLLO-Mini's whole step on a LLaMA model's params (issue 31): random gradients, CPU
 tensors, median of 3 steps, then the top ops under torch.profiler. Run from the repo root:
-python docs/results/cpu_step/step.py 130m   (APOLLO_DIST_CPU_KERNELS=0: PyTorch's ops instead of the C++ kernels)"""
+python docs/results/cpu_step/step.py 130m [VOCAB]   (APOLLO_DIST_CPU_KERNELS=0: PyTorch's ops instead of the C++ kernels)"""
 
 import sys
 import time
@@ -12,7 +12,8 @@ import apollo_dist
 from launch.model import llama_config, meta_model
 
 name = sys.argv[1] if len(sys.argv) > 1 else "130m"
-model = meta_model(llama_config(name, 32000, 256)).to_empty(device="cpu")
+vocab = int(sys.argv[2]) if len(sys.argv) > 2 else 32000  # launch/train.py's byte tokenizer: 259
+model = meta_model(llama_config(name, vocab, 256)).to_empty(device="cpu")
 
 
 def fresh_grads() -> None:
