@@ -198,7 +198,9 @@ class DCTProjector(Projector):
     def matrix(self, m, n, r, device, seed, state):
         tall = m >= n
         basis = dct_basis(n if tall else m, device)
-        # -1 (r beyond the basis size) gives a row of zeros; no boolean indexing, so no host sync per param
+        # -1 (r beyond the basis size) gives a row of zeros; no boolean indexing, so no host sync per param. The
+        # state may live elsewhere than the basis (ZeRO-Offload: state on the CPU, basis on the generator's GPU)
+        state = state.to(basis.device)
         rows = torch.where((state >= 0).unsqueeze(1), basis.index_select(0, state.clamp(min=0)), 0.0)
         return rows if tall else rows.T.contiguous()
 

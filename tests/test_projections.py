@@ -205,6 +205,9 @@ def test_dct_scores_are_the_basis_products_and_matrix_pads_with_zero_rows():
     tall = proj.matrix(9, 4, 3, torch.device("cpu"), 0, idx)
     assert torch.equal(tall, torch.stack([C[3], C[0], torch.zeros(4)]))
     assert torch.equal(proj.matrix(4, 9, 3, torch.device("cpu"), 0, idx), tall.T)
+    # ZeRO-Offload keeps the indices on the CPU and draws P on the GPU: the state follows the basis's device
+    # (the meta device stands in for the GPU here; without the move this raised)
+    assert proj.matrix(9, 4, 3, torch.device("meta"), 0, idx).device.type == "meta"
 
 
 @pytest.mark.parametrize("shape", [(23, 11), (11, 23), (16, 16)])
