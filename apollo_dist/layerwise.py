@@ -130,7 +130,10 @@ def per_param_binding(binding: Binding, layer: Optional[Callable[[Any], Optional
             f"layer-wise APOLLO needs the param groups to hold the parameters themselves (one process, DDP, FSDP2); "
             f"got a {binding.kind!r} binding (APOLLO.bind): its gradients have no per-parameter hook"
         )
-    size = lambda slots: sum(math.prod(s.shape) for s in slots)  # noqa: E731
+
+    def size(slots: list) -> int:  # elements of the whole params (global shapes: every rank merges alike)
+        return sum(math.prod(s.shape) for s in slots)
+
     cap = max((size([s]) for u in binding.units for s in u.slots), default=0)
     units = []
     for u in binding.units:

@@ -13,9 +13,9 @@ import torch
 from ..groups import LOW_RANK_KEYS, RUN_KEYS
 
 FORMAT = "apollo_dist.canonical"
-FORMAT_VERSION = 3  # 3: expert slices recorded ("expert"; written only where version 2's name rule would misread); 2: per-param "step"
-# and "projection" records;
-# 1: steps per group only
+# 3: expert slices recorded ("expert"; written only where version 2's name rule would misread);
+# 2: per-param "step" and "projection" records; 1: steps per group only
+FORMAT_VERSION = 3
 INDEX_FILE = "index.json"
 SHARD_BYTES = 2 * 2**30  # safetensors files of at most ~2 GiB (a bigger single tensor gets its own file)
 
