@@ -204,12 +204,16 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw")
+        # Without an AdamW row for the model (e.g. a projections-only run) the ratio columns say None.
+        base = next((b for b in rows if b["model"] == r["model"] and b["optimizer"] == "adamw"), None)
         fmt = lambda v, f="{:.2f}": f.format(v) if isinstance(v, (int, float)) else str(v)
-        full_ratio = r["full_step_ms"] / base["full_step_ms"] if r["full_step_ms"] and base["full_step_ms"] else None
+        full_ratio = (
+            r["full_step_ms"] / base["full_step_ms"] if base and r["full_step_ms"] and base["full_step_ms"] else None
+        )
+        step_ratio = r["opt_step_ms"] / base["opt_step_ms"] if base else None
         name = r["optimizer"] + (" (tf32)" if r["tf32"] else "") + (" (eager)" if r.get("eager") else "")
         lines.append(
-            f"| {r['model']} | {name} | {fmt(r['opt_step_ms'])} | {fmt(r['opt_step_ms'] / base['opt_step_ms'], '{:.2f}x')} | "
+            f"| {r['model']} | {name} | {fmt(r['opt_step_ms'])} | {fmt(step_ratio, '{:.2f}x')} | "
             f"{fmt(r['host_ms'])} | {fmt(r['refresh_step_ms'])} | {fmt(r['full_step_ms'])} | {fmt(full_ratio, '{:.3f}x')} | {fmt(r['tokens_per_s'], '{:.0f}')} | "
             f"{fmt(r['peak_mem_gib'])} | {r['state_bytes'] / 2**30:.3f} |"
         )
