@@ -117,8 +117,10 @@ class Unit:
     slots: list[Slot]
     handle: Optional[torch.Tensor] = None  # the flat partition the engine puts in the group's list for it
     clear_grads: Optional[Callable[..., None]] = None  # after a step: zero the engine's gradient store of the
-    # unit where it would otherwise hand a param that got no gradient its last one again (ZeRO-3, ZeRO-Offload);
+    # unit where it would otherwise hand a param that got no gradient its last one again (ZeRO-3);
     # takes the (address, numel) ranges the update already zeroed (zero_except)
+    prepare_grads: Optional[Callable[[], tuple[list[Slot], bool]]] = None  # before a step reads the store: the
+    # same, for a store that learns which params got a gradient (ZeRO-Offload: `OffloadedGrads.prepare`)
 
 
 @dataclass
@@ -439,8 +441,8 @@ def zero_flat_binding(lists: list[list[torch.Tensor]], received: list[list[Recei
             )
         units.append(Unit(gi, slots, flat))
     if offload:  # ZeRO-Offload copies each reduced gradient into flat.grad (CPU) and never clears it
-        for u in units:
-            u.clear_grads = _grad_clearer(u.handle)
+        zero = next((z for u in units for s in u.slots if (z := getattr(s.param, "_zero_optimizer", None))), None)
+        OffloadedGrads(units, zero)  # sets each unit's prepare_grads
     binding = Binding(
         "flat",
         units,
@@ -477,17 +479,77 @@ def zero_except(buf: torch.Tensor, done: Sequence[tuple[int, int]]) -> None:
         buf.narrow(0, pos, end - pos).zero_()
 
 
-def _grad_clearer(flat: torch.Tensor) -> Callable[[], None]:
-    """Zero ``flat.grad`` after a step. Under ZeRO-Offload DeepSpeed copies each param's reduced gradient into
-    its slice of that persistent CPU buffer only when the param's gradient hook fires, and never clears it: a
-    param without gradient in a step would get its last gradient again (as ZeRO-3's store, `_zero3_grad_clearers`).
-    Zeroed, it steps as a zero gradient, the rule of ZeRO-1/2 without offload."""
+class _Deliveries:
+    """What the gradient hooks of `OffloadedGrads` record (the hooks hold this only, not the binding)."""
 
-    def clear(done: Sequence[tuple[int, int]] = ()) -> None:
-        if flat.grad is not None:
-            zero_except(flat.grad, done)
+    def __init__(self, micro_step: Callable[[], Any]) -> None:
+        self.micro_step = micro_step
+        self.fired: dict[int, set] = {}  # id(param) -> the micro-steps that gave it a gradient since its last prepare
+        self.seen: set = set()  # the micro-steps of this step that gave any param a gradient
+        self.new_step = False  # a prepare ran: the next gradient starts the next step's micro-steps
 
-    return clear
+    def hook(self, p: torch.Tensor) -> None:
+        if self.new_step:
+            self.seen.clear()
+            self.new_step = False
+        m = self.micro_step()
+        self.fired.setdefault(id(p), set()).add(m)
+        self.seen.add(m)
+
+
+class OffloadedGrads:
+    """ZeRO-Offload's gradient store (each unit's CPU ``flat.grad``) holding zeros for the params that got no
+    gradient, without a pass over it per step. DeepSpeed copies a param's reduced gradient into its slice of that
+    persistent buffer at the accumulation boundary, for the params whose gradient hook fired in some micro-step
+    (ZeRO-1/2 and ZeRO-3 alike), and never clears it: a param without gradient would get its last one again. A
+    post-accumulate-grad hook per param records which params DeepSpeed delivered, and in which micro-steps
+    (DeepSpeed's ``micro_step_id``); `prepare`, before a unit's step reads the store, zeroes the slices of its
+    params not delivered since its last step that still hold an earlier gradient (usually none), so such a param
+    steps as a zero gradient, the rule of ZeRO-1/2 without offload (DESIGN §2.1).
+
+    The binding (and so the hooks) is made at the first step, after its backward: at a unit's first `prepare` the
+    store holds that backward's gradients and zeros (nothing else writes it), taken as they are; every slice
+    counts as holding a gradient from then on until a step shows it was not delivered."""
+
+    def __init__(self, units: Sequence[Unit], zero: Any) -> None:
+        # DeepSpeed's micro-step counter: constant within one micro-batch's backward (reentrant checkpointing
+        # included) and different between the micro-batches of a step (ZeRO-1/2 and ZeRO-3, 0.19)
+        self.record = record = _Deliveries(lambda: getattr(zero, "micro_step_id", None))
+        self.slots = {id(u): [s for s in u.slots if s.numel] for u in units}
+        self.stale: set[int] = set()  # ids of params whose slice may hold an earlier step's gradient
+        self.started: set[int] = set()  # ids of the units prepared once
+        params = {id(s.param): s.param for ss in self.slots.values() for s in ss if s.param.requires_grad}
+        handles = [p.register_post_accumulate_grad_hook(record.hook) for p in params.values()]
+        weakref.finalize(self, lambda: [h.remove() for h in handles])
+        for u in units:
+            u.prepare_grads = lambda u=u: self.prepare(u)
+
+    def prepare(self, unit: Unit) -> tuple[list[Slot], bool]:
+        """Zero what must be zero in ``unit``'s store; returns (its slots whose param got a gradient in some
+        micro-steps of this step but not all, whether the step had more than one micro-step). DeepSpeed's offloaded
+        accumulation gets those wrong (0.19.8: the previous step's gradient is added where the first micro-steps
+        gave none, and the earlier micro-steps' gradient is lost where the last one gave none; measured with torch
+        AdamW too)."""
+        rec, slots = self.record, self.slots[id(unit)]
+        micro = len(rec.seen)
+        partial = [s for s in slots if 0 < len(rec.fired.get(id(s.param), ())) < micro]
+        if id(unit) not in self.started:  # which params the first backward delivered is not known: all may hold one
+            self.started.add(id(unit))
+            self.stale |= {id(s.param) for s in slots}
+        else:
+            for s in slots:
+                key = id(s.param)
+                if key in rec.fired:
+                    self.stale.add(key)  # holds this step's gradient: stale at the next step unless delivered again
+                elif key in self.stale:
+                    g = s.grad()
+                    if g is not None:
+                        g.zero_()
+                    self.stale.discard(key)
+        for s in slots:
+            rec.fired.pop(id(s.param), None)
+        rec.new_step = True
+        return partial, micro > 1
 
 
 def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
@@ -501,11 +563,8 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
     group = zero.dp_process_group
     rank = dist.get_rank(group)
     units = []
-    clearers = (
-        [_grad_clearer(f) for f in zero.fp32_partitioned_groups_flat]
-        if getattr(zero, "offload_optimizer", False)
-        else _zero3_grad_clearers(zero)
-    )
+    offload = getattr(zero, "offload_optimizer", False)
+    clearers = [None] * len(zero.fp16_groups) if offload else _zero3_grad_clearers(zero)
     for i, (params, flat) in enumerate(zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat)):
         if flat is None or flat.dtype != torch.float32:
             raise NotImplementedError(
@@ -532,6 +591,8 @@ def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:
             )
             offset += chunk
         units.append(Unit(gi, slots, flat, clearers[i]))
+    if offload:
+        OffloadedGrads(units, zero)  # sets each unit's prepare_grads
     binding = Binding("flat", units, group, held=[u.handle for u in units], generator_device=_compute_device(received))
     refuse_universal_loads(binding, zero3=zero)
     return binding

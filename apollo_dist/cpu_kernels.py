@@ -10,9 +10,9 @@ GEMM). It is built on first use with ``torch.utils.cpp_extension.load_inline`` (
 as DeepSpeedCPUAdam needs; cached under ~/.cache/torch_extensions); when it cannot be built the eager ops run
 (one warning). ``APOLLO_DIST_CPU_KERNELS=0`` switches it off.
 
-Arithmetic: fp32 sums, each channel's reduction by one thread in a fixed order (vector lanes, then rows), so
-results do not depend on the thread count. They differ from the BLAS / norm ops in the last bits (other
-summation order); NaN and inf propagate as in any sum (the non-finite check relies on it: no fast-math).
+Arithmetic: fp32 sums in a fixed order (a row channel: vector lanes, then the row; a column channel: rows in blocks
+of 256, then the blocks in order), so results do not depend on the thread count. They differ from the BLAS / norm
+ops in the last bits (other summation order); NaN and inf propagate as in any sum (the non-finite check relies on it: no fast-math).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <vector>
 
 // G: rows x n fp32, unit column stride, row stride ld. tall: channel = row, R[i] = sum_j G[i,j] P[j] (P: n),
 // g[i] = sum_j G[i,j]^2. wide: channel = column, R[c] = sum_i G[i,c] P[i] (P: rows), g[c] = sum_i G[i,c]^2.
@@ -55,21 +56,41 @@ void project_norm(torch::Tensor G, torch::Tensor P, torch::Tensor R, torch::Tens
       }
     });
   } else {
-    constexpr int64_t C = 256;  // columns per task: accumulators stay in L1 while the rows stream by
-    at::parallel_for(0, (n + C - 1) / C, 1, [&](int64_t lo, int64_t hi) {
+    // Tiles of RB rows x C columns, each a task: the accumulators stay in L1 while the rows stream by, and a weight
+    // with few columns still gives every thread work. Each tile's sums go to its own slot of a partial buffer,
+    // summed over the row blocks in order afterwards: the result does not depend on the thread count.
+    constexpr int64_t C = 256, RB = 256;
+    const int64_t ncb = (n + C - 1) / C, nrb = (rows + RB - 1) / RB;
+    std::vector<float> part_g(nrb * n), part_r(with_r ? nrb * n : 0);
+    at::parallel_for(0, nrb * ncb, 1, [&](int64_t lo, int64_t hi) {
       float ra[C], ga[C];
-      for (int64_t blk = lo; blk < hi; ++blk) {
-        const int64_t c0 = blk * C, w = std::min(C, n - c0);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t rb = t / ncb, c0 = (t % ncb) * C, w = std::min(C, n - c0);
+        const int64_t r0 = rb * RB, r1 = std::min(rows, r0 + RB);
         for (int64_t c = 0; c < w; ++c) { ra[c] = 0.f; ga[c] = 0.f; }
         float* __restrict__ rv = ra;
         float* __restrict__ gv = ga;
-        for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t i = r0; i < r1; ++i) {
           const float* __restrict__ row = gp + i * ld + c0;
           const float s = with_r ? pp[i] : 0.f;
 #pragma omp simd
           for (int64_t c = 0; c < w; ++c) { rv[c] += s * row[c]; gv[c] += row[c] * row[c]; }
         }
-        for (int64_t c = 0; c < w; ++c) { op[c0 + c] = ga[c]; if (with_r) rp[c0 + c] = ra[c]; }
+        for (int64_t c = 0; c < w; ++c) {
+          part_g[rb * n + c0 + c] = ga[c];
+          if (with_r) part_r[rb * n + c0 + c] = ra[c];
+        }
+      }
+    });
+    at::parallel_for(0, n, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) {
+        float a = 0.f, b = 0.f;
+        for (int64_t rb = 0; rb < nrb; ++rb) {
+          b += part_g[rb * n + c];
+          if (with_r) a += part_r[rb * n + c];
+        }
+        op[c] = b;
+        if (with_r) rp[c] = a;
       }
     });
   }

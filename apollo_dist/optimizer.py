@@ -175,6 +175,7 @@ class APOLLO(torch.optim.Optimizer):
         self._binding: Optional[Binding] = None
         self._buckets: list[Bucket] = []
         self._clear_grads: dict[int, Callable[..., None]] = {}  # by id(bucket): the engine's gradient store zeroed
+        self._prepare_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the same, before the step
         self._comm = Collectives(None)
         self._device_live = False  # which params are live is decided on the device even at W = 1 (fused experts)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
@@ -283,6 +284,7 @@ class APOLLO(torch.optim.Optimizer):
         self._bucket_of = {id(u): b for u, b in zip(binding.units, buckets)}
         self._updated, self._update_flags = [], None
         self._clear_grads = {id(b): u.clear_grads for u, b in zip(binding.units, buckets) if u.clear_grads}
+        self._prepare_grads = {id(b): u.prepare_grads for u, b in zip(binding.units, buckets) if u.prepare_grads}
         for b in buckets:  # the CPU update zeroes what it reads of a store about to be zeroed (one pass, not two)
             if id(b) in self._clear_grads and hasattr(b, "zero_grads"):
                 b.zero_grads = True
@@ -451,6 +453,8 @@ class APOLLO(torch.optim.Optimizer):
         """Step ``buckets``; all ranks take one decision on non-finite gradients ("skip": settled at the next
         call, see `_settle`)."""
         hparams = [self._hparams(b.group_index) for b in buckets]
+        if self._prepare_grads:
+            self._prepare_offloaded_grads(buckets)
         for b, hp in zip(buckets, hparams):
             b.begin(hp)
         # "skip": every write is gated by the device flag (the fused kernels read it on the device, the eager
@@ -481,6 +485,32 @@ class APOLLO(torch.optim.Optimizer):
                 b.discard()
                 if id(b) in self._clear_grads:  # ZeRO-3: a param without gradient next step must not get this one
                     self._clear_grads[id(b)](getattr(b, "zeroed", ()))  # what the update zeroed is skipped
+
+    def _prepare_offloaded_grads(self, buckets: list) -> None:
+        """ZeRO-Offload: zero the gradient store where a param got no gradient (`binding.OffloadedGrads`), and refuse
+        a step whose gradient DeepSpeed accumulated wrong (a param with a gradient in some of the step's micro-steps
+        but not all), on every rank when one finds it (one all-reduce, only for steps of several micro-steps)."""
+        partial, accumulated = [], False
+        for b in buckets:
+            if id(b) in self._prepare_grads:
+                p, a = self._prepare_grads[id(b)]()
+                partial += p
+                accumulated |= a
+        if not accumulated:
+            return
+        count = torch.tensor([float(len(partial))])
+        if self._world > 1:
+            self._comm.all_reduce(count)
+        if count.item() > 0:
+            where = _names(partial) if partial else "params held by other ranks"
+            raise RuntimeError(
+                f"APOLLO with DeepSpeed ZeRO-Offload: {where} got a gradient in some micro-steps of step "
+                f"{self._step_number(buckets)} but not in all; DeepSpeed's offloaded gradient accumulation "
+                "(0.19) gets such a gradient wrong (it adds the previous step's where the first micro-steps gave none, "
+                "and drops the earlier micro-steps' where the last gave none; its own optimizers too), so nothing was "
+                "updated. Use gradient_accumulation_steps 1 or no offload_optimizer, or make every micro-batch reach "
+                "these params"
+            )
 
     def _device_step(self, buckets: list, hparams: list[dict], check: bool, gated: bool) -> torch.Tensor:
         """The step's device work (no host sync, nothing host-side that changes between steps: a CUDA graph
