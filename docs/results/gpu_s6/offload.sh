@@ -48,6 +48,8 @@ python - "$CFG" <<'PY'
 import json, sys
 cfg = json.load(open("ds_configs/apollo_zero3.json"))
 cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+cfg["wall_clock_breakdown"] = True  # DeepSpeed's per-step fwd / bwd / step times in the logs
+cfg["steps_per_print"] = 1
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 PY
 
@@ -60,6 +62,7 @@ for opt in adamw apollo-mini apollo; do
   rc=$?
   [ $rc -eq 0 ] || { say "$opt: exit $rc (124: over ${RUN_S}s); log tail:"; tail -8 "$OUT/log_$opt.txt" | tee -a "$REPORT"; }
   grep -h "DeepSpeedCPUAdam unavailable" "$OUT/log_$opt.txt" | head -1 | tee -a "$REPORT"
+  grep -h "time (ms)" "$OUT/log_$opt.txt" | grep -v "comms" | tail -2 | sed "s/^.*time (ms)/$opt: time (ms)/" | tee -a "$REPORT"
   grep -h "apollo_dist train: engine" "$OUT/log_$opt.txt" | head -1 | sed "s/^/$opt: /" | tee -a "$REPORT"
   python - "$opt" "$OUT/m_$opt.jsonl" "$(( $(date +%s) - t ))" <<'PY' | tee -a "$REPORT"
 import json, statistics, sys
