@@ -12,6 +12,8 @@ SEQ=${SEQ:-1024}
 MB=${MB:-8}           # micro-batch = global batch (W=1, no accumulation)
 STEPS=${STEPS:-8}
 RUN_S=${RUN_S:-85}    # wall-clock limit per training run (the whole script stays under 6 minutes)
+# OPTS: the optimizers, in order (default "adamw apollo-mini apollo"). 7B (host memory: AdamW's state alone is
+# ~84 GB): M=7b MB=4 STEPS=5 RUN_S=200 OPTS="apollo-mini adamw"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc --all)}  # the CPU step's threads (torch and DeepSpeedCPUAdam)
 T0=$(date +%s)
 REPORT="$OUT/offload.txt"
@@ -53,7 +55,7 @@ cfg["steps_per_print"] = 1
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 PY
 
-for opt in adamw apollo-mini apollo; do
+for opt in ${OPTS:-adamw apollo-mini apollo}; do
   t=$(date +%s)
   timeout "$RUN_S" deepspeed --num_gpus 1 launch/train.py --deepspeed "$CFG" --optimizer "$opt" --model "$M" \
     --seq-len "$SEQ" --global-batch-size "$MB" --micro-batch-size "$MB" --steps "$STEPS" --lr 1e-4 --warmup-steps 1 \
