@@ -12,12 +12,13 @@
 set -u
 OUT=${OUT:-/tmp/out}
 M=${M:-1b}
+# OPTS: the optimizers (tools/bench.py names), default all six above; e.g. OPTS=apollo,apollo-dct (no SVD: ~1 minute)
 mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   git rev-parse --short HEAD
   timeout 290 python tools/bench.py --models "$M" \
-    --optimizers apollo,apollo-dct,apollo-svd,apollo-torch-svd,apollo-mini,apollo-mini-dct \
+    --optimizers "${OPTS:-apollo,apollo-dct,apollo-svd,apollo-torch-svd,apollo-mini,apollo-mini-dct}" \
     --steps 5 --skip-full --refresh --refresh-after --json "$OUT/projections.json"
   echo "exit $?"
 } > "$OUT/projections.txt" 2>&1
