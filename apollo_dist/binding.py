@@ -480,19 +480,28 @@ def zero_except(buf: torch.Tensor, done: Sequence[tuple[int, int]]) -> None:
 
 
 class _Deliveries:
-    """What the gradient hooks of `OffloadedGrads` record (the hooks hold this only, not the binding)."""
+    """What the gradient hooks of `OffloadedGrads` record (the hooks hold this only, not the binding): per param,
+    the micro-steps (DeepSpeed's ``micro_step_id``) whose backward gave it a gradient in this step."""
 
     def __init__(self, micro_step: Callable[[], Any]) -> None:
         self.micro_step = micro_step
-        self.fired: dict[int, set] = {}  # id(param) -> the micro-steps that gave it a gradient since its last prepare
-        self.seen: set = set()  # the micro-steps of this step that gave any param a gradient
-        self.new_step = False  # a prepare ran: the next gradient starts the next step's micro-steps
+        self.fired: dict[int, set] = {}  # id(param) -> this step's micro-steps that gave it a gradient
+        self.seen: set = set()  # this step's micro-steps that gave any param a gradient
+        self.earlier: set[int] = set()  # ids of params delivered in steps DeepSpeed skipped (no prepare since)
+        self.last: Any = None  # the micro-step of the last gradient
+        self.new_step = False  # a prepare ran: the next gradient starts the next step
 
     def hook(self, p: torch.Tensor) -> None:
-        if self.new_step:
+        m = self.micro_step()
+        # a new step: after a prepare, or when the counter went back without one (a step DeepSpeed skipped itself,
+        # fp16 overflow or a non-finite norm: what it delivered may still be in the store)
+        if self.new_step or (m is not None and self.last is not None and m < self.last):
+            if not self.new_step:
+                self.earlier |= self.fired.keys()
+            self.fired.clear()
             self.seen.clear()
             self.new_step = False
-        m = self.micro_step()
+        self.last = m
         self.fired.setdefault(id(p), set()).add(m)
         self.seen.add(m)
 
@@ -502,38 +511,59 @@ class OffloadedGrads:
     gradient, without a pass over it per step. DeepSpeed copies a param's reduced gradient into its slice of that
     persistent buffer at the accumulation boundary, for the params whose gradient hook fired in some micro-step
     (ZeRO-1/2 and ZeRO-3 alike), and never clears it: a param without gradient would get its last one again. A
-    post-accumulate-grad hook per param records which params DeepSpeed delivered, and in which micro-steps
-    (DeepSpeed's ``micro_step_id``); `prepare`, before a unit's step reads the store, zeroes the slices of its
-    params not delivered since its last step that still hold an earlier gradient (usually none), so such a param
-    steps as a zero gradient, the rule of ZeRO-1/2 without offload (DESIGN §2.1).
+    post-accumulate-grad hook on every trainable param (held here or not, so every rank sees the same micro-steps)
+    records which params DeepSpeed delivered, and in which micro-steps; `prepare`, before a unit's step reads the
+    store, zeroes the slices of its params not delivered in this step that may hold an earlier gradient (usually
+    none), so such a param steps as a zero gradient, the rule of ZeRO-1/2 without offload (DESIGN §2.1).
 
     The binding (and so the hooks) is made at the first step, after its backward: at a unit's first `prepare` the
-    store holds that backward's gradients and zeros (nothing else writes it), taken as they are; every slice
-    counts as holding a gradient from then on until a step shows it was not delivered."""
+    store holds that backward's gradients and zeros, taken as they are (that step is not checked for partial
+    micro-steps); every slice counts as holding a gradient from then on until a step shows it was not delivered."""
 
     def __init__(self, units: Sequence[Unit], zero: Any) -> None:
-        # DeepSpeed's micro-step counter: constant within one micro-batch's backward (reentrant checkpointing
-        # included) and different between the micro-batches of a step (ZeRO-1/2 and ZeRO-3, 0.19)
+        # DeepSpeed's micro-step counter: constant within one micro-batch's backward and different between the
+        # micro-batches of a step (ZeRO-2 and ZeRO-3, 0.19; ZeRO-1 keeps it at 0: it reduces torch's own
+        # accumulated gradients once, at the boundary, so nothing is checked there)
         self.record = record = _Deliveries(lambda: getattr(zero, "micro_step_id", None))
+        # whether a step has several micro-steps: DeepSpeed's setting, the same on every rank (so is the all-reduce
+        # of the check); unknown: from the micro-steps seen
+        self.accumulation = getattr(zero, "gradient_accumulation_steps", None)
+        self.all = [s for u in units for s in u.slots]
         self.slots = {id(u): [s for s in u.slots if s.numel] for u in units}
         self.stale: set[int] = set()  # ids of params whose slice may hold an earlier step's gradient
         self.started: set[int] = set()  # ids of the units prepared once
-        params = {id(s.param): s.param for ss in self.slots.values() for s in ss if s.param.requires_grad}
+        params = {id(s.param): s.param for s in self.all if s.param.requires_grad}
+        # DeepSpeed ZeRO-3 "leaf modules" (MoE blocks, set_z3_leaf_modules) give an unused param a zero gradient
+        # itself, every micro-step, without its hook: always delivered in full
+        self.leaf = {k for k, p in params.items() if hasattr(p, "ds_z3_leaf_module")}
         handles = [p.register_post_accumulate_grad_hook(record.hook) for p in params.values()]
         weakref.finalize(self, lambda: [h.remove() for h in handles])
         for u in units:
             u.prepare_grads = lambda u=u: self.prepare(u)
 
-    def prepare(self, unit: Unit) -> tuple[list[Slot], bool]:
-        """Zero what must be zero in ``unit``'s store; returns (its slots whose param got a gradient in some
-        micro-steps of this step but not all, whether the step had more than one micro-step). DeepSpeed's offloaded
-        accumulation gets those wrong (0.19.8: the previous step's gradient is added where the first micro-steps
-        gave none, and the earlier micro-steps' gradient is lost where the last one gave none; measured with torch
-        AdamW too)."""
-        rec, slots = self.record, self.slots[id(unit)]
+    def partial(self) -> tuple[list[Slot], bool]:
+        """(the slots, of every unit, whose param got a gradient in some micro-steps of this step but not all;
+        whether the step had more than one). DeepSpeed's offloaded accumulation gets those wrong (0.19.8: the
+        previous step's gradient is added where the first micro-steps gave none, and the earlier micro-steps'
+        gradient is lost where the last one gave none; measured with torch AdamW too)."""
+        rec = self.record
         micro = len(rec.seen)
-        partial = [s for s in slots if 0 < len(rec.fired.get(id(s.param), ())) < micro]
-        if id(unit) not in self.started:  # which params the first backward delivered is not known: all may hold one
+        several = self.accumulation > 1 if isinstance(self.accumulation, int) else micro > 1
+        if not self.started:  # the hooks missed the first step's backward
+            return [], several
+        out = [
+            s
+            for s in self.all
+            if s.param is not None and id(s.param) not in self.leaf and 0 < len(rec.fired.get(id(s.param), ())) < micro
+        ]
+        return out, several
+
+    def prepare(self, unit: Unit) -> tuple[list[Slot], bool]:
+        """Zero what must be zero in ``unit``'s store; returns `partial` (of the whole binding: DeepSpeed steps the
+        units one call at a time, and the first call of a step must find it before any unit is updated)."""
+        rec, slots = self.record, self.slots[id(unit)]
+        found = self.partial()
+        if id(unit) not in self.started:
             self.started.add(id(unit))
             self.stale |= {id(s.param) for s in slots}
         else:
@@ -541,15 +571,14 @@ class OffloadedGrads:
                 key = id(s.param)
                 if key in rec.fired:
                     self.stale.add(key)  # holds this step's gradient: stale at the next step unless delivered again
-                elif key in self.stale:
+                elif key in self.stale or key in rec.earlier:
                     g = s.grad()
                     if g is not None:
                         g.zero_()
                     self.stale.discard(key)
-        for s in slots:
-            rec.fired.pop(id(s.param), None)
+        rec.earlier -= {id(s.param) for s in slots}
         rec.new_step = True
-        return partial, micro > 1
+        return found
 
 
 def zero3_binding(zero: Any, received: list[list[Received]]) -> Binding:

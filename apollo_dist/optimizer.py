@@ -489,23 +489,24 @@ class APOLLO(torch.optim.Optimizer):
     def _prepare_offloaded_grads(self, buckets: list) -> None:
         """ZeRO-Offload: zero the gradient store where a param got no gradient (`binding.OffloadedGrads`), and refuse
         a step whose gradient DeepSpeed accumulated wrong (a param with a gradient in some of the step's micro-steps
-        but not all), on every rank when one finds it (one all-reduce, only for steps of several micro-steps)."""
-        partial, accumulated = [], False
+        but not all) on every rank when one finds it, at the step's first call (DeepSpeed calls ``step`` once per
+        group or ZeRO-3 sub-group): one all-reduce per call where DeepSpeed accumulates several micro-steps."""
+        partial, accumulated = {}, False
         for b in buckets:
             if id(b) in self._prepare_grads:
-                p, a = self._prepare_grads[id(b)]()
-                partial += p
-                accumulated |= a
+                found, several = self._prepare_grads[id(b)]()
+                partial.update((id(s), s) for s in found)  # each unit's call reports the whole binding's
+                accumulated |= several
         if not accumulated:
             return
         count = torch.tensor([float(len(partial))])
         if self._world > 1:
             self._comm.all_reduce(count)
         if count.item() > 0:
-            where = _names(partial) if partial else "params held by other ranks"
+            where = _names(list(partial.values())) if partial else "params of another rank's micro-batches"
             raise RuntimeError(
                 f"APOLLO with DeepSpeed ZeRO-Offload: {where} got a gradient in some micro-steps of step "
-                f"{self._step_number(buckets)} but not in all; DeepSpeed's offloaded gradient accumulation "
+                f"{self._step_number(self._buckets)} but not in all; DeepSpeed's offloaded gradient accumulation "
                 "(0.19) gets such a gradient wrong (it adds the previous step's where the first micro-steps gave none, "
                 "and drops the earlier micro-steps' where the last gave none; its own optimizers too), so nothing was "
                 "updated. Use gradient_accumulation_steps 1 or no offload_optimizer, or make every micro-batch reach "
