@@ -117,22 +117,52 @@ def dct_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+_DCT_SCORE_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _dct_score_constants(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For `dct_scores`: Makhoul's reordering; per coefficient k, its half-spectrum index (k, then N - k: the
+    conjugate) and the weights of (sum Re^2, sum Im^2, sum Re Im) in sum_rows Re(V_k w_k)^2 (the cross term's sign
+    flips with the conjugate); from float64 on the CPU, cached per (N, device)."""
+    key = (int(N), str(device))
+    if key not in _DCT_SCORE_CACHE:
+        order, _, _ = _dct_fft_constants(N, torch.device("cpu"))
+        h = N // 2 + 1
+        k = torch.arange(N, dtype=torch.float64)
+        scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
+        scale[0] = math.sqrt(1.0 / N)
+        wr, wi = torch.cos(-math.pi * k / (2 * N)) * scale, torch.sin(-math.pi * k / (2 * N)) * scale
+        sign = torch.where(k < h, 1.0, -1.0)
+        weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3)
+        src = torch.where(k < h, k, N - k).long()
+        _DCT_SCORE_CACHE[key] = (order.to(device), src.to(device), weights.to(device, torch.float32))
+    return _DCT_SCORE_CACHE[key]
+
+
 def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     """Each DCT basis vector's alignment with the gradient rows ``G`` (some rows of an m x n gradient, fp32):
     tall: ||G c_k||^2 for the n vectors of the n-point basis (a sum over rows: partial sums of row shards add
-    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole). The projections on the
-    whole basis come from `dct_rows` (an FFT), not a product with it."""
-    low, high = dct_rows(G if tall else G.T)
-    return torch.cat([low.square().sum(dim=0), high.square().sum(dim=0)])
+    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole).
+
+    From one real FFT per row (`dct_rows`' route: DCT_k = Re(V_k w_k)), but without forming the coefficients:
+    sum_rows Re(V_k w_k)^2 = a^2 sum Re^2 + b^2 sum Im^2 - 2ab sum Re Im (w_k = a + ib, conjugated beyond the half
+    spectrum), so three column sums of the half spectrum give all N scores. Fewer passes over the gradient and
+    fewer kernels than the coefficients' twiddle, flip and square (the refresh step on a GPU is launch-bound)."""
+    X = G if tall else G.T
+    N = X.shape[-1]
+    order, src, weights = _dct_score_constants(N, X.device)
+    V = torch.view_as_real(torch.fft.rfft(X.index_select(-1, order), dim=-1))  # rows x h x 2
+    sums = torch.cat([V.square().sum(dim=0), (V[..., 0] * V[..., 1]).sum(dim=0).unsqueeze(1)], dim=1)  # h x 3
+    return (sums[src] * weights).sum(dim=1)
 
 
 def dct_pick(scores: torch.Tensor, r: int) -> torch.Tensor:
     """The r best-aligned basis vectors: int64 (r,), by decreasing score, ties to the lower index (a stable
     sort), -1 where r exceeds the basis size."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:r]
-    out = torch.full((r,), -1, dtype=torch.int64, device=scores.device)
-    out[: len(order)] = order
-    return out
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if r <= order.numel():
+        return order[:r]
+    return torch.cat([order, torch.full((r - order.numel(),), -1, dtype=torch.int64, device=scores.device)])
 
 
 class Projector:
