@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -149,20 +149,30 @@ def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     spectrum), so three column sums of the half spectrum give all N scores. Fewer passes over the gradient and
     fewer kernels than the coefficients' twiddle, flip and square (the refresh step on a GPU is launch-bound)."""
     X = G if tall else G.T
-    N = X.shape[-1]
-    order, src, weights = _dct_score_constants(N, X.device)
-    V = torch.view_as_real(torch.fft.rfft(X.index_select(-1, order), dim=-1))  # rows x h x 2
-    sums = torch.cat([V.square().sum(dim=0), (V[..., 0] * V[..., 1]).sum(dim=0).unsqueeze(1)], dim=1)  # h x 3
-    return (sums[src] * weights).sum(dim=1)
+    order, _, _ = _dct_score_constants(X.shape[-1], X.device)
+    return _reordered_scores(X.index_select(-1, order).unsqueeze(0))[0]
+
+
+def _reordered_scores(X: torch.Tensor) -> torch.Tensor:
+    """`dct_scores` of a batch of row blocks already in Makhoul's order: (B, rows, N) -> (B, N)."""
+    _, src, weights = _dct_score_constants(X.shape[-1], X.device)
+    V = torch.view_as_real(torch.fft.rfft(X, dim=-1))  # B x rows x h x 2
+    sums = torch.cat([V.square().sum(dim=1), (V[..., 0] * V[..., 1]).sum(dim=1).unsqueeze(-1)], dim=-1)  # B x h x 3
+    return (sums[:, src] * weights).sum(dim=-1)
+
+
+_DCT_BATCH_ELEMENTS = 1 << 26  # gradients scored together at a refresh: up to 256 MB of fp32 (and as much FFT)
+_DCT_BATCH_ON_CPU = False  # (tests set it: the GPU's batched path, run on the CPU)
 
 
 def dct_pick(scores: torch.Tensor, r: int) -> torch.Tensor:
     """The r best-aligned basis vectors: int64 (r,), by decreasing score, ties to the lower index (a stable
     sort), -1 where r exceeds the basis size."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    if r <= order.numel():
-        return order[:r]
-    return torch.cat([order, torch.full((r - order.numel(),), -1, dtype=torch.int64, device=scores.device)])
+    order = torch.sort(scores, descending=True, stable=True).indices  # along the last dim (a batch: rows)
+    n = order.shape[-1]
+    if r <= n:
+        return order[..., :r]
+    return torch.cat([order, order.new_full(order.shape[:-1] + (r - n,), -1)], dim=-1)
 
 
 class Projector:
@@ -185,6 +195,11 @@ class Projector:
     def decide(self, G: torch.Tensor, r: int) -> torch.Tensor:
         """The state of a param from its whole fp32 gradient G (m x n)."""
         raise NotImplementedError
+
+    def decide_all(self, grads: list[Callable[[], torch.Tensor]], shapes: list[tuple[int, int]], r: int) -> list:
+        """The states of several params at once (one process): ``grads`` give each whole fp32 gradient when
+        called (so no more than a batch of them need exist at a time, e.g. copied to the GPU under offload)."""
+        return [self.decide(g(), r) for g in grads]
 
     def scores_rows(self, m: int, n: int) -> bool:
         """Whether partial results of row shards add up (then `local_scores` + one all-reduce replace the
@@ -236,6 +251,31 @@ class DCTProjector(Projector):
 
     def decide(self, G, r):
         return dct_pick(dct_scores(G, G.shape[0] >= G.shape[1]), r)
+
+    def decide_all(self, grads, shapes, r):
+        # The gradients of one shape scored in batches (one FFT, one sort per batch): a refresh of a LLaMA's
+        # hundreds of weights is otherwise a dozen small kernels each, and the GPU waits on their launches.
+        out: list = [None] * len(grads)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (m, n) in enumerate(shapes):
+            groups.setdefault((max(m, n), min(m, n)), []).append(i)  # (rows, N) of the side scored
+        for (rows, N), members in groups.items():
+            first = grads[members[0]]()
+            # on the CPU one at a time: a gradient stays in cache through its passes, a batch would not
+            one = first.device.type == "cpu" and not _DCT_BATCH_ON_CPU
+            per = 1 if one else max(1, _DCT_BATCH_ELEMENTS // (rows * N))
+            order, _, _ = _dct_score_constants(N, first.device)
+            for k in range(0, len(members), per):
+                chunk = members[k : k + per]
+                buf = torch.empty(len(chunk), rows, N, device=first.device)
+                for b, i in enumerate(chunk):
+                    G = first if i == members[0] else grads[i]()
+                    torch.index_select(G if G.shape[0] >= G.shape[1] else G.T, -1, order, out=buf[b])
+                picks = dct_pick(_reordered_scores(buf), r)
+                for b, i in enumerate(chunk):
+                    out[i] = picks[b]
+            del first
+        return out
 
     def scores_rows(self, m, n):
         return m >= n
@@ -305,8 +345,9 @@ def refresh_states(
     one reduce-scatter assembles each decider's whole gradient (every rank sends its held elements,
     zeros elsewhere: the sum is exact), each decides its own, one all-gather hands the results to all."""
     if comm.world == 1:
-        for it in items:
-            it.out.copy_(proj.decide(_on(_whole(it), compute), r))
+        grads = [lambda it=it: _on(_whole(it), compute) for it in items]
+        for it, state in zip(items, proj.decide_all(grads, [(it.m, it.n) for it in items], r)):
+            it.out.copy_(state)
         return
     local = [it for it in items if it.whole_rows and proj.scores_rows(it.m, it.n)]
     if local:

@@ -391,3 +391,21 @@ def test_svd_hsdp_and_tp_match_oracle(tmp_path):
     keys.append("tp2x2:canonical:tp2x2/apollo")
     for key in keys:
         assert r[key]["max_rel_diff"] < 1e-4, key
+
+
+def test_dct_batched_decisions_are_the_single_ones(monkeypatch):
+    """`DCTProjector.decide_all` (a refresh at W = 1) scores same-shape gradients in batches on a GPU (tall and wide
+    ones of one size together, split where a batch would pass its element budget): the same picks as one
+    `decide` each (the batched path forced on the CPU, with a budget of about two gradients)."""
+    from apollo_dist import projection
+
+    monkeypatch.setattr(projection, "_DCT_BATCH_ON_CPU", True)
+    monkeypatch.setattr(projection, "_DCT_BATCH_ELEMENTS", 2 * 37 * 11)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(37, 11), (11, 37), (37, 11), (16, 16), (37, 11), (5, 9), (16, 16)]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    proj = DCTProjector()
+    for r in (1, 4, 12):
+        got = proj.decide_all([lambda G=G: G for G in grads], shapes, r)
+        for G, g in zip(grads, got):
+            assert torch.equal(g, proj.decide(G, r)), (tuple(G.shape), r)
