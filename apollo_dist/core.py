@@ -380,7 +380,7 @@ class LowRankBucket:
             [self.t_off[i] for i in self.aligned],
         )
         self.aligned_t = torch.tensor(self.aligned, dtype=torch.int64).to(device)
-        # Set by the optimizer where the engine's gradient store is zeroed after each step (ZeRO-3, ZeRO-Offload):
+        # Set by the optimizer where the engine's gradient store is zeroed after each step (ZeRO-3 without offload):
         # the CPU update zeroes the gradients it reads, and ``zeroed`` (address, numel) tells the clearer what is done.
         self.zero_grads = False
         self.zeroed: list[tuple[int, int]] = []

@@ -135,7 +135,7 @@ def _dct_score_constants(N: int, device: torch.device) -> tuple[torch.Tensor, to
         sign = torch.where(k < h, 1.0, -1.0)
         weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3)
         src = torch.where(k < h, k, N - k).long()
-        _DCT_SCORE_CACHE[key] = (order.to(device), src.to(device), weights.to(device, torch.float32))
+        _DCT_SCORE_CACHE[key] = (order.to(device), src.to(device), weights.to(device))
     return _DCT_SCORE_CACHE[key]
 
 
@@ -156,12 +156,17 @@ def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
 def _reordered_scores(X: torch.Tensor) -> torch.Tensor:
     """`dct_scores` of a batch of row blocks already in Makhoul's order: (B, rows, N) -> (B, N)."""
     _, src, weights = _dct_score_constants(X.shape[-1], X.device)
-    V = torch.view_as_real(torch.fft.rfft(X, dim=-1))  # B x rows x h x 2
+    # the sums in float64: a small score is a difference of large ones (its mirror's, N - k, comes from the same
+    # three sums), so fp32 sums would cost it ~1e-7 of the largest score in absolute error; in float64 it is as
+    # accurate as squaring fp32 coefficients (picks among scores ~1e-8 of the largest differed otherwise)
+    V = torch.view_as_real(torch.fft.rfft(X, dim=-1)).double()  # B x rows x h x 2
     sums = torch.cat([V.square().sum(dim=1), (V[..., 0] * V[..., 1]).sum(dim=1).unsqueeze(-1)], dim=-1)  # B x h x 3
-    return (sums[:, src] * weights).sum(dim=-1)
+    return (sums[:, src] * weights).sum(dim=-1).float()
 
 
-_DCT_BATCH_ELEMENTS = 1 << 26  # gradients scored together at a refresh: up to 256 MB of fp32 (and as much FFT)
+# gradients scored together at a refresh: up to 2^26 elements (256 MB of fp32; with the FFT and the float64 sums of
+# its half spectrum about 4x that at the peak)
+_DCT_BATCH_ELEMENTS = 1 << 26
 _DCT_BATCH_ON_CPU = False  # (tests set it: the GPU's batched path, run on the CPU)
 
 
@@ -265,16 +270,18 @@ class DCTProjector(Projector):
             one = first.device.type == "cpu" and not _DCT_BATCH_ON_CPU
             per = 1 if one else max(1, _DCT_BATCH_ELEMENTS // (rows * N))
             order, _, _ = _dct_score_constants(N, first.device)
+            device, dtype = first.device, first.dtype
             for k in range(0, len(members), per):
                 chunk = members[k : k + per]
-                buf = torch.empty(len(chunk), rows, N, device=first.device)
+                buf = torch.empty(len(chunk), rows, N, device=device, dtype=dtype)
                 for b, i in enumerate(chunk):
-                    G = first if i == members[0] else grads[i]()
+                    G, first = (first, None) if first is not None else (grads[i](), None)
                     torch.index_select(G if G.shape[0] >= G.shape[1] else G.T, -1, order, out=buf[b])
+                    del G  # only the batch's buffer holds gradients (under offload: GPU copies)
                 picks = dct_pick(_reordered_scores(buf), r)
+                del buf
                 for b, i in enumerate(chunk):
                     out[i] = picks[b]
-            del first
         return out
 
     def scores_rows(self, m, n):
