@@ -551,18 +551,15 @@ class OffloadedGrads:
         several = self.accumulation > 1 if isinstance(self.accumulation, int) else micro > 1
         if not self.started:  # the hooks missed the first step's backward
             return [], several
-        out = [
-            s
-            for s in self.all
-            if s.param is not None and id(s.param) not in self.leaf and 0 < len(rec.fired.get(id(s.param), ())) < micro
-        ]
+        out = [s for s in self.all if id(s.param) not in self.leaf and 0 < len(rec.fired.get(id(s.param), ())) < micro]
         return out, several
 
     def prepare(self, unit: Unit) -> tuple[list[Slot], bool]:
-        """Zero what must be zero in ``unit``'s store; returns `partial` (of the whole binding: DeepSpeed steps the
-        units one call at a time, and the first call of a step must find it before any unit is updated)."""
+        """Zero what must be zero in ``unit``'s store; returns `partial` at the step's first unit (of the whole
+        binding: DeepSpeed steps the units one call at a time, and the first must find it before any unit is
+        updated; the same on every rank), ([], False) at the others (their deliveries are the same)."""
         rec, slots = self.record, self.slots[id(unit)]
-        found = self.partial()
+        found = ([], False) if rec.new_step else self.partial()
         if id(unit) not in self.started:
             self.started.add(id(unit))
             self.stale |= {id(s.param) for s in slots}

@@ -175,7 +175,8 @@ class APOLLO(torch.optim.Optimizer):
         self._binding: Optional[Binding] = None
         self._buckets: list[Bucket] = []
         self._clear_grads: dict[int, Callable[..., None]] = {}  # by id(bucket): the engine's gradient store zeroed
-        self._prepare_grads: dict[int, Callable[[], None]] = {}  # by id(bucket): the same, before the step
+        self._prepare_grads: dict[int, Callable[[], tuple[list[Slot], bool]]] = {}  # by id(bucket): the same,
+        # before the step (ZeRO-Offload), with the params the step must refuse
         self._comm = Collectives(None)
         self._device_live = False  # which params are live is decided on the device even at W = 1 (fused experts)
         self._world, self._rank, self._device = 1, 0, torch.device("cpu")
@@ -490,12 +491,12 @@ class APOLLO(torch.optim.Optimizer):
         """ZeRO-Offload: zero the gradient store where a param got no gradient (`binding.OffloadedGrads`), and refuse
         a step whose gradient DeepSpeed accumulated wrong (a param with a gradient in some of the step's micro-steps
         but not all) on every rank when one finds it, at the step's first call (DeepSpeed calls ``step`` once per
-        group or ZeRO-3 sub-group): one all-reduce per call where DeepSpeed accumulates several micro-steps."""
-        partial, accumulated = {}, False
+        group or ZeRO-3 sub-group): one all-reduce per step where DeepSpeed accumulates several micro-steps."""
+        partial, accumulated = [], False
         for b in buckets:
             if id(b) in self._prepare_grads:
-                found, several = self._prepare_grads[id(b)]()
-                partial.update((id(s), s) for s in found)  # each unit's call reports the whole binding's
+                found, several = self._prepare_grads[id(b)]()  # the whole binding's, at the step's first unit
+                partial += found
                 accumulated |= several
         if not accumulated:
             return
@@ -503,7 +504,7 @@ class APOLLO(torch.optim.Optimizer):
         if self._world > 1:
             self._comm.all_reduce(count)
         if count.item() > 0:
-            where = _names(list(partial.values())) if partial else "params of another rank's micro-batches"
+            where = _names(partial) if partial else "params of another rank's micro-batches"
             raise RuntimeError(
                 f"APOLLO with DeepSpeed ZeRO-Offload: {where} got a gradient in some micro-steps of step "
                 f"{self._step_number(self._buckets)} but not in all; DeepSpeed's offloaded gradient accumulation "

@@ -83,21 +83,23 @@ def dct_basis(size: int, device: torch.device) -> torch.Tensor:
 _DCT_FFT_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
+def _twiddle64(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Makhoul's reordering (even samples, then odd ones reversed) and the twiddle exp(-i pi k / 2N) times the
+    orthonormal scale, as (order, cos part, sin part), float64 on the CPU."""
+    order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)])
+    k = torch.arange(N, dtype=torch.float64)
+    scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / N)
+    angle = -math.pi * k / (2 * N)
+    return order, torch.cos(angle) * scale, torch.sin(angle) * scale
+
+
 def _dct_fft_constants(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Makhoul's reordering (even samples, then odd ones reversed) and the twiddle exp(-i pi k / 2N) times
-    the orthonormal scale, as (order, cos part, sin part); from float64 on the CPU, cached per (N, device)."""
+    """`_twiddle64` on ``device``, the twiddle in fp32; cached per (N, device)."""
     key = (int(N), str(device))
     if key not in _DCT_FFT_CACHE:
-        order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)])
-        k = torch.arange(N, dtype=torch.float64)
-        scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
-        scale[0] = math.sqrt(1.0 / N)
-        angle = -math.pi * k / (2 * N)
-        _DCT_FFT_CACHE[key] = (
-            order.to(device),
-            (torch.cos(angle) * scale).to(device, torch.float32),
-            (torch.sin(angle) * scale).to(device, torch.float32),
-        )
+        order, c, d = _twiddle64(N)
+        _DCT_FFT_CACHE[key] = (order.to(device), c.to(device, torch.float32), d.to(device, torch.float32))
     return _DCT_FFT_CACHE[key]
 
 
@@ -126,15 +128,12 @@ def _dct_score_constants(N: int, device: torch.device) -> tuple[torch.Tensor, to
     flips with the conjugate); from float64 on the CPU, cached per (N, device)."""
     key = (int(N), str(device))
     if key not in _DCT_SCORE_CACHE:
-        order, _, _ = _dct_fft_constants(N, torch.device("cpu"))
+        order, wr, wi = _twiddle64(N)
+        k = torch.arange(N)
         h = N // 2 + 1
-        k = torch.arange(N, dtype=torch.float64)
-        scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
-        scale[0] = math.sqrt(1.0 / N)
-        wr, wi = torch.cos(-math.pi * k / (2 * N)) * scale, torch.sin(-math.pi * k / (2 * N)) * scale
-        sign = torch.where(k < h, 1.0, -1.0)
-        weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3)
-        src = torch.where(k < h, k, N - k).long()
+        sign = torch.where(k < h, 1.0, -1.0).double()
+        weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3), float64
+        src = torch.where(k < h, k, N - k)
         _DCT_SCORE_CACHE[key] = (order.to(device), src.to(device), weights.to(device))
     return _DCT_SCORE_CACHE[key]
 
@@ -270,14 +269,15 @@ class DCTProjector(Projector):
             one = first.device.type == "cpu" and not _DCT_BATCH_ON_CPU
             per = 1 if one else max(1, _DCT_BATCH_ELEMENTS // (rows * N))
             order, _, _ = _dct_score_constants(N, first.device)
-            device, dtype = first.device, first.dtype
+            device, dtype, G = first.device, first.dtype, first
+            del first
             for k in range(0, len(members), per):
                 chunk = members[k : k + per]
                 buf = torch.empty(len(chunk), rows, N, device=device, dtype=dtype)
                 for b, i in enumerate(chunk):
-                    G, first = (first, None) if first is not None else (grads[i](), None)
+                    G = grads[i]() if G is None else G
                     torch.index_select(G if G.shape[0] >= G.shape[1] else G.T, -1, order, out=buf[b])
-                    del G  # only the batch's buffer holds gradients (under offload: GPU copies)
+                    G = None  # only the batch's buffer holds gradients (under offload: GPU copies)
                 picks = dct_pick(_reordered_scores(buf), r)
                 del buf
                 for b, i in enumerate(chunk):
