@@ -820,3 +820,54 @@ class MultiAdam:
                     p_new.add_(p_new, alpha=scalars.decay)
                 for dst, new in ((mc, m_new), (vc, v_new), (pc, p_new)):
                     torch.where(go, new, dst, out=dst)
+
+
+# --- 5. DCT scores -----------------------------------------------------------------------------------
+
+DCT_SPLIT_ROWS = 256  # rows per program of the DCT scores (fixed: a weight's scores round the same in any batch)
+
+if triton is not None:
+
+    @triton.jit
+    def _dct_scores_kernel(
+        V, W, part, rows, h, N, S, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr
+    ):
+        b, s = tl.program_id(0), tl.program_id(2)
+        j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+        jm = j < h
+        c_lo = tl.load(W + j, mask=jm, other=0.0)[None, :]
+        d_lo = tl.load(W + h + j, mask=jm, other=0.0)[None, :]
+        c_hi = tl.load(W + 2 * h + j, mask=jm, other=0.0)[None, :]
+        d_hi = tl.load(W + 3 * h + j, mask=jm, other=0.0)[None, :]
+        acc_lo = tl.zeros([BLOCK_J], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_J], dtype=tl.float32)
+        first = s * SPLIT
+        for r0 in range(0, SPLIT, BLOCK_R):
+            r = (first + r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask = (r[:, None] < rows) & jm[None, :]
+            off = ((b * rows + r[:, None]) * h + j[None, :]) * 2  # (Re, Im) pairs of the complex spectrum
+            re = tl.load(V + off, mask=mask, other=0.0)
+            im = tl.load(V + off + 1, mask=mask, other=0.0)
+            lo = re * c_lo - im * d_lo  # DCT_k = Re(V_k w_k), k = j
+            hi = re * c_hi + im * d_hi  # k = N - j: V_(N-j) = conj(V_j) (zero weights where j has no mirror)
+            acc_lo += tl.sum(lo * lo, axis=0)
+            acc_hi += tl.sum(hi * hi, axis=0)
+        base = (b * S + s) * N
+        tl.store(part + base + j, acc_lo, mask=jm)
+        tl.store(part + base + N - j, acc_hi, mask=jm & (j >= 1) & (j <= N - h))
+
+
+def dct_scores_fused(V: torch.Tensor, twiddles: torch.Tensor, N: int) -> torch.Tensor:
+    """sum over rows of DCT_k^2 for each k < N, from the real FFT of rows in Makhoul's order: ``V`` (B, rows, h)
+    complex64, h = N // 2 + 1; ``twiddles`` (4, h) fp32: the twiddle's cos and sin parts at k = j, then at
+    k = N - j (zero where j has no mirror). -> (B, N) fp32. One pass over V: each coefficient is formed and
+    squared in registers, so a small score is as accurate as its own coefficients (not a difference of its
+    mirror's large sums). Row blocks of `DCT_SPLIT_ROWS` give partial sums, added in a fixed order."""
+    B, rows, h = V.shape
+    S = max(1, -(-rows // DCT_SPLIT_ROWS))
+    part = torch.empty(B, S, N, device=V.device, dtype=torch.float32)  # k < h from j = k, the rest from j = N - k
+    block_j = 64
+    _dct_scores_kernel[(B, -(-h // block_j), S)](
+        torch.view_as_real(V), twiddles, part, rows, h, N, S, SPLIT=DCT_SPLIT_ROWS, BLOCK_R=16, BLOCK_J=block_j
+    )
+    return part.sum(dim=1)

@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import kernels
+
 _INT64_MAX = torch.iinfo(torch.int64).max
 _ADVANCE = 15  # the reference keeps the last of 15 int64 draws
 
@@ -152,9 +154,30 @@ def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     return _reordered_scores(X.index_select(-1, order).unsqueeze(0))[0]
 
 
+def _dct_kernel_twiddles(N: int, device: torch.device) -> torch.Tensor:
+    """For `kernels.dct_scores_fused`: (4, h) fp32, the twiddle's cos and sin parts at k = j < h, then at k = N - j
+    (j = 1 .. N - h; zero elsewhere); cached per (N, device)."""
+    key = (int(N), str(device))
+    if key not in _DCT_TWIDDLE_CACHE:
+        _, c, d = _twiddle64(N)
+        h = N // 2 + 1
+        tw = torch.zeros(4, h, dtype=torch.float64)
+        tw[0], tw[1] = c[:h], d[:h]
+        j = torch.arange(1, N - h + 1)
+        tw[2, j], tw[3, j] = c[N - j], d[N - j]
+        _DCT_TWIDDLE_CACHE[key] = tw.to(device, torch.float32)
+    return _DCT_TWIDDLE_CACHE[key]
+
+
+_DCT_TWIDDLE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def _reordered_scores(X: torch.Tensor) -> torch.Tensor:
     """`dct_scores` of a batch of row blocks already in Makhoul's order: (B, rows, N) -> (B, N)."""
-    _, src, weights = _dct_score_constants(X.shape[-1], X.device)
+    N = X.shape[-1]
+    if kernels.fused(X):  # a GPU: one fused pass over the half spectrum (the eager sums below are memory-bound)
+        return kernels.dct_scores_fused(torch.fft.rfft(X, dim=-1), _dct_kernel_twiddles(N, X.device), N)
+    _, src, weights = _dct_score_constants(N, X.device)
     # the sums in float64: a small score is a difference of large ones (its mirror's, N - k, comes from the same
     # three sums), so fp32 sums would cost it ~1e-7 of the largest score in absolute error; in float64 it is as
     # accurate as squaring fp32 coefficients (picks among scores ~1e-8 of the largest differed otherwise)

@@ -18,6 +18,7 @@ KERNELS = (
     "_multi_update_kernel",
     "_multi_adam_kernel",
     "_multi_sum_sq_kernel",
+    "_dct_scores_kernel",
 )
 
 

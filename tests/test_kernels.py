@@ -21,6 +21,9 @@ ONE_CALL = {
     "multi_adam_skipped": {"_multi_adam_kernel": 1},
     "multi_adam": {"_multi_adam_kernel": 3},  # three steps
     "multi_sum_sq": {"_multi_sum_sq_kernel": 1},
+    "dct_scores": {"_dct_scores_kernel": 1},
+    "dct_mirror_picks": {"_dct_scores_kernel": 10},  # ten gradients, one at a time
+    "dct_decide_all": {"_dct_scores_kernel": 3},  # three shapes, one batch each
 }
 # a step: the non-finite check (sum of squares), projection, channel Adam, scaled update, plain Adam
 STEP_KERNELS = (

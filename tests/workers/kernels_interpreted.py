@@ -15,7 +15,7 @@ import oracle  # noqa: E402
 import torch  # noqa: E402
 from launch_count import Launches  # noqa: E402
 
-from apollo_dist import APOLLO, kernels  # noqa: E402
+from apollo_dist import APOLLO, kernels, projection  # noqa: E402
 
 assert kernels.fused(torch.zeros(1)), "the interpreter should take CPU tensors"
 gen = torch.Generator().manual_seed(0)
@@ -128,6 +128,41 @@ params = [p.clone() for p in base]
 adam = kernels.MultiAdam(params, torch.zeros(sum(sizes)), torch.zeros(sum(sizes)))
 counted("multi_adam_skipped/fused", adam, grads, 0.9, 0.999, 1e-6, scalars, torch.ones(()))
 diffs["multi_adam_skipped"] = max([rel(a, b) for a, b in zip(params, base)] + [float(adam.exp_avg.abs().max())])
+
+# 4b. DCT scores: one pass over the FFT's half spectrum vs the eager float64 sums (odd and even N, the splits of
+# 256 rows, N = 1 and 2); a small score next to its large mirror (N - k) picked as the float64 rule picks it;
+# batched decisions (forced on the CPU) equal single ones
+for rows, N in ((37, 11), (600, 64), (513, 33), (5, 9), (3, 2), (4, 1)):
+    X = rand(rows, N)
+    got = counted(f"dct_scores_{rows}x{N}/fused", projection.dct_scores, X, True)
+    diffs[f"dct_scores_{rows}x{N}"] = rel(
+        got, counted(f"dct_scores_{rows}x{N}/eager", eager, projection.dct_scores, X, True)
+    )
+
+
+def mirror_misses() -> int:
+    N, rows = 64, 128
+    C = projection.dct_basis(N, torch.device("cpu")).double()
+    misses = 0
+    for t in range(10):
+        g = torch.Generator().manual_seed(t)
+        j = 1 + t % (N // 2 - 2)
+        G = torch.randn(rows, 1, generator=g, dtype=torch.float64) * C[j]
+        G += 3e-5 * torch.randn(rows, 1, generator=g, dtype=torch.float64) * C[N - j]
+        G += 3e-6 * torch.randn(rows, N, generator=g, dtype=torch.float64)
+        want = torch.sort((G @ C.T).square().sum(0), descending=True, stable=True).indices[:2]
+        misses += not torch.equal(projection.dct_pick(projection.dct_scores(G.float(), True), 2), want)
+    return misses
+
+
+diffs["dct_mirror_picks"] = counted("dct_mirror_picks/fused", mirror_misses)
+shapes = [(37, 11), (11, 37), (37, 11), (16, 16), (300, 16)]
+grads = [rand(*s) for s in shapes]
+dct = projection.DCTProjector()
+projection._DCT_BATCH_ON_CPU = True
+batched = counted("dct_decide_all/fused", dct.decide_all, [lambda G=G: G for G in grads], shapes, 4)
+projection._DCT_BATCH_ON_CPU = False
+diffs["dct_decide_all"] = sum(not torch.equal(b, dct.decide(G, 4)) for b, G in zip(batched, grads))
 
 # 5. the whole optimizer on the kernels vs the oracle (30 steps, gap 7, weight decay)
 for preset in sys.argv[1:] or ["apollo", "apollo-mini"]:
