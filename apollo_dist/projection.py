@@ -78,8 +78,15 @@ def dct_basis(size: int, device: torch.device) -> torch.Tensor:
         i = torch.arange(size, dtype=torch.float64).unsqueeze(0)
         basis = torch.cos(math.pi * k * (2 * i + 1) / (2 * size)) * math.sqrt(2.0 / size)
         basis[0] /= math.sqrt(2.0)
-        _DCT_CACHE[key] = basis.to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key]
+        zero = torch.zeros(1, size, dtype=torch.float64)  # row -1: what index -1 (r beyond the size) selects
+        _DCT_CACHE[key] = torch.cat([basis, zero]).to(device=device, dtype=torch.float32)
+    return _DCT_CACHE[key][:size]
+
+
+def _dct_basis_and_zero(size: int, device: torch.device) -> torch.Tensor:
+    """`dct_basis` with a row of zeros below it (size + 1 x size): indexing with -1 gives zeros."""
+    dct_basis(size, device)
+    return _DCT_CACHE[(int(size), str(device))]
 
 
 _DCT_FFT_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -269,12 +276,11 @@ class DCTProjector(Projector):
 
     def matrix(self, m, n, r, device, seed, state):
         tall = m >= n
-        basis = dct_basis(n if tall else m, device)
-        # -1 (r beyond the basis size) gives a row of zeros; no boolean indexing, so no host sync per param. The
-        # state may live elsewhere than the basis (ZeRO-Offload: state on the CPU, basis on the generator's GPU)
-        state = state.to(basis.device)
-        rows = torch.where((state >= 0).unsqueeze(1), basis.index_select(0, state.clamp(min=0)), 0.0)
-        return rows if tall else rows.T.contiguous()
+        basis = _dct_basis_and_zero(n if tall else m, device)
+        # -1 (r beyond the basis size) selects the zero row below the basis: one gather, no host sync. The state
+        # may live elsewhere than the basis (ZeRO-Offload: state on the CPU, basis on the generator's GPU)
+        rows = basis[state.to(basis.device)]
+        return rows if tall else rows.T  # (the caller copies it into its P)
 
     def decide(self, G, r):
         return dct_pick(dct_scores(G, G.shape[0] >= G.shape[1]), r)
