@@ -9,6 +9,7 @@ with the number of weights:
 - ``channel_adam_``: Adam on the rows of R, and ||N_c||^2, ||R_c||^2 per channel, one pass.
 - ``MultiUpdate``: p <- (p - G * c) * (1 - lr * wd), c one coefficient per channel, one pass (12 B/elem).
 - ``MultiAdam``: the reference's plain Adam on the other parameters, one pass (28 B/elem).
+- ``dct_scores_fused``: the DCT projection's scores at a refresh from the FFT of a batch of gradients, one pass.
 
 The eager twins run the same arithmetic in PyTorch ops (CPU, or tensors the kernels do not take);
 with ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors, which is how the CPU tests check them.
