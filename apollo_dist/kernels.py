@@ -833,7 +833,7 @@ if triton is not None:
     def _dct_scores_kernel(
         V, W, part, rows, h, N, S, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr
     ):
-        b, s = tl.program_id(0), tl.program_id(2)
+        b, s = tl.program_id(0).to(tl.int64), tl.program_id(2).to(tl.int64)  # offsets in int64
         j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
         jm = j < h
         c_lo = tl.load(W + j, mask=jm, other=0.0)[None, :]
@@ -865,6 +865,7 @@ def dct_scores_fused(V: torch.Tensor, twiddles: torch.Tensor, N: int) -> torch.T
     squared in registers, so a small score is as accurate as its own coefficients (not a difference of its
     mirror's large sums). Row blocks of `DCT_SPLIT_ROWS` give partial sums, added in a fixed order."""
     B, rows, h = V.shape
+    V = V.contiguous()  # (B, rows, h) dense: the kernel's offsets
     S = max(1, -(-rows // DCT_SPLIT_ROWS))
     part = torch.empty(B, S, N, device=V.device, dtype=torch.float32)  # k < h from j = k, the rest from j = N - k
     block_j = 64

@@ -277,9 +277,9 @@ class DCTProjector(Projector):
     def matrix(self, m, n, r, device, seed, state):
         tall = m >= n
         basis = _dct_basis_and_zero(n if tall else m, device)
-        # -1 (r beyond the basis size) selects the zero row below the basis: one gather, no host sync. The state
-        # may live elsewhere than the basis (ZeRO-Offload: state on the CPU, basis on the generator's GPU)
-        rows = basis[state.to(basis.device)]
+        # -1 (r beyond the basis size; any negative, as before) selects the zero row below the basis: no host
+        # sync. The state may live elsewhere than the basis (ZeRO-Offload: state on the CPU, basis on the GPU)
+        rows = basis[state.to(basis.device).clamp(min=-1)]
         return rows if tall else rows.T  # (the caller copies it into its P)
 
     def decide(self, G, r):

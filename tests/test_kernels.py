@@ -23,7 +23,7 @@ ONE_CALL = {
     "multi_sum_sq": {"_multi_sum_sq_kernel": 1},
     "dct_scores": {"_dct_scores_kernel": 1},
     "dct_mirror_picks": {"_dct_scores_kernel": 10},  # ten gradients, one at a time
-    "dct_decide_all": {"_dct_scores_kernel": 3},  # three shapes, one batch each
+    "dct_decide_all": {"_dct_scores_kernel": 3},  # three sizes, one batch each
 }
 # a step: the non-finite check (sum of squares), projection, channel Adam, scaled update, plain Adam
 STEP_KERNELS = (

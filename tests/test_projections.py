@@ -205,6 +205,10 @@ def test_dct_scores_are_the_basis_products_and_matrix_pads_with_zero_rows():
     tall = proj.matrix(9, 4, 3, torch.device("cpu"), 0, idx)
     assert torch.equal(tall, torch.stack([C[3], C[0], torch.zeros(4)]))
     assert torch.equal(proj.matrix(4, 9, 3, torch.device("cpu"), 0, idx), tall.T)
+    zero = torch.zeros(4)  # any negative index is a zero row (a hand-made state's -2 is not the basis's row 2)
+    assert torch.equal(
+        proj.matrix(9, 4, 3, torch.device("cpu"), 0, torch.tensor([3, -2, -5])), torch.stack([C[3], zero, zero])
+    )
     # ZeRO-Offload keeps the indices on the CPU and draws P on the GPU: the state follows the basis's device
     # (the meta device stands in for the GPU here; without the move this raised)
     assert proj.matrix(9, 4, 3, torch.device("meta"), 0, idx).device.type == "meta"

@@ -156,7 +156,7 @@ def mirror_misses() -> int:
 
 
 diffs["dct_mirror_picks"] = counted("dct_mirror_picks/fused", mirror_misses)
-shapes = [(37, 11), (11, 37), (37, 11), (16, 16), (300, 16)]
+shapes = [(37, 11), (11, 37), (37, 11), (16, 16), (600, 33), (600, 33)]  # the last: a batch of two, 3 splits each
 grads = [rand(*s) for s in shapes]
 dct = projection.DCTProjector()
 projection._DCT_BATCH_ON_CPU = True
