@@ -13,6 +13,7 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 import oracle  # noqa: E402
 import torch  # noqa: E402
+from dct_cases import mirror_misses  # noqa: E402
 from launch_count import Launches  # noqa: E402
 
 from apollo_dist import APOLLO, kernels, projection  # noqa: E402
@@ -138,21 +139,6 @@ for rows, N in ((37, 11), (600, 64), (513, 33), (5, 9), (3, 2), (4, 1)):
     diffs[f"dct_scores_{rows}x{N}"] = rel(
         got, counted(f"dct_scores_{rows}x{N}/eager", eager, projection.dct_scores, X, True)
     )
-
-
-def mirror_misses() -> int:
-    N, rows = 64, 128
-    C = projection.dct_basis(N, torch.device("cpu")).double()
-    misses = 0
-    for t in range(10):
-        g = torch.Generator().manual_seed(t)
-        j = 1 + t % (N // 2 - 2)
-        G = torch.randn(rows, 1, generator=g, dtype=torch.float64) * C[j]
-        G += 3e-5 * torch.randn(rows, 1, generator=g, dtype=torch.float64) * C[N - j]
-        G += 3e-6 * torch.randn(rows, N, generator=g, dtype=torch.float64)
-        want = torch.sort((G @ C.T).square().sum(0), descending=True, stable=True).indices[:2]
-        misses += not torch.equal(projection.dct_pick(projection.dct_scores(G.float(), True), 2), want)
-    return misses
 
 
 diffs["dct_mirror_picks"] = counted("dct_mirror_picks/fused", mirror_misses)
