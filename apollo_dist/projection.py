@@ -10,6 +10,7 @@ sharded: DESIGN.md §2.8) and keep state (the SVD's P, the DCT's r indices) that
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -65,51 +66,51 @@ def _pad_rows(top: torch.Tensor, r: int) -> torch.Tensor:
     return out
 
 
-_DCT_CACHE: dict[tuple[int, str], torch.Tensor] = {}
-
-
 def dct_basis(size: int, device: torch.device) -> torch.Tensor:
     """The orthonormal DCT-II matrix (size x size, fp32): row k is the basis vector of frequency k,
     c_k[i] = sqrt((1 if k == 0 else 2) / size) cos(pi k (2i + 1) / (2 size)). Built in float64 on the CPU
     (the same bits on every device and rank), cached per (size, device)."""
-    key = (int(size), str(device))
-    if key not in _DCT_CACHE:
-        k = torch.arange(size, dtype=torch.float64).unsqueeze(1)
-        i = torch.arange(size, dtype=torch.float64).unsqueeze(0)
-        basis = torch.cos(math.pi * k * (2 * i + 1) / (2 * size)) * math.sqrt(2.0 / size)
-        basis[0] /= math.sqrt(2.0)
-        zero = torch.zeros(1, size, dtype=torch.float64)  # row -1: what index -1 (r beyond the size) selects
-        _DCT_CACHE[key] = torch.cat([basis, zero]).to(device=device, dtype=torch.float32)
-    return _DCT_CACHE[key][:size]
+    return _dct_basis_and_zero(size, device)[:size]
 
 
+@functools.cache
 def _dct_basis_and_zero(size: int, device: torch.device) -> torch.Tensor:
     """`dct_basis` with a row of zeros below it (size + 1 x size): indexing with -1 gives zeros."""
-    dct_basis(size, device)
-    return _DCT_CACHE[(int(size), str(device))]
+    k = torch.arange(size, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+    basis = torch.cos(math.pi * k * (2 * i + 1) / (2 * size)) * math.sqrt(2.0 / size)
+    basis[0] /= math.sqrt(2.0)
+    zero = torch.zeros(1, size, dtype=torch.float64)
+    return torch.cat([basis, zero]).to(device=device, dtype=torch.float32)
 
 
-_DCT_FFT_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _twiddle64(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Makhoul's reordering (even samples, then odd ones reversed) and the twiddle exp(-i pi k / 2N) times the
-    orthonormal scale, as (order, cos part, sin part), float64 on the CPU."""
-    order = torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)])
+def _twiddle64(N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twiddle exp(-i pi k / 2N) times the orthonormal scale, k < N, as (cos part, sin part), float64 on the
+    CPU."""
     k = torch.arange(N, dtype=torch.float64)
     scale = torch.full((N,), math.sqrt(2.0 / N), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / N)
     angle = -math.pi * k / (2 * N)
-    return order, torch.cos(angle) * scale, torch.sin(angle) * scale
+    return torch.cos(angle) * scale, torch.sin(angle) * scale
 
 
-def _dct_fft_constants(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_twiddle64` on ``device``, the twiddle in fp32; cached per (N, device)."""
-    key = (int(N), str(device))
-    if key not in _DCT_FFT_CACHE:
-        order, c, d = _twiddle64(N)
-        _DCT_FFT_CACHE[key] = (order.to(device), c.to(device, torch.float32), d.to(device, torch.float32))
-    return _DCT_FFT_CACHE[key]
+@functools.cache
+def _makhoul_order(N: int, device: torch.device) -> torch.Tensor:
+    """Makhoul's reordering of N samples: the even ones, then the odd ones reversed (int64, on ``device``)."""
+    return torch.cat([torch.arange(0, N, 2), torch.arange(1, N, 2).flip(0)]).to(device)
+
+
+@functools.cache
+def _half_twiddles(N: int, device: torch.device) -> torch.Tensor:
+    """The twiddle per half-spectrum bin j < h = N // 2 + 1, fp32 (4, h): its cos and sin parts at k = j, then at
+    the mirror k = N - j (j = 1 .. N - h; zero where j has none). `dct_rows` and `kernels.dct_scores_fused`."""
+    c, d = _twiddle64(N)
+    h = N // 2 + 1
+    tw = torch.zeros(4, h, dtype=torch.float64)
+    tw[0], tw[1] = c[:h], d[:h]
+    j = torch.arange(1, N - h + 1)
+    tw[2, j], tw[3, j] = c[N - j], d[N - j]
+    return tw.to(device, torch.float32)
 
 
 def dct_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,72 +120,47 @@ def dct_rows(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     conj(V_(N-k)), so `torch.fft.rfft`'s half spectrum is enough): O(N log N) per row instead of the product's
     O(N^2), and no complex array of the full size."""
     N = X.shape[-1]
-    order, c, d = _dct_fft_constants(N, X.device)
-    R = torch.fft.rfft(X.index_select(-1, order), dim=-1)  # rows x h, h = N // 2 + 1
-    a, b, h = R.real, R.imag, N // 2 + 1
-    low = a * c[:h] - b * d[:h]
-    # k = h .. N - 1: Re(conj(R_(N-k)) w_k), R_(N-k) for N - k = N - h .. 1 (reversed)
-    high = a[..., 1 : N - h + 1].flip(-1) * c[h:] + b[..., 1 : N - h + 1].flip(-1) * d[h:]
+    h = N // 2 + 1
+    tw = _half_twiddles(N, X.device)
+    R = torch.fft.rfft(X.index_select(-1, _makhoul_order(N, X.device)), dim=-1)  # rows x h
+    a, b = R.real, R.imag
+    low = a * tw[0] - b * tw[1]
+    # k = N - j for j = 1 .. N - h: Re(conj(R_j) w_k), reversed into k = h .. N - 1
+    high = (a[..., 1 : N - h + 1] * tw[2, 1 : N - h + 1] + b[..., 1 : N - h + 1] * tw[3, 1 : N - h + 1]).flip(-1)
     return low, high
 
 
-_DCT_SCORE_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _dct_score_constants(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For `dct_scores`: Makhoul's reordering; per coefficient k, its half-spectrum index (k, then N - k: the
-    conjugate) and the weights of (sum Re^2, sum Im^2, sum Re Im) in sum_rows Re(V_k w_k)^2 (the cross term's sign
-    flips with the conjugate); from float64 on the CPU, cached per (N, device)."""
-    key = (int(N), str(device))
-    if key not in _DCT_SCORE_CACHE:
-        order, wr, wi = _twiddle64(N)
-        k = torch.arange(N)
-        h = N // 2 + 1
-        sign = torch.where(k < h, 1.0, -1.0).double()
-        weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3), float64
-        src = torch.where(k < h, k, N - k)
-        _DCT_SCORE_CACHE[key] = (order.to(device), src.to(device), weights.to(device))
-    return _DCT_SCORE_CACHE[key]
+@functools.cache
+def _score_weights(N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the eager scores: per coefficient k, its half-spectrum index (k, then N - k: the conjugate) and the
+    weights of (sum Re^2, sum Im^2, sum Re Im) in sum_rows Re(V_k w_k)^2 (the cross term's sign flips with the
+    conjugate), float64."""
+    wr, wi = _twiddle64(N)
+    k = torch.arange(N)
+    h = N // 2 + 1
+    sign = torch.where(k < h, 1.0, -1.0).double()
+    weights = torch.stack([wr * wr, wi * wi, -2.0 * sign * wr * wi], dim=1)  # (N, 3)
+    return torch.where(k < h, k, N - k).to(device), weights.to(device)
 
 
 def dct_scores(G: torch.Tensor, tall: bool) -> torch.Tensor:
     """Each DCT basis vector's alignment with the gradient rows ``G`` (some rows of an m x n gradient, fp32):
     tall: ||G c_k||^2 for the n vectors of the n-point basis (a sum over rows: partial sums of row shards add
-    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole).
-
-    From one real FFT per row (`dct_rows`' route: DCT_k = Re(V_k w_k)), but without forming the coefficients:
-    sum_rows Re(V_k w_k)^2 = a^2 sum Re^2 + b^2 sum Im^2 - 2ab sum Re Im (w_k = a + ib, conjugated beyond the half
-    spectrum), so three column sums of the half spectrum give all N scores. Fewer passes over the gradient and
-    fewer kernels than the coefficients' twiddle, flip and square (the refresh step on a GPU is launch-bound)."""
+    up); wide: ||c_k^T G||^2 for the m vectors of the m-point basis (G must be whole). From one real FFT per row
+    (`dct_rows`' route: DCT_k = Re(V_k w_k)), `_reordered_scores`."""
     X = G if tall else G.T
-    order, _, _ = _dct_score_constants(X.shape[-1], X.device)
-    return _reordered_scores(X.index_select(-1, order).unsqueeze(0))[0]
-
-
-def _dct_kernel_twiddles(N: int, device: torch.device) -> torch.Tensor:
-    """For `kernels.dct_scores_fused`: (4, h) fp32, the twiddle's cos and sin parts at k = j < h, then at k = N - j
-    (j = 1 .. N - h; zero elsewhere); cached per (N, device)."""
-    key = (int(N), str(device))
-    if key not in _DCT_TWIDDLE_CACHE:
-        _, c, d = _twiddle64(N)
-        h = N // 2 + 1
-        tw = torch.zeros(4, h, dtype=torch.float64)
-        tw[0], tw[1] = c[:h], d[:h]
-        j = torch.arange(1, N - h + 1)
-        tw[2, j], tw[3, j] = c[N - j], d[N - j]
-        _DCT_TWIDDLE_CACHE[key] = tw.to(device, torch.float32)
-    return _DCT_TWIDDLE_CACHE[key]
-
-
-_DCT_TWIDDLE_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+    return _reordered_scores(X.index_select(-1, _makhoul_order(X.shape[-1], X.device)).unsqueeze(0))[0]
 
 
 def _reordered_scores(X: torch.Tensor) -> torch.Tensor:
-    """`dct_scores` of a batch of row blocks already in Makhoul's order: (B, rows, N) -> (B, N)."""
+    """`dct_scores` of a batch of row blocks already in Makhoul's order: (B, rows, N) -> (B, N). A GPU: one fused
+    pass over the half spectrum, each coefficient formed and squared in registers (`kernels.dct_scores_fused`).
+    Else without forming the coefficients: sum_rows Re(V_k w_k)^2 = a^2 sum Re^2 + b^2 sum Im^2 - 2ab sum Re Im
+    (w_k = a + ib, conjugated beyond the half spectrum), three column sums of the half spectrum for all N scores."""
     N = X.shape[-1]
-    if kernels.fused(X):  # a GPU: one fused pass over the half spectrum (the eager sums below are memory-bound)
-        return kernels.dct_scores_fused(torch.fft.rfft(X, dim=-1), _dct_kernel_twiddles(N, X.device), N)
-    _, src, weights = _dct_score_constants(N, X.device)
+    if kernels.fused(X):  # (the eager sums below are memory-bound on a GPU)
+        return kernels.dct_scores_fused(torch.fft.rfft(X, dim=-1), _half_twiddles(N, X.device), N)
+    src, weights = _score_weights(N, X.device)
     # the sums in float64: a small score is a difference of large ones (its mirror's, N - k, comes from the same
     # three sums), so fp32 sums would cost it ~1e-7 of the largest score in absolute error; in float64 it is as
     # accurate as squaring fp32 coefficients (picks among scores ~1e-8 of the largest differed otherwise)
@@ -293,13 +269,11 @@ class DCTProjector(Projector):
         for i, (m, n) in enumerate(shapes):
             groups.setdefault((max(m, n), min(m, n)), []).append(i)  # (rows, N) of the side scored
         for (rows, N), members in groups.items():
-            first = grads[members[0]]()
+            G = grads[members[0]]()  # (fetched once: it is the first batch's first gradient)
+            device, dtype = G.device, G.dtype
             # on the CPU one at a time: a gradient stays in cache through its passes, a batch would not
-            one = first.device.type == "cpu" and not _DCT_BATCH_ON_CPU
-            per = 1 if one else max(1, _DCT_BATCH_ELEMENTS // (rows * N))
-            order, _, _ = _dct_score_constants(N, first.device)
-            device, dtype, G = first.device, first.dtype, first
-            del first
+            per = 1 if device.type == "cpu" and not _DCT_BATCH_ON_CPU else max(1, _DCT_BATCH_ELEMENTS // (rows * N))
+            order = _makhoul_order(N, device)
             for k in range(0, len(members), per):
                 chunk = members[k : k + per]
                 buf = torch.empty(len(chunk), rows, N, device=device, dtype=dtype)
