@@ -8,9 +8,9 @@ OUT=${OUT:-/tmp/mb_probe}
 M=${M:-7b}
 SEQ=${SEQ:-1024}
 STEPS=${STEPS:-1}
-RUN_S=${RUN_S:-170}
+RUN_S=${RUN_S:-180}
 GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-SIZES=${SIZES:-$([ "${GIB:-0}" -gt 100000 ] && echo 8,12,16,20,24,28,32,40 || echo 6,8,10,12,14,16,20)}
+SIZES=${SIZES:-$([ "${GIB:-0}" -gt 100000 ] && echo 12,16,20,24,28,32,40 || echo 8,10,12,14,16,20)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc --all)}
 mkdir -p "$OUT"
 echo "issue 31 probe: ZeRO-3 W=1 + offload_optimizer cpu, $M, seq $SEQ, sizes $SIZES, $STEPS step(s) each"
