@@ -7,10 +7,10 @@ set -u
 OUT=${OUT:-/tmp/mb_probe}
 M=${M:-7b}
 SEQ=${SEQ:-1024}
-STEPS=${STEPS:-1}
+BIG=$([ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)" -gt 100000 ] 2>/dev/null && echo 1 || echo 0)
+STEPS=${STEPS:-$([ "$BIG" = 1 ] && echo 1 || echo 2)}  # 2: the second step at each size is a warm timing
 RUN_S=${RUN_S:-180}
-GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-SIZES=${SIZES:-$([ "${GIB:-0}" -gt 100000 ] && echo 12,16,20,24,28,32,40 || echo 8,10,12,14,16,20)}
+SIZES=${SIZES:-$([ "$BIG" = 1 ] && echo 4,12,20,28,36,44 || echo 4,8,12,16)}  # H200 (139 GiB) / H100 (80 GB)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc --all)}
 mkdir -p "$OUT"
 echo "issue 31 probe: ZeRO-3 W=1 + offload_optimizer cpu, $M, seq $SEQ, sizes $SIZES, $STEPS step(s) each"
@@ -25,14 +25,25 @@ cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": 
 json.dump(cfg, open(sys.argv[1], "w"), indent=1)
 PY
 first=${SIZES%%,*}
-for opt in ${OPTS:-adamw apollo-mini apollo}; do
+for opt in ${OPTS:-apollo-mini adamw apollo}; do
   t=$(date +%s)
   timeout "$RUN_S" deepspeed --num_gpus 1 launch/train.py --deepspeed "$CFG" --optimizer "$opt" --model "$M" \
     --seq-len "$SEQ" --global-batch-size "$first" --micro-batch-size "$first" --steps "$STEPS" --lr 1e-4 \
     --warmup-steps 1 --dtype bf16 --activation-checkpointing --time-optimizer --eval-every 0 --eval-samples 1 \
     --no-progress --probe-micro-batches "$SIZES" --metrics-file "$OUT/p_$opt.jsonl" > "$OUT/plog_$opt.txt" 2>&1
   rc=$?
-  grep -h "^micro-batch .*fits" "$OUT/plog_$opt.txt" | sed "s/^/$M $opt: /"
+  python - "$M $opt" "$OUT/p_$opt.jsonl" <<'PY'
+import json, sys
+try:
+    rows = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+except OSError:
+    rows = []
+for mb in sorted({r["micro_batch"] for r in rows}):
+    last = [r for r in rows if r["micro_batch"] == mb][-1]
+    print(f"{sys.argv[1]}: micro-batch {mb} fits | peak GPU {last['peak_mem_gib']:.2f} GiB | host peak RSS "
+          f"{last['host_peak_rss_gib']:.2f} GiB | step {last['step']}: {last['tokens_per_s']:.0f} tokens/s, "
+          f"optimizer {last['optimizer_s']:.3f} s, loss {last['loss']:.3f}")
+PY
   oom=$(grep -ci "out of memory" "$OUT/plog_$opt.txt")
   echo "$M $opt: exit $rc after $(( $(date +%s) - t )) s; 'out of memory' in the log: $oom line(s)"
   [ "$oom" -gt 0 ] || [ $rc -eq 0 ] || tail -5 "$OUT/plog_$opt.txt"
