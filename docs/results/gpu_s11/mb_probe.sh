@@ -2,7 +2,8 @@
 # Issue 31: the largest micro-batch under ZeRO-3 W=1 + offload_optimizer cpu (run from the repo root on one GPU),
 # AdamW (DeepSpeedCPUAdam) vs APOLLO-Mini vs APOLLO. One launch/train.py per optimizer with
 # --probe-micro-batches (start-up paid once; the ladder stops at the first size that runs out of GPU memory),
-# STEPS steps per size; the same settings as docs/results/gpu_s6/offload.sh. Prints one line per size tried.
+# STEPS steps per size; the same settings as docs/results/gpu_s6/offload.sh. Prints a line per size that fits
+# (its last step's metrics), then the exit status and the "out of memory" count of the log.
 set -u
 OUT=${OUT:-/tmp/mb_probe}
 M=${M:-7b}
